@@ -24,7 +24,7 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _check_args(op: str, spec: tuple[Arg, ...], args: JsonDict) -> JsonDict:
     return out
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     # bool is an int in Python but not in the protocol.
     return isinstance(value, int) and not isinstance(value, bool)
 
