@@ -55,7 +55,8 @@ def render_rules(text: str, group: str) -> str:
 def render_unit(text: str, program: str) -> str:
     if PORTABLE_EXEC not in text:
         raise InstallError(f"{UNIT} has no {PORTABLE_EXEC!r} to replace")
-    return text.replace(PORTABLE_EXEC, shlex.quote(program))
+    return text.replace(PORTABLE_EXEC,
+                        program if program == PORTABLE_EXEC else shlex.quote(program))
 
 
 def program_path() -> str:
