@@ -1,0 +1,183 @@
+"""The UIO backend's device access: BAR mmaps through sysfs, UIO maps, and the UIO interrupt.
+
+`UioDevice` opens a PCI device bound to a UIO driver (uio_pci_generic, or a small module of
+ours) given `uio:<bdf>`, `/dev/uioN` or `uioN`; the Bus built on it is further down.
+
+What uio_pci_generic gives and does not give (see udev/README.md): BARs are reachable through
+sysfs `resourceN`; the interrupt is legacy INTx only, delivered by `read()` on /dev/uioN and
+re-armed by writing 1; no MSI and no DMA memory. A device without an INTx pin (QEMU's
+ivshmem-plain) has no interrupt at all, and the bus then polls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from iosm_cuse.hw.pci import (
+    IOSM_PCI_IDS,
+    IVSHMEM_PCI_ID,
+    SYSFS,
+    PciDevice,
+    PciError,
+    PciId,
+    device_for_uio,
+    read_device,
+    require_uio,
+)
+
+log = logging.getLogger("iosm_cuse.hw.uio")
+
+DEV = Path("/dev")
+PAGE = mmap.PAGESIZE
+_IRQ_COUNT = struct.Struct("=I")  # what read() on /dev/uioN returns: the event count, u32
+_IRQ_ENABLE = _IRQ_COUNT.pack(1)  # what write() takes: 1 = unmask (uio_pci_generic: INTx)
+
+
+class UioError(PciError):
+    """The device cannot serve as a bus; the message says why and what to do."""
+
+
+def parse_device_spec(spec: str, sysfs: Path = SYSFS) -> PciDevice:
+    """'uio:0000:03:00.0', 'uio:03:00.0', '/dev/uio0' or 'uio0' -> the PCI device."""
+    if spec.startswith("uio:"):
+        return read_device(spec.removeprefix("uio:"), sysfs)
+    name = spec.removeprefix(str(DEV) + "/")
+    if name.startswith("uio") and "/" not in name:
+        return device_for_uio(name, sysfs)
+    raise UioError(f"bad UIO device {spec!r}: expected uio:<PCI address> or /dev/uioN")
+
+
+@dataclass(frozen=True)
+class UioMap:
+    """One of /sys/class/uio/uioN/maps/mapK: mmap /dev/uioN at offset K pages."""
+
+    index: int
+    name: str
+    addr: int  # the physical/bus address the driver reported
+    size: int
+
+
+def read_maps(uio_name: str, sysfs: Path = SYSFS) -> list[UioMap]:
+    root = sysfs / "class" / "uio" / uio_name / "maps"
+    maps = []
+    for k in range(5):  # MAX_UIO_MAPS
+        d = root / f"map{k}"
+        if not d.is_dir():
+            break
+        try:
+            size = int((d / "size").read_text().strip(), 16)
+            addr = int((d / "addr").read_text().strip(), 16)
+        except (OSError, ValueError):
+            continue
+        try:
+            name = (d / "name").read_text().strip()
+        except OSError:
+            name = ""
+        maps.append(UioMap(k, name, addr, size))
+    return maps
+
+
+class UioDevice:
+    """A UIO-bound PCI device: its BARs and UIO maps as mmaps, and its interrupt fd.
+
+    Accepted ids: the IOSM modems, plus `test_ids` (ivshmem only when asked for)."""
+
+    def __init__(self, spec: str, test_ids: frozenset[PciId] = frozenset(),
+                 sysfs: Path = SYSFS, dev: Path = DEV) -> None:
+        self.pci = parse_device_spec(spec, sysfs)
+        if self.pci.pci_id not in IOSM_PCI_IDS | test_ids:
+            hint = " (a test device: pass it explicitly)" if self.pci.pci_id == IVSHMEM_PCI_ID \
+                else ""
+            raise UioError(f"{self.pci.bdf} ({self.pci.pci_id}) is not an IOSM modem{hint}")
+        self.uio_name = require_uio(self.pci)
+        self.sysfs = sysfs
+        self.maps = read_maps(self.uio_name, sysfs)
+        self._mmaps: list[mmap.mmap] = []
+        node = dev / self.uio_name
+        try:
+            self.fd = os.open(node, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise UioError(f"cannot open {node}: {exc.strerror}") from exc
+        self.has_irq = self.arm_irq()
+
+    def arm_irq(self) -> bool:
+        """Unmask the interrupt (uio_pci_generic re-arms INTx on a write of 1). False if the
+        device has none: the UIO core answers EIO when the driver registered no IRQ."""
+        try:
+            os.write(self.fd, _IRQ_ENABLE)
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.ENOSYS):
+                return False
+            raise
+        return True
+
+    def read_irq(self) -> int | None:
+        """The interrupt count if an interrupt arrived since the last read, else None."""
+        try:
+            data = os.read(self.fd, _IRQ_COUNT.size)
+        except BlockingIOError:
+            return None
+        if len(data) != _IRQ_COUNT.size:
+            return None
+        count: int = _IRQ_COUNT.unpack(data)[0]
+        return count
+
+    def map_bar(self, index: int, min_size: int = 0) -> mmap.mmap:
+        """mmap BAR `index` through sysfs resourceN (read/write, shared)."""
+        bar = self.pci.bar(index)
+        if not bar.is_memory:
+            raise UioError(f"{self.pci.bdf} BAR{index} is not a memory BAR")
+        if bar.size < min_size:
+            raise UioError(f"{self.pci.bdf} BAR{index} is {bar.size} bytes, too small: the "
+                           f"layout needs {min_size} (for ivshmem: give QEMU a larger "
+                           "memory-backend size)")
+        path = self.pci.resource_path(index)
+        return self._mmap_file(path, bar.size, 0)
+
+    def map_uio(self, index: int, min_size: int = 0) -> tuple[UioMap, mmap.mmap]:
+        """mmap UIO map `index` of /dev/uioN (offset index pages, as the UIO core wants)."""
+        found = [m for m in self.maps if m.index == index]
+        if not found:
+            raise UioError(f"{self.uio_name} exports no map{index}")
+        m = found[0]
+        if m.size < min_size:
+            raise UioError(f"{self.uio_name} map{index} is {m.size} bytes, need {min_size}")
+        size = (m.size + PAGE - 1) // PAGE * PAGE  # the UIO core maps whole pages only
+        return m, self._mmap_fd(self.fd, size, index * PAGE)
+
+    def _mmap_file(self, path: Path, size: int, offset: int) -> mmap.mmap:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_SYNC | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UioError(f"cannot open {path}: {exc.strerror}") from exc
+        try:
+            return self._mmap_fd(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    def _mmap_fd(self, fd: int, size: int, offset: int) -> mmap.mmap:
+        try:
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                           offset=offset)
+        except OSError as exc:
+            raise UioError(f"{self.pci.bdf}: mmap of {size} bytes failed: {exc.strerror}") \
+                from exc
+        self._mmaps.append(mm)
+        return mm
+
+    def close(self) -> None:
+        for mm in self._mmaps:
+            # a memoryview still exported: its owner drops it, and the map goes with it
+            with contextlib.suppress(BufferError):
+                mm.close()
+        self._mmaps.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
