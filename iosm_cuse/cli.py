@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
 import click
 
-from iosm_cuse import __version__
+from iosm_cuse import __version__, control
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,3 +27,161 @@ from iosm_cuse.watch import watch_command  # noqa: E402
 
 main.add_command(install_udev_command)
 main.add_command(watch_command)
+
+
+
+# ---- the daemon, its status, the links (iosm_cuse.daemon; iosm_cuse.control for the socket) ----
+# Imports of the layers stay inside the commands: `up` must be ready in well under a second and
+# `status` should not pay for TUN or MBIM code it never runs.
+
+
+@main.command()
+@click.option("--device", default="auto", show_default=True,
+              help="auto (a UIO-bound modem, else the model), sim, uio:<PCI address> or /dev/uioN.")
+@click.option("--transport", type=click.Choice(["auto", "cuse", "pty"]), default="auto",
+              show_default=True, help="MBIM port through CUSE, or a PTY when CUSE is missing.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Modem model configuration (SIM, operator, APNs, addresses).")
+@click.option("--mux", type=click.Choice(["lite", "aggregation"]),
+              help="MUX mode the model announces (default: the model's own, Lite).")
+@click.option("--gateway", default="echo", show_default=True, metavar="echo|netns:NAME",
+              help="Where the model sends uplink packets.")
+@click.option("--port-name", metavar="wwanNmbimM",
+              help="MBIM port name (default: wwan<N>mbim0, first N not in use).")
+@click.option("-v", "--verbose", is_flag=True)
+def up(device: str, transport: str, config: Path | None, mux: str | None, gateway: str,
+       port_name: str | None, verbose: bool) -> None:
+    """Start the driver: MBIM port, data link wwan<N> (session 0), control socket."""
+    from iosm_cuse import daemon
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="iosm-cuse: %(message)s")
+    opts = daemon.UpOptions(device=device, transport=transport, config=config, mux=mux,
+                            gateway=gateway, port_name=port_name)
+    sys.exit(daemon.run_up(opts))
+
+
+_socket_option = click.option(
+    "--socket", "sock", type=click.Path(path_type=Path), envvar=control.SOCKET_ENV,
+    help="Control socket of the daemon (default: the one for the named wwan device).")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@_socket_option
+def status(as_json: bool, sock: Path | None) -> None:
+    """Device, modem state, MBIM port and its openers, links and their counters."""
+    from iosm_cuse.daemon import format_status
+
+    st = _call(sock, None, "status")
+    click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
+
+
+@main.group()
+def link() -> None:
+    """Data links wwan<N>-<linkid>, as with `ip link ... type wwan`."""
+
+
+_ip_args = {"context_settings": {"ignore_unknown_options": True, "allow_interspersed_args": False}}
+
+
+@link.command("add", **_ip_args)
+@_socket_option
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def link_add(sock: Path | None, args: tuple[str, ...]) -> None:
+    """add [dev] NAME parentdev-name wwan0 type wwan linkid ID [mtu MTU]"""
+    req = _parse_ip(args, "add")
+    res = _call(sock, req.get("parent") or _instance_of(req.get("dev")), "link.add", req)
+    _print_links(res)
+
+
+@link.command("del", **_ip_args)
+@_socket_option
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def link_del(sock: Path | None, args: tuple[str, ...]) -> None:
+    """del [dev] NAME"""
+    req = _parse_ip(args, "del")
+    _call(sock, _instance_of(req.get("dev")), "link.del", req)
+
+
+@link.command("show", **_ip_args)
+@_socket_option
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def link_show(sock: Path | None, args: tuple[str, ...]) -> None:
+    """show [[dev] NAME]"""
+    req = _parse_ip(args, "show")
+    _print_links(_call(sock, _instance_of(req.get("dev")), "link.show", req))
+
+
+@main.command()
+@click.option("--shm", type=click.Path(path_type=Path),
+              help="Shared-memory file to serve (an ivshmem backing file); default: print the "
+                   "files of a fresh shared-memory bus and serve them.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Modem model configuration.")
+@click.option("--mux", type=click.Choice(["lite", "aggregation"]))
+@click.option("--gateway", default="echo", show_default=True, metavar="echo|netns:NAME")
+@click.option("-v", "--verbose", is_flag=True)
+def modem(shm: Path | None, config: Path | None, mux: str | None, gateway: str,
+          verbose: bool) -> None:
+    """Run the modem model alone, for a driver in another process or a VM (ivshmem)."""
+    from iosm_cuse import daemon
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="iosm-cuse modem: %(message)s")
+    opts = daemon.UpOptions(config=config, mux=mux, gateway=gateway)
+    sys.exit(daemon.run_modem(opts, shm))
+
+
+_LINK_NAME = re.compile(r"^(wwan[0-9]{1,3})(?:-[0-9]+)?$")
+
+
+def _instance_of(name: object) -> str | None:
+    """wwan0-1 and wwan0 belong to the daemon of wwan0."""
+    m = _LINK_NAME.match(name) if isinstance(name, str) else None
+    return m.group(1) if m else None
+
+
+def _socket_for(sock: Path | None, instance: str | None) -> Path:
+    if sock is not None:
+        return sock
+    if instance is not None:
+        return control.socket_path(instance)
+    running = sorted(control.run_dir().glob("*.sock"))
+    return running[0] if len(running) == 1 else control.socket_path("wwan0")
+
+
+def _call(sock: Path | None, instance: str | None, op: str,
+          args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One control request; errors go to stderr as iproute2 prints them, exit status 2 for an
+    error the daemon answered (as `ip` does for RTNETLINK errors), 1 when there is no daemon."""
+    try:
+        return control.call(_socket_for(sock, instance), op, args)
+    except control.ControlError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.EACCES, errno.ETIMEDOUT, errno.EPROTO):
+            click.echo(f"iosm-cuse: {exc.message}", err=True)
+            sys.exit(1)
+        prefix = "RTNETLINK answers" if op.startswith("link.") else "iosm-cuse"
+        click.echo(f"{prefix}: {exc.strerror}: {exc.message}", err=True)
+        sys.exit(2)
+
+
+def _print_links(res: dict[str, Any]) -> None:
+    for ln in res.get("links", []):
+        click.echo(format_link(ln))
+
+
+def format_link(ln: dict[str, Any]) -> str:
+    """One link in the shape of `ip link show`, plus its session."""
+    flags = ",".join(ln.get("flags", [])) or "POINTOPOINT,NOARP"
+    text = (f"{ln.get('ifindex', 0)}: {ln.get('name')}@{ln.get('parent', '')}: <{flags}> "
+            f"mtu {ln.get('mtu')} linkid {ln.get('linkid')} session {ln.get('session')}")
+    counters = ln.get("counters")
+    if isinstance(counters, dict) and counters:
+        text += "\n    " + " ".join(f"{k} {v}" for k, v in counters.items())
+    return text
+
+
+def _parse_ip(args: tuple[str, ...], verb: str) -> dict[str, Any]:
+    """`ip link` argument forms -> the control request's arguments (link/args.py parses)."""
+    raise click.UsageError(f"link {verb}: the link layer is not available yet")

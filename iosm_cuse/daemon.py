@@ -1,0 +1,407 @@
+"""`iosm-cuse up`: one asyncio loop that wires a Bus, the IPC engine, the MBIM port (CUSE or PTY),
+the data links and the control socket, and takes them down again in the reverse order.
+
+The layers meet only through the contracts of docs/architecture.md; this module knows no
+protocol detail. `open_device` is the single place that turns `--device` into a running Bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from iosm_cuse import control
+from iosm_cuse.control import ControlError, JsonDict
+
+log = logging.getLogger("iosm_cuse.daemon")
+
+TRANSPORTS = ("auto", "cuse", "pty")
+MUX_MODES = ("lite", "aggregation")
+_PORT_NAME = re.compile(r"^(wwan[0-9]{1,3})mbim[0-9]{1,3}$")
+_INSTANCE_NAME = re.compile(r"^wwan[0-9]{1,3}$")
+
+
+class UpError(Exception):
+    """`up` cannot start; the message is for the user, the daemon exits non-zero."""
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    device: str = "auto"
+    transport: str = "auto"
+    config: Path | None = None
+    mux: str | None = None  # the model's MUX capability; None = the config's (Lite for 7560)
+    gateway: str = "echo"
+    port_name: str | None = None  # None: wwanNmbim0 with the first free N
+
+
+# ---- --device -> Bus ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What `--device` named, resolved: the model ('sim') or a UIO-bound PCI device."""
+
+    kind: str  # "sim" | "uio"
+    ref: str = ""  # uio: PCI address (0000:03:00.0) or UIO node (/dev/uio0)
+
+    @property
+    def lock_key(self) -> str:
+        """Two daemons must never drive the same device: one lock file per key."""
+        return "sim" if self.kind == "sim" else "uio-" + self.ref.replace("/", "_")
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "sim" else f"uio:{self.ref}"
+
+
+def parse_device(text: str) -> DeviceSpec:
+    """`auto` | `sim` | `uio:<bdf>` | `/dev/uioN` -> DeviceSpec ('auto' resolved by sysfs)."""
+    if text == "auto":
+        return find_default_device()
+    if text == "sim":
+        return DeviceSpec("sim")
+    if text.startswith("uio:") or text.startswith("/dev/uio"):
+        return DeviceSpec("uio", text.removeprefix("uio:"))
+    raise UpError(f"--device {text!r}: expected auto, sim, uio:<PCI address> or /dev/uioN")
+
+
+def find_default_device() -> DeviceSpec:
+    """A modem bound to UIO if there is one, else the built-in model. Unbound modems are
+    pointed out, since `up` cannot use them."""
+    from iosm_cuse.hw import pci
+
+    try:
+        devices = pci.find_iosm_devices()
+    except (OSError, pci.PciError):
+        devices = []
+    for dev in devices:
+        if dev.uio_bound:
+            return DeviceSpec("uio", dev.bdf)
+    for dev in devices:
+        log.warning("modem %s is not bound to UIO, using the model instead: %s",
+                    dev.bdf, pci.bind_hint(dev))
+    return DeviceSpec("sim")
+
+
+# ---- locks and names ----------------------------------------------------------------------------
+
+
+class Lock:
+    """An flock'ed file under the run directory holding the owner's pid; the kernel drops the
+    lock when the process dies, so a crashed daemon never blocks the next one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[str] | None = None
+
+    def try_acquire(self) -> bool:
+        control.prepare_run_dir(self.path.parent)
+        f = open(self.path, "a+")  # noqa: SIM115 - held for the daemon's lifetime
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return False
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+        return True
+
+    def owner(self) -> str:
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._file.close()
+            self._file = None
+
+
+def claim_instance(spec: DeviceSpec, port_name: str | None) -> tuple[str, str, list[Lock]]:
+    """Lock the device and a wwan instance name; returns (instance, port name, locks).
+    Raises UpError naming the daemon that holds the device or the name."""
+    dev_lock = Lock(control.run_dir() / f"device-{spec.lock_key}.lock")
+    if not dev_lock.try_acquire():
+        raise UpError(f"device {spec} is already driven by iosm-cuse (pid {dev_lock.owner()}); "
+                      "`iosm-cuse status` shows it")
+    if port_name is not None:
+        m = _PORT_NAME.match(port_name)
+        if m is None:
+            dev_lock.release()
+            raise UpError(f"--port-name {port_name!r}: expected wwan<N>mbim<M>, like wwan0mbim0")
+        names = [(m.group(1), port_name)]
+    else:
+        names = [(f"wwan{n}", f"wwan{n}mbim0") for n in range(16)]
+    for instance, port in names:
+        lock = Lock(control.run_dir() / f"{instance}.lock")
+        if lock.try_acquire():
+            return instance, port, [dev_lock, lock]
+    dev_lock.release()
+    raise UpError(f"{names[0][1]} is already served by iosm-cuse (pid {lock.owner()}); "
+                  "choose another --port-name")
+
+
+# ---- transports ---------------------------------------------------------------------------------
+
+
+def choose_transport(requested: str) -> str:
+    """'cuse' when /dev/cuse can be opened (after `modprobe cuse`), else 'pty' for 'auto';
+    an explicit 'cuse' that cannot work is an error with the reason."""
+    if requested == "pty":
+        return "pty"
+    reason = cuse_unavailable()
+    if reason is None:
+        return "cuse"
+    if requested == "cuse":
+        raise UpError(f"--transport cuse: {reason}")
+    log.info("CUSE unavailable (%s): using the PTY fallback", reason)
+    return "pty"
+
+
+def cuse_unavailable() -> str | None:
+    """Why /dev/cuse cannot be used, or None when it can."""
+    if not os.path.exists("/dev/cuse"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["modprobe", "-q", "cuse"], check=False, timeout=5,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        fd = os.open("/dev/cuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"/dev/cuse: {exc.strerror} (no CUSE in this kernel?)"
+    os.close(fd)
+    return None
+
+
+# ---- status as text -----------------------------------------------------------------------------
+
+
+def format_status(st: JsonDict) -> str:
+    """The `status` answer for humans; `status --json` prints the dict itself."""
+    modem = st.get("modem", {})
+    port = st.get("port", {})
+    lines = [
+        f"device: {st.get('device')}  {modem.get('name', '')}  (daemon pid {st.get('pid')})",
+        f"modem:  exec stage {modem.get('exec_stage')}, IPC {modem.get('ipc_state')}, "
+        f"MUX {modem.get('mux_mode')}, restarts {modem.get('restarts', 0)}",
+        f"port:   {port.get('path')} ({port.get('transport')}), "
+        f"open by {len(port.get('openers', []))}" + _pids(port.get("openers", [])),
+        "links:",
+    ]
+    for link in st.get("links", []):
+        lines.append("  " + "  ".join(f"{k} {v}" for k, v in link.items()))
+    errors = st.get("errors", {})
+    lines.append("errors: " + (", ".join(f"{k} {v}" for k, v in errors.items()) or "none"))
+    return "\n".join(lines)
+
+
+def _pids(openers: list[Any]) -> str:
+    pids = [str(o.get("pid")) for o in openers if isinstance(o, dict) and o.get("pid")]
+    return f" (pid {', '.join(pids)})" if pids else ""
+
+
+# ---- the daemon ----------------------------------------------------------------------------------
+
+
+class Daemon:
+    """The running stack of one `up`. Built bottom-up in `start`, torn down top-down in `close`;
+    `close` copes with a half-built stack, so a failed start cleans up too."""
+
+    def __init__(self, opts: UpOptions, spec: DeviceSpec, instance: str, port_name: str) -> None:
+        self.opts = opts
+        self.spec = spec
+        self.instance = instance
+        self.port_name = port_name
+        self.transport = ""
+        self.restarts = 0
+        self.device: Any = None  # ModemDevice
+        self.engine: Any = None  # hw.engine.IpcEngine
+        self.port: Any = None  # chardev.port.MbimPort
+        self.chardev: Any = None  # CUSE server or PTY transport
+        self.links: Any = None  # link.manager.LinkManager
+        self.control: control.ControlServer | None = None
+        self._stop = asyncio.Event()
+        self._recovering: asyncio.Task[None] | None = None
+
+    # -- lifecycle
+
+    async def start(self) -> str:
+        """Bring everything up; returns the ready line."""
+        self.transport = choose_transport(self.opts.transport)
+        self.device = await open_device(self.spec, self.opts)
+        self.engine = await self._start_engine()
+        self.port = self._make_port()
+        self.chardev = await self._start_chardev()
+        self.links = await self._start_links()
+        self.control = control.ControlServer(control.socket_path(self.instance), self.handle)
+        await self.control.start()
+        return self.ready_line()
+
+    async def close(self) -> None:
+        """Top-down: control socket, port (answering pending requests), links, engine, model."""
+        if self._recovering is not None:
+            self._recovering.cancel()
+        steps = [("control socket", self.control, "close"), ("MBIM port", self.chardev, "close"),
+                 ("links", self.links, "stop"), ("engine", self.engine, "stop"),
+                 ("device", self.device, "close")]
+        for what, obj, method in steps:
+            if obj is None:
+                continue
+            try:
+                await asyncio.wait_for(getattr(obj, method)(), timeout=5)
+            except Exception as exc:  # keep going: every later step still has to run
+                log.warning("closing the %s: %s", what, exc or type(exc).__name__)
+
+    async def serve_forever(self) -> None:
+        await self._stop.wait()
+
+    def request_stop(self, why: str) -> None:
+        log.info("%s: shutting down", why)
+        self._stop.set()
+
+    def ready_line(self) -> str:
+        port = self.port_path()
+        how = "cuse" if self.transport == "cuse" else "pty fallback, no CUSE"
+        mux = getattr(self.engine, "mux_mode", None) or "?"
+        return (f"iosm-cuse: {self.device.description} ready; MBIM port {port} ({how}); "
+                f"data link {self.instance} (session 0); MUX {mux}")
+
+    def port_path(self) -> str:
+        if self.transport == "cuse":
+            return f"/dev/{self.port_name}"
+        return str(control.run_dir() / self.port_name)
+
+    # -- the layers (each adapts one contract of docs/architecture.md)
+
+    async def _start_engine(self) -> Any:
+        from iosm_cuse.hw.engine import IpcEngine
+
+        engine = IpcEngine(self.device.bus)
+        await engine.start()
+        engine.add_state_listener(self._on_engine_state)
+        return engine
+
+    def _make_port(self) -> Any:
+        from iosm_cuse.chardev.port import MbimPort
+
+        async def open_channel(on_receive: Any) -> Any:
+            return await self.engine.open_channel(MBIM_CHANNEL, on_receive)
+
+        return MbimPort(open_channel)
+
+    async def _start_chardev(self) -> Any:
+        raise UpError("chardev wiring missing")
+
+    async def _start_links(self) -> Any:
+        from iosm_cuse.link.manager import LinkManager
+
+        links = LinkManager(self.engine.mux, self.instance)
+        await links.start()
+        return links
+
+    # -- crash and restart of the modem
+
+    def _on_engine_state(self, state: Any) -> None:
+        name = getattr(state, "name", str(state))
+        if name == "DOWN" and self._recovering is None and not self._stop.is_set():
+            log.error("modem down (%s): restarting it", self.engine.last_error
+                      if hasattr(self.engine, "last_error") else "no reason given")
+            self._recovering = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        try:
+            await self.device.recover()
+            await self.engine.start()
+            self.restarts += 1
+            log.info("modem back after restart %d", self.restarts)
+        except Exception as exc:
+            log.error("modem restart failed: %s; stopping", exc)
+            self._stop.set()
+        finally:
+            self._recovering = None
+
+    # -- control socket
+
+    async def handle(self, op: str, args: JsonDict) -> JsonDict:
+        """The control socket's operations (declared in control.OPS)."""
+        if op == "status":
+            return self.status()
+        raise ControlError(errno.EOPNOTSUPP, f"{op}: not available")
+
+    def status(self) -> JsonDict:
+        return {"device": str(self.spec), "pid": os.getpid()}
+
+
+MBIM_CHANNEL = 6
+
+
+async def open_device(spec: DeviceSpec, opts: UpOptions) -> Any:
+    """The one place that turns a DeviceSpec into a started ModemDevice with a `bus`."""
+    if spec.kind == "sim":
+        return await SimDevice.spawn(opts)
+    raise UpError(f"--device {spec}: the UIO backend is not available yet")
+
+
+class SimDevice:
+    """The built-in modem model, in its own process, on a shared-memory bus."""
+
+    description = 'modem model "XMM7560 (simulated)"'
+
+    @classmethod
+    async def spawn(cls, opts: UpOptions) -> SimDevice:
+        raise UpError("the modem model is not available yet")
+
+
+def run_up(opts: UpOptions) -> int:
+    """`iosm-cuse up`: returns the exit status."""
+    try:
+        spec = parse_device(opts.device)
+        instance, port_name, locks = claim_instance(spec, opts.port_name)
+    except UpError as exc:
+        print(f"iosm-cuse: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(_serve(Daemon(opts, spec, instance, port_name)))
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+
+
+async def _serve(daemon: Daemon) -> int:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, daemon.request_stop, signal.Signals(sig).name)
+    t0 = time.monotonic()
+    try:
+        try:
+            line = await daemon.start()
+        except (UpError, OSError) as exc:
+            print(f"iosm-cuse: {exc}", file=sys.stderr)
+            return 1
+        log.debug("ready in %.0f ms", (time.monotonic() - t0) * 1000)
+        print(line, flush=True)
+        await daemon.serve_forever()
+        return 0
+    finally:
+        await daemon.close()
+
+
+def run_modem(opts: UpOptions, shm: Path | None) -> int:
+    print("iosm-cuse modem: the modem model is not available yet", file=sys.stderr)
+    return 1

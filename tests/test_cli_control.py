@@ -1,0 +1,155 @@
+"""The client commands (`status`, `link`) through click's CliRunner against a control server
+running in this process, and `up`'s refusals that need no modem."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from iosm_cuse import control, daemon
+from iosm_cuse.cli import main
+from iosm_cuse.control import ControlError, ControlServer
+
+STATUS = {
+    "device": "sim", "pid": 1,
+    "modem": {"name": "XMM7560 (simulated)", "exec_stage": "RUN", "ipc_state": "RUNNING",
+              "mux_mode": "lite"},
+    "port": {"path": "/run/iosm-cuse/wwan0mbim0", "transport": "pty",
+             "openers": [{"pid": 42}]},
+    "links": [{"name": "wwan0", "linkid": 0, "session": "open"}],
+    "errors": {"bad_td": 0},
+}
+
+
+class FakeDaemonSide:
+    """A control handler with the daemon's error conventions; records what it was asked."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+
+    async def __call__(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        self.requests.append((op, args))
+        if op == "status":
+            return STATUS
+        if op == "link.add" and args["linkid"] == 0:
+            raise ControlError(errno.EBUSY, "link id 0 is already used by wwan0")
+        return {"links": []}
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDaemonSide]:
+    """A ControlServer on its own loop in a thread, at the default socket of instance wwan0."""
+    monkeypatch.setenv(control.RUN_DIR_ENV, str(tmp_path / "run"))
+    monkeypatch.delenv(control.SOCKET_ENV, raising=False)
+    side = FakeDaemonSide()
+    loop = asyncio.new_event_loop()
+    srv = ControlServer(control.socket_path("wwan0"), side)
+    loop.run_until_complete(srv.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield side
+    finally:
+        asyncio.run_coroutine_threadsafe(srv.close(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def test_status_json_is_the_daemon_answer(server: FakeDaemonSide) -> None:
+    res = CliRunner().invoke(main, ["status", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output) == STATUS
+
+
+def test_status_text_names_state_port_and_links(server: FakeDaemonSide) -> None:
+    res = CliRunner().invoke(main, ["status"])
+    assert res.exit_code == 0, res.output
+    assert "exec stage RUN, IPC RUNNING, MUX lite" in res.output
+    assert "/run/iosm-cuse/wwan0mbim0 (pty), open by 1 (pid 42)" in res.output
+    assert "name wwan0" in res.output and "bad_td 0" in res.output
+
+
+def test_no_daemon_is_one_line_on_stderr_and_exit_1(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(control.RUN_DIR_ENV, str(tmp_path))
+    res = CliRunner().invoke(main, ["status"])
+    assert res.exit_code == 1
+    assert res.stdout == ""
+    assert res.stderr.startswith("iosm-cuse: no iosm-cuse daemon listens on")
+    assert "Traceback" not in res.output
+
+
+def test_explicit_socket_option_wins(server: FakeDaemonSide, tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["status", "--socket", str(tmp_path / "other.sock")])
+    assert res.exit_code == 1 and "other.sock" in res.stderr
+    assert server.requests == []
+
+
+def test_daemon_error_prints_like_iproute2_and_exit_2(server: FakeDaemonSide,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # The CLI's own error path, independent of the link argument parser.
+    from iosm_cuse import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli._call(None, "wwan0", "link.add", {"linkid": 0})
+    assert info.value.code == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err == ("RTNETLINK answers: Device or resource busy: "
+                       "link id 0 is already used by wwan0\n")
+    assert server.requests == [("link.add", {"dev": None, "parent": None, "linkid": 0,
+                                             "mtu": None})]
+
+
+def test_up_rejects_a_bad_device_and_port_name(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(control.RUN_DIR_ENV, str(tmp_path))
+    res = CliRunner().invoke(main, ["up", "--device", "floppy"])
+    assert res.exit_code == 1 and "--device 'floppy'" in res.stderr
+    res = CliRunner().invoke(main, ["up", "--device", "sim", "--port-name", "eth0"])
+    assert res.exit_code == 1 and "--port-name 'eth0'" in res.stderr
+
+
+def test_second_claim_of_a_device_is_refused_with_the_owner(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    monkeypatch.setenv(control.RUN_DIR_ENV, str(tmp_path))
+    spec = daemon.DeviceSpec("sim")
+    instance, port, locks = daemon.claim_instance(spec, None)
+    assert (instance, port) == ("wwan0", "wwan0mbim0")
+    try:
+        with pytest.raises(daemon.UpError, match=r"device sim is already driven .*pid \d+"):
+            daemon.claim_instance(spec, None)
+        # Another device takes the next free name; an explicit used name is refused.
+        other = daemon.DeviceSpec("uio", "0000:03:00.0")
+        inst2, port2, locks2 = daemon.claim_instance(other, None)
+        assert (inst2, port2) == ("wwan1", "wwan1mbim0")
+        for lock in locks2:
+            lock.release()
+        with pytest.raises(daemon.UpError, match="wwan0mbim0 is already served"):
+            daemon.claim_instance(other, "wwan0mbim0")
+    finally:
+        for lock in locks:
+            lock.release()
+    # Released: the device can be claimed again, the lock files are gone.
+    _, _, again = daemon.claim_instance(spec, None)
+    for lock in again:
+        lock.release()
+    assert list(tmp_path.glob("*.lock")) == []
+
+
+def test_parse_device_forms() -> None:
+    assert daemon.parse_device("sim") == daemon.DeviceSpec("sim")
+    assert daemon.parse_device("uio:0000:03:00.0") == daemon.DeviceSpec("uio", "0000:03:00.0")
+    assert daemon.parse_device("/dev/uio0") == daemon.DeviceSpec("uio", "/dev/uio0")
+    with pytest.raises(daemon.UpError):
+        daemon.parse_device("uio")
