@@ -91,12 +91,17 @@ class UioDevice:
 
     def __init__(self, spec: str, test_ids: frozenset[PciId] = frozenset(),
                  sysfs: Path = SYSFS, dev: Path = DEV) -> None:
-        self.pci = parse_device_spec(spec, sysfs)
+        try:
+            self.pci = parse_device_spec(spec, sysfs)
+            self.uio_name = require_uio(self.pci)
+        except UioError:
+            raise
+        except PciError as exc:  # one error type for callers of the backend
+            raise UioError(str(exc)) from exc
         if self.pci.pci_id not in IOSM_PCI_IDS | test_ids:
             hint = " (a test device: pass it explicitly)" if self.pci.pci_id == IVSHMEM_PCI_ID \
                 else ""
             raise UioError(f"{self.pci.bdf} ({self.pci.pci_id}) is not an IOSM modem{hint}")
-        self.uio_name = require_uio(self.pci)
         self.sysfs = sysfs
         self.maps = read_maps(self.uio_name, sysfs)
         self._mmaps: list[mmap.mmap] = []
@@ -131,7 +136,10 @@ class UioDevice:
 
     def map_bar(self, index: int, min_size: int = 0) -> mmap.mmap:
         """mmap BAR `index` through sysfs resourceN (read/write, shared)."""
-        bar = self.pci.bar(index)
+        try:
+            bar = self.pci.bar(index)
+        except PciError as exc:
+            raise UioError(str(exc)) from exc
         if not bar.is_memory:
             raise UioError(f"{self.pci.bdf} BAR{index} is not a memory BAR")
         if bar.size < min_size:
