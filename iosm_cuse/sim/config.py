@@ -1,0 +1,226 @@
+"""ModemConfig: what the simulated modem says about itself and which addresses it hands out.
+
+Defaults describe a ready modem (SIM present, no PIN required, radio on, registered at home) so
+that mbimcli and mbim-network flows work out of the box. Load overrides from TOML or JSON::
+
+    model = "XMM7560 (simulated)"
+    pin_required = true            # start PIN-locked
+    apns = ["internet"]            # default: any APN is accepted
+    [[visible_providers]]
+    id = "00102"
+    name = "other"
+    [[sessions]]                   # per-SessionId overrides, in order 0, 1, ...
+    ipv4 = "10.99.0.2/24"
+
+Addresses default to 10.99.N.2/24 (gateway and DNS 10.99.N.1) and fd99:N::2/64 (gateway and
+DNS fd99:N::1) for session N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+from pathlib import Path
+from typing import Any
+
+from iosm_cuse.mbim.cids import DataClass
+
+DATA_CLASS_NAMES = {
+    "gprs": DataClass.GPRS, "edge": DataClass.EDGE, "umts": DataClass.UMTS,
+    "hsdpa": DataClass.HSDPA, "hsupa": DataClass.HSUPA, "lte": DataClass.LTE,
+    "5g-nsa": DataClass.NR5G_NSA, "5g-sa": DataClass.NR5G_SA,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class SessionIp:
+    """The IP configuration handed out for one SessionId."""
+
+    ipv4: IPv4Interface
+    ipv4_gateway: IPv4Address
+    ipv4_dns: tuple[IPv4Address, ...]
+    ipv6: IPv6Interface
+    ipv6_gateway: IPv6Address
+    ipv6_dns: tuple[IPv6Address, ...]
+    mtu: int = 1500
+
+    @classmethod
+    def default(cls, n: int, mtu: int = 1500) -> SessionIp:
+        gw4 = IPv4Address(f"10.99.{n}.1")
+        gw6 = IPv6Address(f"fd99:{n:x}::1")
+        return cls(IPv4Interface(f"10.99.{n}.2/24"), gw4, (gw4,),
+                   IPv6Interface(f"fd99:{n:x}::2/64"), gw6, (gw6,), mtu)
+
+
+def _default_sessions() -> list[SessionIp]:
+    return [SessionIp.default(n) for n in range(8)]
+
+
+@dataclass
+class ModemConfig:
+    # identity
+    manufacturer: str = "Intel"
+    model: str = "XMM7560 (simulated)"
+    device_id: str = "356938035643809"          # IMEI (Luhn-valid)
+    firmware: str = "iosm-sim 0.1.0"
+    hardware: str = "XMM7560"
+    # capabilities
+    cellular_class: str = "gsm"
+    data_classes: list[str] = field(
+        default_factory=lambda: ["gprs", "edge", "umts", "hsdpa", "hsupa", "lte"])
+    max_sessions: int = 8
+    max_control_transfer: int = 4096            # the function's own wMaxControlMessage
+    # SIM
+    sim_present: bool = True
+    iccid: str = "89991010000000000010"
+    imsi: str = "001010000000001"
+    own_numbers: list[str] = field(default_factory=lambda: ["+9990100001"])
+    pin: str = "0000"
+    pin_required: bool = False                  # True: starts DEVICE_LOCKED until PIN entry
+    pin_retries: int = 3
+    puk: str = "12345678"
+    puk_retries: int = 10
+    # radio and network
+    radio_on: bool = True
+    home_provider: Provider = field(default_factory=lambda: Provider("00101", "iosm-sim"))
+    visible_providers: list[Provider] = field(
+        default_factory=lambda: [Provider("00101", "iosm-sim"), Provider("00102", "iosm-other")])
+    register_automatic: bool = True
+    apns: list[str] | None = None               # None: any APN accepted
+    uplink_speed: int = 1_000_000_000           # bit/s reported by PACKET_SERVICE
+    downlink_speed: int = 1_000_000_000
+    rssi: int = 20                              # 0..31, 99 unknown
+    error_rate: int = 0                         # 0..7, 99 unknown
+    # data sessions
+    mtu: int = 1500
+    sessions: list[SessionIp] = field(default_factory=_default_sessions)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def data_class_mask(self) -> int:
+        mask = 0
+        for name in self.data_classes:
+            mask |= DATA_CLASS_NAMES[name]
+        return mask
+
+    def session_ip(self, session_id: int) -> SessionIp:
+        ip = self.sessions[session_id]
+        return dataclasses.replace(ip, mtu=self.mtu) if ip.mtu != self.mtu else ip
+
+    def validate(self) -> None:
+        unknown = set(self.data_classes) - DATA_CLASS_NAMES.keys()
+        if unknown:
+            raise ConfigError(f"unknown data classes {sorted(unknown)}; "
+                              f"known: {sorted(DATA_CLASS_NAMES)}")
+        if self.cellular_class != "gsm":
+            raise ConfigError("cellular_class: only 'gsm' is modelled")
+        if not 1 <= self.max_sessions <= 8:
+            raise ConfigError("max_sessions must be 1..8 (IOSM IP MUX sessions)")
+        if len(self.sessions) < self.max_sessions:
+            raise ConfigError(f"{len(self.sessions)} session IP configurations for "
+                              f"{self.max_sessions} sessions")
+        if not 64 <= self.max_control_transfer <= 4096:
+            raise ConfigError("max_control_transfer must be 64..4096")
+        if not (self.pin.isdigit() and 4 <= len(self.pin) <= 8):
+            raise ConfigError("pin must be 4..8 digits")
+        if not (self.puk.isdigit() and len(self.puk) == 8):
+            raise ConfigError("puk must be 8 digits")
+        if self.pin_retries < 1 or self.puk_retries < 1:
+            raise ConfigError("pin_retries and puk_retries must be at least 1")
+        if not (0 <= self.rssi <= 31 or self.rssi == 99):
+            raise ConfigError("rssi must be 0..31 or 99")
+        if not (0 <= self.error_rate <= 7 or self.error_rate == 99):
+            raise ConfigError("error_rate must be 0..7 or 99")
+        if self.apns is not None and not all(isinstance(a, str) for a in self.apns):
+            raise ConfigError("apns must be a list of strings")
+        if not 576 <= self.mtu <= 2032:
+            raise ConfigError("mtu must be 576..2032 (MUX Lite carries at most 2032)")
+
+    # ------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModemConfig:
+        """Read a ``.toml`` or ``.json`` file."""
+        p = Path(path)
+        try:
+            if p.suffix == ".toml":
+                data = tomllib.loads(p.read_text())
+            elif p.suffix == ".json":
+                data = json.loads(p.read_text())
+            else:
+                raise ConfigError(f"{p}: use a .toml or .json file")
+        except (OSError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{p}: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a table/object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModemConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown configuration keys {sorted(unknown)}")
+        kwargs = dict(data)
+        try:
+            if "home_provider" in kwargs:
+                kwargs["home_provider"] = Provider(**kwargs["home_provider"])
+            if "visible_providers" in kwargs:
+                kwargs["visible_providers"] = [Provider(**p) for p in kwargs["visible_providers"]]
+            if "sessions" in kwargs:
+                kwargs["sessions"] = _sessions(kwargs["sessions"], kwargs.get("mtu", 1500))
+            config = cls(**kwargs)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"bad configuration: {e}") from e
+        _check_types(config)
+        return config
+
+
+def _sessions(items: list[dict[str, Any]], mtu: int) -> list[SessionIp]:
+    """Per-session overrides on top of the defaults; missing sessions keep theirs."""
+    out = _default_sessions()
+    for n, item in enumerate(items):
+        if n >= len(out):
+            raise ConfigError(f"sessions: more than {len(out)} entries")
+        base = SessionIp.default(n, mtu)
+        out[n] = dataclasses.replace(
+            base,
+            ipv4=IPv4Interface(item.get("ipv4", base.ipv4)),
+            ipv4_gateway=IPv4Address(item.get("ipv4_gateway", base.ipv4_gateway)),
+            ipv4_dns=tuple(IPv4Address(a) for a in item.get("ipv4_dns", base.ipv4_dns)),
+            ipv6=IPv6Interface(item.get("ipv6", base.ipv6)),
+            ipv6_gateway=IPv6Address(item.get("ipv6_gateway", base.ipv6_gateway)),
+            ipv6_dns=tuple(IPv6Address(a) for a in item.get("ipv6_dns", base.ipv6_dns)),
+            mtu=int(item.get("mtu", mtu)),
+        )
+    return out
+
+
+def _check_types(config: ModemConfig) -> None:
+    """Reject values of the wrong type that a file could carry (a string for a number...)."""
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        default = ModemConfig.__dataclass_fields__[f.name]
+        sample: Any = (default.default_factory()
+                       if default.default_factory is not dataclasses.MISSING else default.default)
+        if sample is None or v is None:
+            continue
+        if isinstance(sample, bool) != isinstance(v, bool) or not isinstance(v, type(sample)):
+            raise ConfigError(f"{f.name}: expected {type(sample).__name__}, got {v!r}")
+        if isinstance(v, list) and sample and not all(isinstance(x, type(sample[0])) for x in v):
+            raise ConfigError(f"{f.name}: expected a list of {type(sample[0]).__name__}")
