@@ -1,0 +1,320 @@
+"""Wire layouts of the IOSM IPC protocol, declared once, as data (iosm-protocol.md §1-§2).
+
+A `Layout` is a table of `Field`s (name, offset, struct format, optional bit range or array
+count). From the table it derives one precompiled `struct.Struct` for whole-record pack/unpack and
+one per field for single-field access, so the host engine and the device model share every
+offset and neither hand-packs a message.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    offset: int
+    fmt: str  # one struct code: B H I Q or "<n>s"
+    bits: tuple[int, int] | None = None  # (shift, width) inside the container at `offset`
+    count: int = 1  # > 1: an array of `count` consecutive elements
+
+    @property
+    def size(self) -> int:
+        return struct.calcsize("<" + self.fmt) * self.count
+
+
+@dataclass
+class Layout:
+    """A fixed-size little-endian record."""
+
+    name: str
+    size: int
+    fields: list[Field]
+    _one: dict[str, struct.Struct] = field(init=False, repr=False)
+    _by_name: dict[str, Field] = field(init=False, repr=False)
+    _whole: struct.Struct = field(init=False, repr=False)
+    _slots: list[tuple[int, list[Field]]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {f.name: f for f in self.fields}
+        self._one = {f.name: struct.Struct("<" + f.fmt) for f in self.fields}
+        # containers: fields sharing one offset (bit fields) share one struct slot
+        groups: dict[int, list[Field]] = {}
+        for f in self.fields:
+            if f.count != 1:
+                continue
+            groups.setdefault(f.offset, []).append(f)
+        fmt, pos, slots = "<", 0, []
+        for off in sorted(groups):
+            members = groups[off]
+            if off < pos:
+                raise ValueError(f"{self.name}: field {members[0].name} overlaps")
+            fmt += f"{off - pos}x" if off > pos else ""
+            fmt += members[0].fmt
+            pos = off + members[0].size
+            slots.append((off, members))
+        if pos > self.size:
+            raise ValueError(f"{self.name}: fields end at {pos}, beyond size {self.size}")
+        self._whole = struct.Struct(fmt + (f"{self.size - pos}x" if self.size > pos else ""))
+        self._slots = slots
+
+    def __getitem__(self, name: str) -> Field:
+        return self._by_name[name]
+
+    def offset_of(self, name: str, index: int = 0) -> int:
+        f = self._by_name[name]
+        return f.offset + index * (f.size // f.count)
+
+    # -- whole records
+
+    def pack(self, **values: Any) -> bytes:
+        buf = bytearray(self.size)
+        self.pack_into(buf, 0, **values)
+        return bytes(buf)
+
+    def pack_into(self, buf: Buffer, offset: int, **values: Any) -> None:
+        """Write the whole record; missing fields (and reserved bytes) become zero."""
+        unknown = set(values) - set(self._by_name)
+        if unknown:
+            raise KeyError(f"{self.name}: no field {sorted(unknown)}")
+        args: list[Any] = []
+        for _off, members in self._slots:
+            first = members[0]
+            if first.bits is None:
+                args.append(values.get(first.name, b"" if first.fmt.endswith("s") else 0))
+                continue
+            word = 0
+            for m in members:
+                assert m.bits is not None
+                shift, width = m.bits
+                word |= (int(values.get(m.name, 0)) & ((1 << width) - 1)) << shift
+            args.append(word)
+        self._whole.pack_into(buf, offset, *args)
+
+    def unpack(self, buf: Buffer, offset: int = 0) -> dict[str, Any]:
+        """All scalar fields as a dict (arrays are read with `get(name, index)`)."""
+        raw = self._whole.unpack_from(buf, offset)
+        out: dict[str, Any] = {}
+        for (_off, members), val in zip(self._slots, raw, strict=True):
+            for m in members:
+                if m.bits is None:
+                    out[m.name] = val
+                else:
+                    shift, width = m.bits
+                    out[m.name] = (val >> shift) & ((1 << width) - 1)
+        return out
+
+    # -- single fields
+
+    def get(self, buf: Buffer, offset: int, name: str, index: int = 0) -> Any:
+        f = self._by_name[name]
+        val = self._one[name].unpack_from(buf, offset + self.offset_of(name, index))[0]
+        if f.bits is not None:
+            shift, width = f.bits
+            return (val >> shift) & ((1 << width) - 1)
+        return val
+
+    def set(self, buf: Buffer, offset: int, name: str, value: Any, index: int = 0) -> None:
+        f = self._by_name[name]
+        at = offset + self.offset_of(name, index)
+        if f.bits is not None:
+            shift, width = f.bits
+            mask = ((1 << width) - 1) << shift
+            old = self._one[name].unpack_from(buf, at)[0]
+            value = (old & ~mask) | ((int(value) << shift) & mask)
+        self._one[name].pack_into(buf, at, value)
+
+
+def F(name: str, offset: int, fmt: str, **kw: Any) -> Field:  # table shorthand
+    return Field(name, offset, fmt, **kw)
+
+
+# ---- §1.2 scratchpad (BAR2) -------------------------------------------------------------------
+
+SCRATCHPAD = Layout("scratchpad", 0x100, [
+    F("exec_stage", 0x00, "I"),
+    F("chip_info", 0x04, "60s"),
+    F("rom_exit_code", 0x40, "I"),
+    F("psi_address", 0x54, "Q"),
+    F("psi_size", 0x5C, "I"),
+    F("ipc_status", 0x60, "I"),
+    F("context_info_address", 0x64, "Q"),
+    F("ap_window_base", 0x6C, "Q"),
+    F("ap_window_end", 0x74, "Q"),
+    F("cp_version", 0xF0, "I"),
+    F("cp_capabilities", 0xF4, "I"),
+])
+CHIP_INFO_SIZE = 60
+CHIP_INFO_SIZE_BYTE = CHIP_INFO_SIZE - 2  # byte 1 of the chip info must hold 58
+CP_VERSION_MIN = 0x0100  # capabilities honoured only from this version on
+CP_VERSION_INVALID = 0xFFFFFFFF
+CAP_UL_AGGR = 1 << 8
+CAP_DL_AGGR = 1 << 9
+CAP_UL_FLOW_CREDIT = 1 << 21
+
+
+class ExecStage(enum.IntEnum):
+    RUN = 0x600DF00D
+    CRASH = 0x8BADF00D
+    CD_READY = 0xBADC0DED
+    BOOT = 0xFEEDB007
+    PSI = 0xFEEDBEEF
+    EBL = 0xFEEDCAFE
+    INVALID = 0xFFFFFFFF
+
+
+class IpcState(enum.IntEnum):
+    UNINIT = 0
+    INIT = 1
+    RUNNING = 2
+    RECOVERY = 3
+    ERROR = 4
+    DONT_CARE = 5
+
+
+class Doorbell(enum.IntEnum):
+    """Doorbell numbers (BAR0 + 0x10 + n * 0x20)."""
+
+    HPDA = 0
+    IPC = 1
+    SLEEP = 2
+
+
+class Hpda(enum.IntEnum):
+    """Identifiers written to the HPDA doorbell: who rang (informational)."""
+
+    MSG_RING = 0
+    PM_TRIGGER = 1
+    WAKEUP_TIMER = 2
+    TD_UPDATE_TIMER_START = 3
+    TD_UPDATE_TIMER = 4
+    FAST_TD_UPDATE = 5
+    UL_WRITE_TD = 6
+    DL_PROCESS = 7
+    NET_CHANNEL_INIT = 8
+    PORT_OPEN = 9
+
+
+# ---- §2.1/§2.2 AP shared area and context info -------------------------------------------------
+
+NUM_PIPES = 24
+MSG_RING_ENTRIES = 128
+
+CONTEXT_INFO = Layout("context_info", 56, [
+    F("device_info_address", 0x00, "Q"),
+    F("head_array_address", 0x08, "Q"),
+    F("tail_array_address", 0x10, "Q"),
+    F("msg_head_address", 0x18, "Q"),
+    F("msg_tail_address", 0x20, "Q"),
+    F("msg_ring_address", 0x28, "Q"),
+    F("msg_ring_entries", 0x30, "H"),
+    F("msg_irq_vector", 0x32, "B"),
+    F("device_info_irq_vector", 0x33, "B"),
+])
+
+DEVICE_INFO = Layout("device_info", 12, [
+    F("exec_stage", 0, "I"),
+    F("ipc_status", 4, "I"),
+    F("sleep_notification", 8, "I"),
+])
+
+AP_SHARED = Layout("ap_shared", 0xD10, [
+    F("context_info", 0x000, "56s"),
+    F("device_info", 0x038, "12s"),
+    F("msg_head", 0x044, "I"),
+    F("head_array", 0x048, "I", count=NUM_PIPES),
+    F("msg_tail", 0x0A8, "I"),
+    F("tail_array", 0x0AC, "I", count=NUM_PIPES),
+    F("msg_ring", 0x110, "24s", count=MSG_RING_ENTRIES),
+])
+
+# ---- §2.3 message ring ---------------------------------------------------------------------------
+
+MSG_SIZE = 24
+MSG_TYPE_OFFSET = 11
+MSG_STATUS_OFFSET = 20
+
+
+class MsgType(enum.IntEnum):
+    OPEN_PIPE = 0x01
+    CLOSE_PIPE = 0x02
+    ABORT_PIPE = 0x03
+    SLEEP = 0x04
+    FEATURE_SET = 0xF0
+
+
+class MsgStatus(enum.IntEnum):
+    INVALID = 0
+    SUCCESS = 1
+    ERROR = 2
+
+
+FEATURE_INBAND_CRASH = 0x80
+SLEEP_TARGET_HOST = 0
+SLEEP_TARGET_DEVICE = 1
+SLEEP_ENTER = 0
+SLEEP_EXIT = 1
+
+_TAIL = [F("type", MSG_TYPE_OFFSET, "B"), F("status", MSG_STATUS_OFFSET, "I")]
+
+MESSAGES: Mapping[MsgType, Layout] = {
+    MsgType.OPEN_PIPE: Layout("open_pipe", MSG_SIZE, [
+        F("td_ring_address", 0, "Q"), F("td_count", 8, "H"), F("pipe", 10, "B"),
+        F("type", MSG_TYPE_OFFSET, "B"), F("irq_vector", 12, "I"), F("backoff_us", 16, "I"),
+        F("status", MSG_STATUS_OFFSET, "I")]),
+    MsgType.CLOSE_PIPE: Layout("close_pipe", MSG_SIZE, [F("pipe", 10, "B"), *_TAIL]),
+    MsgType.ABORT_PIPE: Layout("abort_pipe", MSG_SIZE, [F("pipe", 10, "B"), *_TAIL]),
+    MsgType.SLEEP: Layout("sleep", MSG_SIZE, [
+        F("target", 8, "B"), F("state", 9, "B"), *_TAIL]),
+    MsgType.FEATURE_SET: Layout("feature_set", MSG_SIZE, [F("features", 10, "B"), *_TAIL]),
+}
+MSG_HEADER = Layout("msg_header", MSG_SIZE, list(_TAIL))
+
+
+def encode_message(kind: MsgType, **values: Any) -> bytes:
+    """One ring entry of type `kind`; reserved bytes zero, status 0."""
+    return MESSAGES[kind].pack(type=int(kind), **values)
+
+
+def decode_message(raw: Buffer) -> tuple[MsgType, dict[str, Any]]:
+    """(type, fields) of a ring entry; ValueError on a short entry or an unknown type."""
+    if len(raw) < MSG_SIZE:
+        raise ValueError(f"ring entry of {len(raw)} bytes, need {MSG_SIZE}")
+    code = raw[MSG_TYPE_OFFSET]
+    try:
+        kind = MsgType(code)
+    except ValueError:
+        raise ValueError(f"unknown ring message type {code:#x}") from None
+    return kind, MESSAGES[kind].unpack(raw)
+
+
+# ---- §2.5 transfer descriptor --------------------------------------------------------------------
+
+TD_SIZE = 16
+TD_MAX_SIZE = (1 << 24) - 1
+
+TD = Layout("td", TD_SIZE, [
+    F("address", 0, "Q"),
+    F("size", 8, "I", bits=(0, 24)),
+    F("status", 8, "I", bits=(24, 8)),
+    F("next_count", 12, "B"),
+])
+# the hot path packs/unpacks TDs with this directly (same offsets as TD above)
+TD_STRUCT = struct.Struct("<QI4x")
+assert TD_STRUCT.size == TD.size
+
+
+class TdStatus(enum.IntEnum):
+    INVALID = 0
+    PARTIAL_TRANSFER = 1
+    END_TRANSFER = 2
+    OVERFLOW = 3
+    ABORT = 4
+    ERROR = 5
