@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from uio_fakesys import FakeSysfs
 
+from iosm_cuse.hw.bus import BAR0, BAR2, doorbell_offset
 from iosm_cuse.hw.pci import IVSHMEM_PCI_ID
-from iosm_cuse.hw.uio import UioDevice, UioError, parse_device_spec, read_maps
+from iosm_cuse.hw.shm import DEVICE, ShmBus
+from iosm_cuse.hw.uio import UioDevice, UioError, open_uio_bus, parse_device_spec, read_maps
 
 IVSHMEM, XMM = "0000:00:03.0", "0000:03:00.0"
 
@@ -96,3 +98,68 @@ def test_uio_maps_read_and_mapped_by_page_offset(fs: FakeSysfs) -> None:
             d.map_uio(3)
     finally:
         d.close()
+
+
+# --- the Bus over the device --------------------------------------------------------------------
+
+def test_ivshmem_bus_agrees_with_the_shm_single_file_layout(fs: FakeSysfs) -> None:
+    """The guest's UioBus over resource2 and the host model's ShmBus over the same bytes (the
+    ivshmem backing file) see each other's registers and DMA memory at the same addresses."""
+    size = 1 << 20
+    res = fs.dev_dir(IVSHMEM) / "resource2"
+    res.unlink()
+    fs.dev_dir(IVSHMEM).joinpath("resource").write_text(
+        "0x00000000fe000000 0x00000000fe0000ff 0x0000000000040200\n"
+        f"{'0x0000000000000000 ' * 2}0x0000000000000000\n"
+        f"0x0000000800000000 0x{0x800000000 + size - 1:016x} 0x000000000014220c\n")
+    with open(res, "wb") as f:
+        f.truncate(size)
+    fs.bind(IVSHMEM, "uio_pci_generic", "uio0")
+    host = open_uio_bus(f"uio:{IVSHMEM}", sysfs=fs.root, dev=_dev(fs))
+    model = ShmBus.open_file(res, DEVICE)
+    try:
+        model.write32(BAR2, 0x10, 0xCAFE0001)  # device writes its scratchpad
+        assert host.read32(BAR2, 0x10) == 0xCAFE0001
+        host.write32(BAR0, doorbell_offset(1), 7)
+        assert model.read32(BAR0, doorbell_offset(1)) == 7
+        region = host.dma.alloc(100)
+        region.view[:5] = b"hello"
+        assert bytes(model.dma.view_at(region.addr, 5)) == b"hello"
+        assert host.dma.base_addr == model.dma.base_addr and host.dma.size == model.dma.size
+        with open(res, "rb") as f:  # DMA address = offset in the BAR, as the layout says
+            f.seek(region.addr)
+            assert f.read(5) == b"hello"
+    finally:
+        host.close()
+        model.close()
+
+
+def test_ivshmem_bar_too_small(fs: FakeSysfs) -> None:
+    fs.bind(IVSHMEM, "uio_pci_generic", "uio0")  # BAR2 of 64 KiB in the fixture
+    with pytest.raises(UioError, match="BAR2 is 65536 bytes, too small"):
+        open_uio_bus("/dev/uio0", sysfs=fs.root, dev=_dev(fs))
+
+
+def test_modem_under_uio_pci_generic_has_no_dma_pool(fs: FakeSysfs) -> None:
+    fs.bind(XMM, "uio_pci_generic", "uio1")
+    with pytest.raises(UioError, match=r"exports no DMA memory.*UIO module.*or VFIO"):
+        open_uio_bus(f"uio:{XMM}", sysfs=fs.root, dev=_dev(fs))
+
+
+def test_modem_with_a_dma_map_uses_its_bus_address(fs: FakeSysfs) -> None:
+    fs.bind(XMM, "iosm_uio", "uio1")
+    fs.add_map("uio1", 0, 0x1000, addr=0xFE000000)
+    fs.add_map("uio1", 1, 0x4000, addr=0x7F000000)
+    (fs.root / "class/uio/uio1/maps/map1/name").write_text("dma\n")
+    (_dev(fs) / "uio1").write_bytes(bytes(0x5000))
+    bus = open_uio_bus(f"uio:{XMM}", sysfs=fs.root, dev=_dev(fs))
+    try:
+        r = bus.dma.alloc(64)
+        assert 0x7F000000 <= r.addr < 0x7F004000
+        assert len(bus.bar(BAR0)) == 0x1000 and len(bus.bar(BAR2)) == 0x1000
+        bus.write32(BAR2, 0, 0x12345678)
+        with open(fs.dev_dir(XMM) / "resource2", "rb") as f:
+            assert f.read(4) == bytes.fromhex("78563412")
+    finally:
+        bus.close()
+        bus.close()  # idempotent

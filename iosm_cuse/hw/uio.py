@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from iosm_cuse.hw.bus import BAR0, BAR2, Bus, BusError, DmaPool
 from iosm_cuse.hw.pci import (
     IOSM_PCI_IDS,
     IVSHMEM_PCI_ID,
@@ -31,6 +32,7 @@ from iosm_cuse.hw.pci import (
     read_device,
     require_uio,
 )
+from iosm_cuse.hw.shm import BAR0_SIZE, BAR2_SIZE, ShmLayout
 
 log = logging.getLogger("iosm_cuse.hw.uio")
 
@@ -40,7 +42,7 @@ _IRQ_COUNT = struct.Struct("=I")  # what read() on /dev/uioN returns: the event 
 _IRQ_ENABLE = _IRQ_COUNT.pack(1)  # what write() takes: 1 = unmask (uio_pci_generic: INTx)
 
 
-class UioError(PciError):
+class UioError(PciError, BusError):
     """The device cannot serve as a bus; the message says why and what to do."""
 
 
@@ -189,3 +191,116 @@ class UioDevice:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+# ---- the Bus ------------------------------------------------------------------------------------
+
+# Room the ivshmem region must leave for the DMA pool after the register pages (rings, TDs and a
+# few transfer buffers); QEMU's memory-backend sizes are MiB anyway.
+MIN_IVSHMEM_DMA = 256 * 1024
+DMA_MAP_NAME = "dma"  # a UIO map with this name is a DMA-coherent pool; its addr is the bus address
+
+
+class UioBus(Bus):
+    """The host's Bus over a UIO-bound device.
+
+    - ivshmem (1af4:1110): BAR2 holds everything, in `ShmLayout.single_file` order (the layout
+      `iosm-cuse modem --shm <backing file>` serves on the host): BAR0 page, BAR2 page, DMA pool;
+      DMA address = offset in the BAR.
+    - an IOSM modem: BAR0 and BAR2 through sysfs; the DMA pool must be a UIO map named 'dma'
+      (from a UIO module of ours: uio_pci_generic has none), its `addr` the bus address.
+
+    The interrupt is `read()` on /dev/uioN, re-armed by writing 1; a device without one is
+    polled every `poll_interval` seconds.
+    """
+
+    def __init__(self, device: UioDevice) -> None:
+        self.device = device
+        self._irq_count = 0
+        self._bars: dict[int, memoryview] = {}
+        self._closed = False
+        try:
+            if device.pci.pci_id == IVSHMEM_PCI_ID:
+                self._open_ivshmem()
+            else:
+                self._open_modem()
+        except BaseException:
+            self.close()
+            raise
+        if not device.has_irq:
+            log.info("%s (%s): no interrupt from %s, polling every %.0f ms", device.pci.bdf,
+                     device.uio_name, device.pci.driver or "its driver", self.poll_interval * 1e3)
+
+    def _open_ivshmem(self) -> None:
+        size = self.device.pci.bar(BAR2).size
+        mm = self.device.map_bar(BAR2, min_size=BAR0_SIZE + BAR2_SIZE + MIN_IVSHMEM_DMA)
+        layout = ShmLayout.single_file(size)
+        self.layout = layout
+        whole = memoryview(mm)
+        self._bars = {BAR0: whole[layout.bar0.offset:layout.bar0.offset + layout.bar0.size],
+                      BAR2: whole[layout.bar2.offset:layout.bar2.offset + layout.bar2.size]}
+        self.dma = DmaPool(whole[layout.dma.offset:layout.dma.offset + layout.dma.size],
+                           layout.dma_base_addr)
+        self._views = [whole]
+
+    def _open_modem(self) -> None:
+        pool = [m for m in self.device.maps if m.name == DMA_MAP_NAME]
+        if not pool:
+            raise UioError(
+                f"{self.device.pci.bdf}: {self.device.pci.driver or 'the UIO driver'} exports no "
+                f"DMA memory (no UIO map named {DMA_MAP_NAME!r}); uio_pci_generic cannot drive "
+                "an IOSM modem: it needs a UIO module with a DMA-coherent pool and MSI, or VFIO "
+                "(see udev/README.md)")
+        bar0 = memoryview(self.device.map_bar(BAR0))
+        bar2 = memoryview(self.device.map_bar(BAR2))
+        m, mm = self.device.map_uio(pool[0].index)
+        dma = memoryview(mm)[:m.size]
+        self._bars = {BAR0: bar0, BAR2: bar2}
+        self.dma = DmaPool(dma, m.addr)
+        self._views = [bar0, bar2, dma]
+
+    def bar(self, index: int) -> memoryview:
+        try:
+            return self._bars[index]
+        except KeyError:
+            raise BusError(f"no BAR{index} on this bus") from None
+
+    @property
+    def event_fd(self) -> int | None:
+        return self.device.fd if self.device.has_irq and self.device.fd >= 0 else None
+
+    def ack_event(self) -> int:
+        """Interrupts since the last call; re-arms the (INTx) interrupt."""
+        if self.event_fd is None:
+            return 0
+        count = self.device.read_irq()
+        if count is None:
+            return 0
+        new = (count - self._irq_count) & 0xFFFFFFFF
+        self._irq_count = count
+        self.device.arm_irq()
+        return new
+
+    def notify(self) -> None:
+        """Doorbell writes are the device's signal; ivshmem-plain has no doorbell: the model
+        polls its registers."""
+        return None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._bars.clear()
+        if hasattr(self, "dma"):
+            self.dma.mem.release()
+        for view in getattr(self, "_views", []):
+            view.release()
+        self.device.close()
+
+
+def open_uio_bus(spec: str, test_ids: frozenset[PciId] = frozenset({IVSHMEM_PCI_ID}),
+                 sysfs: Path = SYSFS, dev: Path = DEV) -> UioBus:
+    """`uio:<bdf>`, `/dev/uioN` or `uioN` -> a host Bus. The spec names the device explicitly,
+    so the ivshmem test device is accepted here; discovery (`find_iosm_devices`) never offers
+    it. Raises UioError with what to do."""
+    return UioBus(UioDevice(spec, test_ids, sysfs, dev))
