@@ -355,7 +355,12 @@ async def open_device(spec: DeviceSpec, opts: UpOptions) -> Any:
     """The one place that turns a DeviceSpec into a started ModemDevice with a `bus`."""
     if spec.kind == "sim":
         return await SimDevice.spawn(opts)
-    raise UpError(f"--device {spec}: the UIO backend is not available yet")
+    from iosm_cuse.hw.uio import UioError, UioModemDevice
+
+    try:
+        return await UioModemDevice.open(str(spec))
+    except UioError as exc:
+        raise UpError(str(exc)) from exc
 
 
 class SimDevice:

@@ -33,7 +33,7 @@ def _dev(fs: FakeSysfs) -> Path:
 
 def test_specs_resolve_to_the_same_device(fs: FakeSysfs) -> None:
     fs.bind(IVSHMEM, "uio_pci_generic", "uio0")
-    for spec in (f"uio:{IVSHMEM}", "uio:00:03.0", "/dev/uio0", "uio0"):
+    for spec in (f"uio:{IVSHMEM}", "uio:00:03.0", "/dev/uio0", "uio0", "uio:/dev/uio0"):
         assert parse_device_spec(spec, fs.root).bdf == IVSHMEM
     for bad in ("sim", "/dev/sda", "uio:nonsense", "/dev/uio0/../sda"):
         with pytest.raises(UioError if not bad.startswith("uio:") else Exception):

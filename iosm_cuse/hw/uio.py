@@ -47,12 +47,14 @@ class UioError(PciError, BusError):
 
 
 def parse_device_spec(spec: str, sysfs: Path = SYSFS) -> PciDevice:
-    """'uio:0000:03:00.0', 'uio:03:00.0', '/dev/uio0' or 'uio0' -> the PCI device."""
-    if spec.startswith("uio:"):
-        return read_device(spec.removeprefix("uio:"), sysfs)
-    name = spec.removeprefix(str(DEV) + "/")
+    """'uio:0000:03:00.0', 'uio:03:00.0', '/dev/uio0', 'uio0' (or 'uio:/dev/uio0') -> the PCI
+    device."""
+    ref = spec.removeprefix("uio:")
+    name = ref.removeprefix(str(DEV) + "/")
     if name.startswith("uio") and "/" not in name:
         return device_for_uio(name, sysfs)
+    if spec.startswith("uio:"):
+        return read_device(ref, sysfs)
     raise UioError(f"bad UIO device {spec!r}: expected uio:<PCI address> or /dev/uioN")
 
 
@@ -304,3 +306,27 @@ def open_uio_bus(spec: str, test_ids: frozenset[PciId] = frozenset({IVSHMEM_PCI_
     so the ivshmem test device is accepted here; discovery (`find_iosm_devices`) never offers
     it. Raises UioError with what to do."""
     return UioBus(UioDevice(spec, test_ids, sysfs, dev))
+
+
+class UioModemDevice:
+    """What the daemon drives (`bus`, `description`, `close()`, `recover()`): a UIO-bound modem
+    or the ivshmem test device with the model on the VM's host."""
+
+    def __init__(self, bus: UioBus) -> None:
+        self.bus = bus
+        pci = bus.device.pci
+        what = "ivshmem test device" if pci.pci_id == IVSHMEM_PCI_ID else f"modem {pci.pci_id}"
+        self.description = f"{what} {pci.bdf} ({bus.device.uio_name})"
+
+    @classmethod
+    async def open(cls, spec: str) -> UioModemDevice:
+        return cls(open_uio_bus(spec))
+
+    async def recover(self) -> None:
+        """After the modem went down: it owns no DMA memory any more; the engine then repeats
+        the boot handshake. (A function reset through sysfs `reset` would go here for real
+        hardware; nothing drives one yet.)"""
+        self.bus.dma.reset()
+
+    async def close(self) -> None:
+        self.bus.close()
