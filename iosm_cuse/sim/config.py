@@ -100,6 +100,8 @@ class ModemConfig:
         default_factory=lambda: [Provider("00101", "iosm-sim"), Provider("00102", "iosm-other")])
     register_automatic: bool = True
     apns: list[str] | None = None               # None: any APN accepted
+    # PDN types the network offers; a request for another falls back (v4v6 -> v4 -> v6)
+    network_ip_types: list[str] = field(default_factory=lambda: ["ipv4", "ipv6", "ipv4v6"])
     uplink_speed: int = 1_000_000_000           # bit/s reported by PACKET_SERVICE
     downlink_speed: int = 1_000_000_000
     rssi: int = 20                              # 0..31, 99 unknown
@@ -146,6 +148,8 @@ class ModemConfig:
             raise ConfigError("rssi must be 0..31 or 99")
         if not (0 <= self.error_rate <= 7 or self.error_rate == 99):
             raise ConfigError("error_rate must be 0..7 or 99")
+        if not self.network_ip_types or set(self.network_ip_types) - {"ipv4", "ipv6", "ipv4v6"}:
+            raise ConfigError("network_ip_types: a non-empty list of ipv4, ipv6, ipv4v6")
         if self.apns is not None and not all(isinstance(a, str) for a in self.apns):
             raise ConfigError("apns must be a list of strings")
         if not 576 <= self.mtu <= 2032:
