@@ -110,7 +110,12 @@ def link_del(sock: Path | None, args: tuple[str, ...]) -> None:
 def link_show(sock: Path | None, args: tuple[str, ...]) -> None:
     """show [[dev] NAME]"""
     req = _parse_ip(args, "show")
-    _print_links(_call(sock, _instance_of(req.get("dev")), "link.show", req))
+    as_json = req.pop("json", False)
+    res = _call(sock, _instance_of(req.get("dev")), "link.show", req)
+    if as_json:
+        click.echo(json.dumps(res.get("links", [])))
+    else:
+        _print_links(res)
 
 
 @main.command()
@@ -183,5 +188,16 @@ def format_link(ln: dict[str, Any]) -> str:
 
 
 def _parse_ip(args: tuple[str, ...], verb: str) -> dict[str, Any]:
-    """`ip link` argument forms -> the control request's arguments (link/args.py parses)."""
-    raise click.UsageError(f"link {verb}: the link layer is not available yet")
+    """`ip link` argument forms -> the control request's arguments (link/args.py parses);
+    a malformed command line exits 255 with iproute2's message, as `ip` does."""
+    from iosm_cuse.link.args import LinkError, parse_verb
+
+    try:
+        cmd = parse_verb(verb, args)
+    except LinkError as exc:
+        click.echo(exc.message, err=True)
+        sys.exit(255)
+    req = cmd.request()
+    if cmd.json:
+        req["json"] = True
+    return req

@@ -153,3 +153,43 @@ def test_parse_device_forms() -> None:
     assert daemon.parse_device("/dev/uio0") == daemon.DeviceSpec("uio", "/dev/uio0")
     with pytest.raises(daemon.UpError):
         daemon.parse_device("uio")
+
+
+def test_link_add_takes_the_ip_link_form_as_is(server: FakeDaemonSide) -> None:
+    res = CliRunner().invoke(main, ["link", "add", "dev", "wwan0-1", "parentdev-name", "wwan0",
+                                    "type", "wwan", "linkid", "1"])
+    assert res.exit_code == 0, res.output
+    assert server.requests == [("link.add", {"dev": "wwan0-1", "parent": "wwan0", "linkid": 1,
+                                             "mtu": None})]
+
+
+def test_link_add_of_a_used_id_is_ebusy_exit_2(server: FakeDaemonSide) -> None:
+    res = CliRunner().invoke(main, ["link", "add", "wwan0-5", "linkid", "0", "mtu", "1400"])
+    assert res.exit_code == 2
+    assert res.stderr.startswith("RTNETLINK answers: Device or resource busy")
+    assert server.requests == [("link.add", {"dev": "wwan0-5", "parent": None, "linkid": 0,
+                                             "mtu": 1400})]
+
+
+@pytest.mark.parametrize("argv", [
+    ["add", "dev", "wwan0-1", "type", "vlan", "linkid", "1"],
+    ["add", "dev", "wwan0-1"],
+    ["add", "dev", "wwan0-1", "linkid"],
+    ["del"],
+    ["show", "dev", "a/b"],
+])
+def test_bad_link_command_lines_exit_255_without_asking_the_daemon(
+        server: FakeDaemonSide, argv: list[str]) -> None:
+    res = CliRunner().invoke(main, ["link", *argv])
+    assert res.exit_code == 255, res.output
+    assert res.stdout == "" and res.stderr.strip()
+    assert "Traceback" not in res.output
+    assert server.requests == []
+
+
+def test_link_del_and_show(server: FakeDaemonSide) -> None:
+    assert CliRunner().invoke(main, ["link", "del", "wwan0-1"]).exit_code == 0
+    res = CliRunner().invoke(main, ["link", "show", "dev", "wwan0", "-j"])
+    assert res.exit_code == 0 and json.loads(res.stdout) == []
+    assert server.requests == [("link.del", {"dev": "wwan0-1", "linkid": None}),
+                               ("link.show", {"dev": "wwan0"})]
