@@ -300,6 +300,8 @@ class Watcher:
         try:
             for ev in present_devices(self.sysfs):
                 self.apply(self.core.event(ev))
+            ids = ", ".join(sorted(map(str, self.core.accepted)))
+            log.info("watching for %s bound to UIO", ids)
             await self._stopping.wait()
         finally:
             loop.remove_reader(monitor.fileno())
