@@ -21,6 +21,7 @@ import os
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from iosm_cuse.hw.bus import BAR0, BAR2, Bus, BusError, DmaPool
 
@@ -172,15 +173,16 @@ class ShmBus(Bus):
 # ---- handing a bus to another process ----------------------------------------------------------
 
 
-def send_bus_fds(sock: socket.socket, bus: ShmBus) -> None:
-    """Send the layout (JSON) and the fds (SCM_RIGHTS) so the peer can build its view."""
+def send_bus_fds(sock: socket.socket, bus: ShmBus, extra: dict[str, Any] | None = None) -> None:
+    """Send the layout and `extra` (JSON) and the fds (SCM_RIGHTS) so the peer can build its
+    view. One message: the header must fit in 64 KiB."""
     header = json.dumps({"layout": bus.layout.to_json(), "nfiles": len(bus.files),
-                         "eventfds": bus.irq_efd is not None}).encode()
+                         "eventfds": bus.irq_efd is not None, "extra": extra or {}}).encode()
     socket.send_fds(sock, [header], bus.peer_fds())
 
 
-def recv_bus_fds(sock: socket.socket, role: str = DEVICE) -> ShmBus:
-    """Counterpart of send_bus_fds: builds this side's ShmBus from the received fds."""
+def recv_bus_fds(sock: socket.socket, role: str = DEVICE) -> tuple[ShmBus, dict[str, Any]]:
+    """Counterpart of send_bus_fds: this side's ShmBus and the sender's `extra`."""
     msg, fds, _flags, _addr = socket.recv_fds(sock, 65536, _MAX_FDS)
     try:
         head = json.loads(msg)
@@ -188,9 +190,10 @@ def recv_bus_fds(sock: socket.socket, role: str = DEVICE) -> ShmBus:
         n = int(head["nfiles"])
         if len(fds) != n + (2 if head["eventfds"] else 0):
             raise BusError(f"expected bus fds, got {len(fds)}")
+        extra = dict(head["extra"])
     except (ValueError, KeyError, TypeError) as exc:
         for fd in fds:
             os.close(fd)
         raise BusError(f"bad bus hand-over: {exc}") from None
     irq, bell = (fds[n], fds[n + 1]) if head["eventfds"] else (None, None)
-    return ShmBus(fds[:n], layout, role, irq, bell)
+    return ShmBus(fds[:n], layout, role, irq, bell), extra

@@ -1,0 +1,230 @@
+"""Run the modem model in its own process and hand the host a Bus to it.
+
+The parent creates the shared memory (memfds) and the eventfds (`ShmBus.create`), starts
+`python -m iosm_cuse.sim --sock-fd N` with one end of a Unix socketpair, and sends the fds
+(SCM_RIGHTS) with a JSON header: the layout, the device config and the `functions` factory
+spec. After that the socket carries JSON-line commands (crash, hang, reset, stats, ping).
+
+`functions` is "module:callable"; in the child it is called as `factory(model, options)` and
+attaches the channel functions (the daemon attaches the MBIM function and the MUX this way).
+The child's sys.path is the parent's, so a factory defined in a test module is importable.
+
+If the child dies, the parent writes exec stage 0xFFFFFFFF into BAR2 (what a host reads from a
+device that fell off the bus): the engine's watchdog reports DOWN. `recover()` resets a live
+model or starts a new child on the same shared memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from iosm_cuse.hw.bus import BAR2
+from iosm_cuse.hw.layout import SCRATCHPAD, ExecStage
+from iosm_cuse.hw.shm import ShmBus, ShmLayout, send_bus_fds
+
+log = logging.getLogger("iosm_cuse.sim.process")
+
+
+class ModelError(Exception):
+    """The model process could not be started or did not answer."""
+
+
+class ModelProcess:
+    """The parent's handle on a model process: `bus` is the host's view of the device."""
+
+    description = 'modem model "XMM7560 (simulated)"'
+
+    def __init__(self, bus: ShmBus, functions: str | None, config: dict[str, Any],
+                 options: dict[str, Any]) -> None:
+        self.bus = bus
+        self.functions = functions
+        self.config = config
+        self.options = options
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def spawn(cls, *, functions: str | None = None, config: dict[str, Any] | None = None,
+                    options: dict[str, Any] | None = None,
+                    layout: ShmLayout | None = None) -> ModelProcess:
+        """Create the shared memory, start the child, wait until its model is up."""
+        bus = ShmBus.create(layout)
+        self = cls(bus, functions, dict(config or {}), dict(options or {}))
+        try:
+            await self._start_child()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def _start_child(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "iosm_cuse.sim", "--sock-fd", str(child.fileno()),
+                pass_fds=(child.fileno(),), env=env, stdin=asyncio.subprocess.DEVNULL)
+        finally:
+            child.close()
+        send_bus_fds(parent, self.bus, {"functions": self.functions, "config": self.config,
+                                        "options": self.options})
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=parent)
+        self._watch = asyncio.ensure_future(self._watch_child(self.proc))
+        reply = await self.command("ping", timeout=10.0)
+        if not reply.get("ok"):
+            raise ModelError(f"model did not start: {reply.get('error')}")
+
+    async def _watch_child(self, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if proc is self.proc:
+            log.error("modem model process %d exited with %s", proc.pid, code)
+            # a device that fell off the bus reads as all ones
+            with contextlib.suppress(ValueError, TypeError):
+                self.bus.write32(BAR2, SCRATCHPAD["exec_stage"].offset, ExecStage.INVALID)
+
+    async def command(self, op: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
+        """One JSON-line command to the child and its reply."""
+        if self._writer is None or self._reader is None or not self.alive:
+            raise ModelError("model process is not running")
+        async with self._lock:
+            self._writer.write(json.dumps({"op": op, **args}).encode() + b"\n")
+            await self._writer.drain()
+            try:
+                line = await asyncio.wait_for(self._reader.readline(), timeout)
+            except TimeoutError:
+                raise ModelError(f"model did not answer {op!r} in {timeout} s") from None
+        if not line:
+            raise ModelError("model process closed its control socket")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    async def crash(self) -> None:
+        await self.command("crash")
+
+    async def hang(self) -> None:
+        await self.command("hang")
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.command("stats")
+
+    async def recover(self) -> None:
+        """Bring the model back to RUN/UNINIT: reset it, or start a new child if it died (or
+        does not answer)."""
+        if self.alive:
+            try:
+                await self.command("reset", timeout=2.0)
+                return
+            except ModelError as exc:
+                log.warning("model does not answer (%s): restarting the process", exc)
+                await self._stop_child()
+        await self._start_child()
+
+    async def _stop_child(self) -> None:
+        proc, self.proc = self.proc, None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = self._reader = None
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 3.0)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    async def close(self) -> None:
+        await self._stop_child()
+        self.bus.close()
+
+
+# ---- the child ---------------------------------------------------------------------------------
+
+
+def load_factory(spec: str) -> Any:
+    """'package.module:callable' -> the callable."""
+    import importlib
+
+    mod, _, name = spec.partition(":")
+    if not mod or not name:
+        raise ModelError(f"functions {spec!r}: expected module:callable")
+    return getattr(importlib.import_module(mod), name)
+
+
+async def child_main(sock_fd: int) -> int:
+    """The model process: receive the bus, build the model, serve commands until EOF."""
+    from iosm_cuse.hw.shm import recv_bus_fds
+    from iosm_cuse.sim.device import DeviceConfig, DeviceModel
+
+    sock = socket.socket(fileno=sock_fd)
+    bus, extra = recv_bus_fds(sock)
+    model = DeviceModel(bus, DeviceConfig(**extra.get("config", {})))
+    if extra.get("functions"):
+        load_factory(extra["functions"])(model, extra.get("options", {}))
+    task = asyncio.ensure_future(model.run())
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    try:
+        while line := await reader.readline():
+            writer.write(json.dumps(_command(model, line)).encode() + b"\n")
+            await writer.drain()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return 0
+
+
+def _command(model: Any, line: bytes) -> dict[str, Any]:
+    try:
+        op = json.loads(line)["op"]
+    except (ValueError, KeyError, TypeError):
+        return {"ok": False, "error": "bad command"}
+    if op == "ping":
+        return {"ok": True, "pid": os.getpid()}
+    if op in ("crash", "hang", "reset"):
+        getattr(model, op)()
+        return {"ok": True}
+    if op == "stats":
+        return {"ok": True, "ul_transfers": model.ul_transfers,
+                "dl_transfers": model.dl_transfers, "dropped_dl": model.dropped_dl,
+                "rejects": dict(model.rejects.counters), "ipc_state": int(model.ipc_state)}
+    return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+async def serve_file(path: Path, functions: str | None, mux: str = "lite",
+                     options: dict[str, Any] | None = None) -> int:
+    """Serve a single shared file (ivshmem layout): the device side for the UIO test VM."""
+    from iosm_cuse.hw.shm import DEVICE
+    from iosm_cuse.sim.device import DeviceConfig, DeviceModel
+
+    bus = ShmBus.open_file(path, DEVICE)
+    model = DeviceModel(bus, DeviceConfig.for_mux(mux))
+    if functions:
+        load_factory(functions)(model, options or {})
+    try:
+        await model.run()
+    finally:
+        bus.close()
+    return 0
