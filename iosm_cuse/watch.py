@@ -76,12 +76,17 @@ Action = Start | Stop | StartAfter
 
 @dataclass
 class WatchCore:
+    """At most one child per device, ever: a device re-bound while its old child is still
+    stopping gets its new child when the old one has exited."""
+
     accepted: frozenset[PciId] = IOSM_PCI_IDS
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     stable_after: float = 30.0  # a child that ran this long resets its backoff
     wanted: set[str] = field(default_factory=set)  # bound devices we keep a child for
-    started_at: dict[str, float] = field(default_factory=dict)  # running children
+    outstanding: dict[str, int] = field(default_factory=dict)  # started, not exited: bdf -> gen
+    started_at: dict[str, float] = field(default_factory=dict)  # when the outstanding one ran
+    stopping: set[str] = field(default_factory=set)  # Stop sent to the outstanding child
     failures: dict[str, int] = field(default_factory=dict)
     pending: set[str] = field(default_factory=set)  # restart timers armed
     gen: dict[str, int] = field(default_factory=dict)  # generation of the newest Start
@@ -93,24 +98,36 @@ class WatchCore:
                 and ev.pci_id in self.accepted and ev.bdf not in self.wanted:
             self.wanted.add(ev.bdf)
             self.failures.pop(ev.bdf, None)
+            if ev.bdf in self.outstanding:
+                return []  # the old child is still stopping: child_exited starts the new one
             return [self._start(ev.bdf)]
         return []
 
     def _start(self, bdf: str) -> Start:
         self.gen[bdf] = self.gen.get(bdf, 0) + 1
+        self.outstanding[bdf] = self.gen[bdf]
+        self.started_at.pop(bdf, None)
         return Start(bdf, self.gen[bdf])
 
     def child_started(self, bdf: str, gen: int, now: float) -> None:
-        if gen == self.gen.get(bdf):
+        if self.outstanding.get(bdf) == gen:
             self.started_at[bdf] = now
 
     def child_exited(self, bdf: str, gen: int, returncode: int, now: float) -> list[Action]:
-        """A child ended. If we still want it (we did not stop it) and it failed, restart it
-        with backoff; a clean exit (0) is left alone, as systemd's Restart=on-failure does."""
-        if gen != self.gen.get(bdf):
-            return []  # an older child, stopped before its successor started
+        """A child ended. If we still want the device: a child we stopped is replaced at once
+        (the device was re-bound meanwhile); a failed one is restarted with backoff; a clean
+        exit (0) is left alone, as systemd's Restart=on-failure does."""
+        if self.outstanding.get(bdf) != gen:
+            return []
+        del self.outstanding[bdf]
         started = self.started_at.pop(bdf, None)
-        if bdf not in self.wanted or returncode == 0:
+        was_stopped = bdf in self.stopping
+        self.stopping.discard(bdf)
+        if bdf not in self.wanted:
+            return []
+        if was_stopped:
+            return [self._start(bdf)]
+        if returncode == 0:
             return []
         if started is not None and now - started >= self.stable_after:
             self.failures[bdf] = 0
@@ -121,24 +138,25 @@ class WatchCore:
         return [StartAfter(bdf, delay)]
 
     def timer_fired(self, bdf: str) -> list[Action]:
-        if bdf in self.pending and bdf in self.wanted and bdf not in self.started_at:
-            self.pending.discard(bdf)
-            return [self._start(bdf)]
+        armed = bdf in self.pending
         self.pending.discard(bdf)
+        if armed and bdf in self.wanted and bdf not in self.outstanding:
+            return [self._start(bdf)]
         return []
 
     def stop_all(self) -> list[Action]:
         actions: list[Action] = []
-        for bdf in sorted(self.wanted):
+        for bdf in sorted(self.wanted | set(self.outstanding)):
             actions += self._unwant(bdf)
         return actions
 
     def _unwant(self, bdf: str) -> list[Action]:
-        if bdf not in self.wanted:
-            return []
         self.wanted.discard(bdf)
         self.pending.discard(bdf)
-        return [Stop(bdf)] if bdf in self.started_at else []
+        if bdf in self.outstanding and bdf not in self.stopping:
+            self.stopping.add(bdf)
+            return [Stop(bdf)]
+        return []
 
 
 # --- from uevents and sysfs to DeviceEvents -----------------------------------------------------
@@ -250,7 +268,7 @@ class Watcher:
         log.info("%s: started %s (pid %d)", bdf, shlex.join(argv), proc.pid)
         self.children[bdf] = proc
         self.core.child_started(bdf, gen, loop.time())
-        if bdf not in self.core.wanted or self.core.gen.get(bdf) != gen:
+        if bdf in self.core.stopping:
             self._spawn_task(self._stop(bdf))  # unbound while we were spawning it
         rc = await proc.wait()
         if self.children.get(bdf) is proc:

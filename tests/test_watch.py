@@ -100,24 +100,37 @@ def test_unbind_during_backoff_cancels_restart() -> None:
     assert core.timer_fired(A) == []
 
 
-def test_exit_of_stopped_child_does_not_restart_its_successor() -> None:
+def test_rebind_while_stopping_waits_for_the_old_child() -> None:
     core = WatchCore()
     core.event(ev("bind"))
     core.child_started(A, 1, 0.0)
     assert core.event(ev("unbind", pci_id=None, uio=False)) == [Stop(A)]
-    assert core.event(ev("bind")) == [Start(A, 2)]
-    core.child_started(A, 2, 1.0)
-    assert core.child_exited(A, 1, -15, 1.5) == []  # the old one, killed by our SIGTERM
-    assert core.event(ev("unbind", pci_id=None, uio=False)) == [Stop(A)]  # 2 still tracked
+    assert core.event(ev("bind")) == []  # old child still stopping: never two at once
+    assert core.child_exited(A, 1, -15, 1.5) == [Start(A, 2)]  # killed by us: replaced now
+    core.child_started(A, 2, 2.0)
+    assert core.child_exited(A, 1, 1, 2.5) == []  # a stale report changes nothing
+    assert core.event(ev("unbind", pci_id=None, uio=False)) == [Stop(A)]
+    assert core.event(ev("unbind", pci_id=None, uio=False)) == []  # one Stop per child
 
 
-def test_stop_all_stops_running_children_only() -> None:
+def test_unbind_while_spawning_stops_the_new_child() -> None:
     core = WatchCore()
-    b = "0000:04:00.0"
+    assert core.event(ev("bind")) == [Start(A, 1)]
+    assert core.event(ev("unbind", pci_id=None, uio=False)) == [Stop(A)]
+    assert A in core.stopping
+    assert core.child_exited(A, 1, -15, 1.0) == []
+
+
+def test_stop_all_stops_every_child_that_exists() -> None:
+    core = WatchCore()
+    b, c = "0000:04:00.0", "0000:05:00.0"
     core.event(ev("bind"))
-    core.event(ev("bind", bdf=b))
+    core.event(ev("bind", bdf=b))  # still spawning: stopped too
+    core.event(ev("bind", bdf=c))
     core.child_started(A, 1, 0.0)
-    assert core.stop_all() == [Stop(A)]
+    core.child_started(c, 1, 0.0)
+    assert core.child_exited(c, 1, 0, 1.0) == []  # clean exit: nothing left for c
+    assert core.stop_all() == [Stop(A), Stop(b)]
     assert core.wanted == set()
 
 
@@ -128,35 +141,41 @@ _actions = st.sampled_from(["add", "bind", "unbind", "remove", "present", "chang
 @given(st.lists(st.tuples(_actions, st.sampled_from([A, "0000:04:00.0"]), st.booleans()),
                 max_size=40))
 def test_core_invariants_under_any_event_order(steps: list[tuple[str, str, bool]]) -> None:
-    """Never two Starts without a Stop/exit between them; never Stop of a device not started."""
+    """Whatever the order of uevents, child exits and timers: never two children for one
+    device, a Stop only for a child that exists, and nothing left running once unbound."""
     core = WatchCore()
-    live: dict[str, int] = {}  # bdf -> gen of the child we were told to start
-    running: set[str] = set()
+    children: dict[str, int] = {}  # bdf -> gen of the child that exists (spawning or running)
+    stopped: set[str] = set()
+    bound: dict[str, bool] = {}
     for now, (what, bdf, uio) in enumerate(steps):
-        if what in ("exit", "exit0", "started"):
-            if bdf not in live:
+        if what == "started":
+            if bdf in children:
+                core.child_started(bdf, children[bdf], float(now))
+            continue
+        if what in ("exit", "exit0"):
+            if bdf not in children:
                 continue
-            if what == "started":
-                core.child_started(bdf, live[bdf], float(now))
-                running.add(bdf)
-                continue
-            if bdf not in running:
-                continue
-            running.discard(bdf)
-            actions = core.child_exited(bdf, live.pop(bdf), 0 if what == "exit0" else 1,
+            stopped.discard(bdf)
+            actions = core.child_exited(bdf, children.pop(bdf), 0 if what == "exit0" else 1,
                                         float(now))
         elif what == "timer":
             actions = core.timer_fired(bdf)
         else:
             actions = core.event(ev(what, bdf=bdf, uio=uio))
+            if what in ("unbind", "remove"):
+                bound[bdf] = False
+            elif uio:
+                bound[bdf] = True
         for a in actions:
             if isinstance(a, Start):
-                assert a.bdf not in running, "second child for a running device"
-                live[a.bdf] = a.gen
+                assert a.bdf not in children, "second child for a device"
+                children[a.bdf] = a.gen
             elif isinstance(a, Stop):
-                assert a.bdf in running
-                running.discard(a.bdf)
-                live.pop(a.bdf, None)
+                assert a.bdf in children and a.bdf not in stopped
+                stopped.add(a.bdf)
+    for bdf, gen in children.items():
+        if not bound.get(bdf, False):
+            assert bdf in stopped, f"child {gen} of unbound {bdf} never stopped"
 
 
 # --- uevents and sysfs --------------------------------------------------------------------------
