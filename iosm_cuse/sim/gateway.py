@@ -1,0 +1,383 @@
+"""The modem model's packet gateway: where session packets leave the modem and come back.
+
+    gateway = Gateway(config, "echo" | "tun" | "netns:NAME")
+    mbim_function.session_listener = gateway.session_changed
+    gateway.downlink = mux_device.downlink          # towards the host
+    mux_device -> gateway.uplink(if_id, pkt)        # from the host
+    await gateway.start(); ...; await gateway.close()
+
+Uplink packets are accepted only from a connected session and only with that session's source
+address (IPv4: its address; IPv6: its /64 prefix, as a network delegates a prefix to a UE).
+In "echo" mode the gateway answers ICMP/ICMPv6 echo requests itself (a self-contained demo:
+`ping 10.99.N.1` through wwan0-N). In "tun"/"netns:NAME" mode packets leave through a gateway
+TUN device (`iosmgw0` by default), which holds the gateway addresses 10.99.N.1/24 and
+fd99:N::1/64 of every session; "netns:NAME" moves it into that network namespace (created if
+missing, and then removed again by `close`). Downlink packets read from that TUN go to the
+connected session that owns their destination address.
+
+The packet functions (`parse_addresses`, `echo_reply`) are pure and take untrusted bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+import sys
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Interface, IPv6Interface
+from typing import Any
+
+from iosm_cuse.sim.config import ModemConfig
+
+log = logging.getLogger(__name__)
+
+IPPROTO_ICMP = 1
+IPPROTO_ICMPV6 = 58
+ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
+ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY = 128, 129
+REPLY_HOP_LIMIT = 64
+READ_BUDGET = 256
+DEFAULT_TUN_NAME = "iosmgw0"
+
+# ---- pure packet functions --------------------------------------------------------------------
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """The Internet checksum (RFC 1071) of `data`, as a big-endian 16-bit value."""
+    raw = bytes(data)
+    if len(raw) % 2:
+        raw += b"\0"
+    words = array("H", raw)
+    if sys.byteorder == "little":
+        words.byteswap()
+    total = sum(words)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def parse_addresses(pkt: bytes) -> tuple[int, bytes, bytes] | None:
+    """(version, source, destination) of an IPv4/IPv6 packet, or None if it is not one whose
+    header fits in `pkt`."""
+    if len(pkt) < 20:
+        return None
+    version = pkt[0] >> 4
+    if version == 4:
+        return 4, pkt[12:16], pkt[16:20]
+    if version == 6 and len(pkt) >= 40:
+        return 6, pkt[8:24], pkt[24:40]
+    return None
+
+
+def echo_reply(pkt: bytes) -> bytes | None:
+    """The echo reply to an ICMP or ICMPv6 echo request, or None if `pkt` is not a well-formed,
+    unfragmented one. Addresses are swapped and both checksums recomputed."""
+    if not pkt:
+        return None
+    version = pkt[0] >> 4
+    if version == 4:
+        return _echo_reply_v4(pkt)
+    if version == 6:
+        return _echo_reply_v6(pkt)
+    return None
+
+
+def _echo_reply_v4(pkt: bytes) -> bytes | None:
+    if len(pkt) < 20:
+        return None
+    ihl = (pkt[0] & 0x0F) * 4
+    total = struct.unpack_from("!H", pkt, 2)[0]
+    frag = struct.unpack_from("!H", pkt, 6)[0]
+    if ihl < 20 or total < ihl + 8 or total > len(pkt) or pkt[9] != IPPROTO_ICMP:
+        return None
+    if frag & 0x3FFF:                 # MF set or an offset: a fragment, not answered
+        return None
+    if checksum(pkt[:ihl]) != 0:
+        return None
+    icmp = bytearray(pkt[ihl:total])
+    if icmp[0] != ICMP_ECHO_REQUEST or icmp[1] != 0 or checksum(icmp) != 0:
+        return None
+    icmp[0] = ICMP_ECHO_REPLY
+    icmp[2:4] = b"\0\0"
+    icmp[2:4] = struct.pack("!H", checksum(icmp))
+    hdr = bytearray(pkt[:ihl])
+    hdr[12:16], hdr[16:20] = pkt[16:20], pkt[12:16]
+    hdr[8] = REPLY_HOP_LIMIT
+    hdr[10:12] = b"\0\0"
+    hdr[10:12] = struct.pack("!H", checksum(hdr))
+    return bytes(hdr + icmp)
+
+
+def _echo_reply_v6(pkt: bytes) -> bytes | None:
+    if len(pkt) < 48:
+        return None
+    plen = struct.unpack_from("!H", pkt, 4)[0]
+    if pkt[6] != IPPROTO_ICMPV6 or plen < 8 or 40 + plen > len(pkt):
+        return None                    # extension headers are not followed: not answered
+    src, dst = pkt[8:24], pkt[24:40]
+    icmp = bytearray(pkt[40:40 + plen])
+    if icmp[0] != ICMPV6_ECHO_REQUEST or icmp[1] != 0:
+        return None
+    if checksum(_pseudo6(src, dst, plen) + icmp) != 0:
+        return None
+    icmp[0] = ICMPV6_ECHO_REPLY
+    icmp[2:4] = b"\0\0"
+    icmp[2:4] = struct.pack("!H", checksum(_pseudo6(dst, src, plen) + icmp))
+    hdr = bytearray(pkt[:40])
+    hdr[8:24], hdr[24:40] = dst, src
+    hdr[7] = REPLY_HOP_LIMIT
+    return bytes(hdr + icmp)
+
+
+def _pseudo6(src: bytes, dst: bytes, length: int) -> bytes:
+    return src + dst + struct.pack("!I3xB", length, IPPROTO_ICMPV6)
+
+
+# ---- the sessions' addresses ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionAddresses:
+    """What the gateway checks and routes by, for one connected session."""
+
+    session_id: int
+    ipv4: IPv4Interface | None
+    ipv6: IPv6Interface | None
+
+    def v4_key(self) -> bytes | None:
+        return self.ipv4.ip.packed if self.ipv4 is not None else None
+
+    def v6_key(self) -> bytes | None:
+        if self.ipv6 is None:
+            return None
+        # A /64 (the default) is the UE's prefix: any address in it is the session's.
+        return self.ipv6.ip.packed[:8] if self.ipv6.network.prefixlen == 64 \
+            else self.ipv6.ip.packed
+
+
+# ---- the gateway ------------------------------------------------------------------------------
+
+
+class Gateway:
+    def __init__(self, config: ModemConfig, mode: str = "echo", *,
+                 tun_name: str = DEFAULT_TUN_NAME) -> None:
+        self.config = config
+        self.mode, self.netns = _parse_mode(mode)
+        self.tun_name = tun_name
+        self.downlink: Callable[[int, bytes], bool] | None = None
+        self.sessions: dict[int, SessionAddresses] = {}
+        self._by_v4: dict[bytes, int] = {}
+        self._by_v6: dict[bytes, int] = {}
+        self.counters: dict[str, int] = {
+            "ul_packets": 0, "ul_bytes": 0, "dl_packets": 0, "dl_bytes": 0,
+            "echo_replies": 0, "drop_not_connected": 0, "drop_source": 0,
+            "drop_malformed": 0, "drop_not_echo": 0, "drop_no_session": 0,
+            "drop_downlink": 0, "drop_tun_write": 0,
+        }
+        self._logged: set[str] = set()
+        self._fd = -1
+        self._buf = bytearray(65536)
+        self._view = memoryview(self._buf)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._created_netns = False
+
+    # -- sessions (the MBIM function's session_listener)
+
+    def session_changed(self, session_id: int, state: Any | None) -> None:
+        """`state` is the MBIM function's SessionState (ipv4/ipv6 interfaces as granted), or
+        None when the session is deactivated."""
+        old = self.sessions.pop(session_id, None)
+        if old is not None:
+            self._unindex(old)
+        if state is None:
+            log.info("gateway: session %d disconnected", session_id)
+            return
+        addrs = SessionAddresses(session_id, getattr(state, "ipv4", None),
+                                 getattr(state, "ipv6", None))
+        self.sessions[session_id] = addrs
+        if (k4 := addrs.v4_key()) is not None:
+            self._by_v4[k4] = session_id
+        if (k6 := addrs.v6_key()) is not None:
+            self._by_v6[k6] = session_id
+        log.info("gateway: session %d connected (%s, %s)", session_id, addrs.ipv4, addrs.ipv6)
+
+    def _unindex(self, addrs: SessionAddresses) -> None:
+        for table, key in ((self._by_v4, addrs.v4_key()), (self._by_v6, addrs.v6_key())):
+            if key is not None and table.get(key) == addrs.session_id:
+                del table[key]
+
+    # -- uplink: from the host through the device MUX
+
+    def uplink(self, if_id: int, pkt: bytes) -> None:
+        c = self.counters
+        addrs = self.sessions.get(if_id)
+        if addrs is None:
+            c["drop_not_connected"] += 1
+            self._log_once("nc", "gateway: dropped packets of session %d: not connected", if_id)
+            return
+        parsed = parse_addresses(pkt)
+        if parsed is None:
+            c["drop_malformed"] += 1
+            self._log_once("mal", "gateway: dropped a malformed packet from session %d", if_id)
+            return
+        version, src, _dst = parsed
+        ok = src == addrs.v4_key() if version == 4 else addrs.v6_key() in (src[:8], src)
+        if not ok:
+            c["drop_source"] += 1
+            self._log_once(f"src{if_id}", "gateway: dropped packets of session %d with a source "
+                           "address not the session's", if_id)
+            return
+        c["ul_packets"] += 1
+        c["ul_bytes"] += len(pkt)
+        if self.mode == "echo":
+            self._echo(if_id, pkt)
+            return
+        try:
+            os.write(self._fd, pkt)
+        except OSError as exc:
+            c["drop_tun_write"] += 1
+            self._log_once("tunw", "gateway: TUN write failed: %s", exc)
+
+    def _echo(self, if_id: int, pkt: bytes) -> None:
+        reply = echo_reply(pkt)
+        if reply is None:
+            self.counters["drop_not_echo"] += 1
+            self._log_once("ne", "gateway (echo mode): dropped a packet that is not an echo "
+                           "request")
+            return
+        self.counters["echo_replies"] += 1
+        self._send_down(if_id, reply)
+
+    def _send_down(self, if_id: int, pkt: bytes) -> None:
+        if self.downlink is not None and self.downlink(if_id, pkt):
+            self.counters["dl_packets"] += 1
+            self.counters["dl_bytes"] += len(pkt)
+        else:
+            self.counters["drop_downlink"] += 1
+            self._log_once("dl", "gateway: the MUX refused a downlink packet for session %d",
+                           if_id)
+
+    # -- downlink: from the gateway TUN towards the sessions
+
+    def route(self, pkt: bytes) -> int | None:
+        """The connected session that owns the destination of `pkt`."""
+        parsed = parse_addresses(pkt)
+        if parsed is None:
+            return None
+        version, _src, dst = parsed
+        if version == 4:
+            return self._by_v4.get(dst)
+        return self._by_v6.get(dst[:8], self._by_v6.get(dst))
+
+    def _on_readable(self) -> None:
+        fd, bufs, view = self._fd, [self._buf], self._view
+        route_v4, route_v6 = self._by_v4, self._by_v6
+        for _ in range(READ_BUDGET):
+            try:
+                n = os.readv(fd, bufs)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._log_once("tunr", "gateway: TUN read failed: %s", exc)
+                break
+            # Inline of route(): this runs once per downlink packet.
+            version = self._buf[0] >> 4 if n else 0
+            if version == 4 and n >= 20:
+                sid = route_v4.get(bytes(view[16:20]))
+            elif version == 6 and n >= 40:
+                sid = route_v6.get(bytes(view[24:32]))
+                if sid is None:
+                    sid = route_v6.get(bytes(view[24:40]))
+            else:
+                sid = None
+            if sid is None:
+                self.counters["drop_no_session"] += 1
+                self._log_once("ns", "gateway: dropped downlink packets for an address of no "
+                               "connected session")
+                continue
+            self._send_down(sid, bytes(view[:n]))
+
+    # -- the gateway TUN
+
+    async def start(self) -> None:
+        if self.mode == "echo":
+            return
+        from iosm_cuse.link.tun import Tun
+
+        self._loop = asyncio.get_running_loop()
+        tun = Tun.create(self.tun_name, mtu=self.config.mtu, txqueuelen=1000)
+        self._fd = tun.fd
+        try:
+            await asyncio.to_thread(self._configure)
+        except BaseException:
+            self._close_fd()
+            raise
+        self._loop.add_reader(self._fd, self._on_readable)
+        log.info("gateway: %s up%s", self.tun_name,
+                 f" in netns {self.netns}" if self.netns else "")
+
+    def _configure(self) -> None:
+        """Move the TUN, give it every session's gateway addresses, bring it up. pyroute2's
+        sync API runs in a worker thread: never inside the running loop (pyroute2#1342)."""
+        from pyroute2 import IPRoute, netns
+
+        if self.netns is not None:
+            if self.netns not in netns.listnetns():
+                netns.create(self.netns)
+                self._created_netns = True
+            with IPRoute() as ipr:
+                idx = ipr.link_lookup(ifname=self.tun_name)[0]
+                ipr.link("set", index=idx, net_ns_fd=self.netns)
+        with IPRoute(netns=self.netns) if self.netns else IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=self.tun_name)[0]
+            for n in range(self.config.max_sessions):
+                ip = self.config.session_ip(n)
+                ipr.addr("add", index=idx, address=str(ip.ipv4_gateway),
+                         prefixlen=ip.ipv4.network.prefixlen)
+                ipr.addr("add", index=idx, address=str(ip.ipv6_gateway),
+                         prefixlen=ip.ipv6.network.prefixlen, flags=0x02)  # IFA_F_NODAD
+            ipr.link("set", index=idx, state="up")
+            lo = ipr.link_lookup(ifname="lo")
+            if lo:
+                ipr.link("set", index=lo[0], state="up")
+
+    async def close(self) -> None:
+        self._close_fd()
+        if self._created_netns and self.netns is not None:
+            from pyroute2 import netns
+
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(netns.remove, self.netns)
+            self._created_netns = False
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            if self._loop is not None:
+                with contextlib.suppress(ValueError, OSError):
+                    self._loop.remove_reader(self._fd)
+            os.close(self._fd)       # the non-persistent TUN goes with its fd
+            self._fd = -1
+
+    def status(self) -> dict[str, Any]:
+        return {"mode": self.mode, "netns": self.netns, "tun": self.tun_name
+                if self.mode != "echo" else None, "sessions": sorted(self.sessions),
+                "counters": dict(self.counters)}
+
+    def _log_once(self, key: str, msg: str, *args: object) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning(msg + " (logged once)", *args)
+
+
+def _parse_mode(mode: str) -> tuple[str, str | None]:
+    """"echo" | "tun" | "netns:NAME" (the daemon's --gateway option)."""
+    if mode in ("echo", "tun"):
+        return mode, None
+    if mode.startswith("netns:") and len(mode) > 6 and "/" not in mode:
+        return "tun", mode[6:]
+    raise ValueError(f"gateway mode {mode!r}: use echo, tun or netns:NAME")

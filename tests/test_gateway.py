@@ -1,0 +1,198 @@
+"""The model's packet gateway on crafted packets: session checks, routing, echo mode, and fuzzing
+of the IP/ICMP parsing (untrusted bytes from the host)."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iosm_cuse.sim.config import ModemConfig
+from iosm_cuse.sim.gateway import Gateway, echo_reply, parse_addresses
+
+
+def csum(data: bytes) -> int:
+    """A second, naive RFC 1071 checksum so the gateway's is not checked against itself."""
+    if len(data) % 2:
+        data += b"\0"
+    s = 0
+    for i in range(0, len(data), 2):
+        s += (data[i] << 8) | data[i + 1]
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def ip4(src: str, dst: str, payload: bytes, proto: int = 1, frag: int = 0) -> bytes:
+    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 7, frag, 33, proto,
+                                0, ipaddress.ip_address(src).packed,
+                                ipaddress.ip_address(dst).packed))
+    hdr[10:12] = struct.pack("!H", csum(bytes(hdr)))
+    return bytes(hdr) + payload
+
+
+def icmp4_echo(ident: int, seq: int, data: bytes, kind: int = 8) -> bytes:
+    body = bytearray(struct.pack("!BBHHH", kind, 0, 0, ident, seq) + data)
+    body[2:4] = struct.pack("!H", csum(bytes(body)))
+    return bytes(body)
+
+
+def pseudo6(src: bytes, dst: bytes, n: int) -> bytes:
+    return src + dst + struct.pack("!I3xB", n, 58)
+
+
+def ip6_echo(src: str, dst: str, ident: int, seq: int, data: bytes, kind: int = 128) -> bytes:
+    s, d = ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed
+    body = bytearray(struct.pack("!BBHHH", kind, 0, 0, ident, seq) + data)
+    body[2:4] = struct.pack("!H", csum(pseudo6(s, d, len(body)) + bytes(body)))
+    return struct.pack("!IHBB16s16s", 0x60000000, len(body), 58, 64, s, d) + bytes(body)
+
+
+class Down:
+    def __init__(self, accept: bool = True) -> None:
+        self.sent: list[tuple[int, bytes]] = []
+        self.accept = accept
+
+    def __call__(self, if_id: int, pkt: bytes) -> bool:
+        self.sent.append((if_id, pkt))
+        return self.accept
+
+
+def make_gateway(*sessions: int) -> tuple[Gateway, Down]:
+    config = ModemConfig()
+    gw = Gateway(config, "echo")
+    down = Down()
+    gw.downlink = down
+    for n in sessions:
+        gw.session_changed(n, config.session_ip(n))     # has ipv4/ipv6 like SessionState
+    return gw, down
+
+
+def test_echo_v4_reply_is_correct() -> None:
+    gw, down = make_gateway(1)
+    req = ip4("10.99.1.2", "10.99.1.1", icmp4_echo(0x1234, 7, b"hello world"))
+    gw.uplink(1, req)
+    [(if_id, rep)] = down.sent
+    assert if_id == 1
+    assert rep[12:16] == req[16:20] and rep[16:20] == req[12:16]
+    assert csum(rep[:20]) == 0 and csum(rep[20:]) == 0
+    assert rep[20] == 0 and rep[24:] == req[24:]          # type reply, same id/seq/data
+    assert len(rep) == struct.unpack_from("!H", rep, 2)[0] == len(req)
+    assert gw.counters["echo_replies"] == 1 and gw.counters["dl_packets"] == 1
+
+
+def test_echo_v6_reply_is_correct() -> None:
+    gw, down = make_gateway(2)
+    req = ip6_echo("fd99:2::2", "fd99:2::1", 9, 1, b"x" * 56)
+    gw.uplink(2, req)
+    [(if_id, rep)] = down.sent
+    assert if_id == 2 and rep[8:24] == req[24:40] and rep[24:40] == req[8:24]
+    assert rep[40] == 129 and rep[44:] == req[44:]
+    assert csum(pseudo6(rep[8:24], rep[24:40], len(rep) - 40) + rep[40:]) == 0
+
+
+def test_any_address_in_the_sessions_v6_prefix_is_its_own() -> None:
+    gw, down = make_gateway(2)
+    gw.uplink(2, ip6_echo("fd99:2::abcd:1", "fd99:2::1", 1, 1, b""))
+    assert len(down.sent) == 1
+
+
+@pytest.mark.parametrize("pkt, reason", [
+    (ip4("10.99.1.2", "10.99.1.1", icmp4_echo(1, 1, b"x"), frag=0x2000), "drop_not_echo"),
+    (ip4("10.99.1.2", "10.99.1.1", icmp4_echo(1, 1, b"x", kind=0)), "drop_not_echo"),
+    (ip4("10.99.1.2", "10.99.1.1", b"\x08\x00\xff\xffabcd"), "drop_not_echo"),   # bad csum
+    (ip4("10.99.1.2", "10.99.1.1", b"udp-payload", proto=17), "drop_not_echo"),
+    (ip4("10.99.2.2", "10.99.1.1", icmp4_echo(1, 1, b"x")), "drop_source"),
+    (ip6_echo("fd99:3::2", "fd99:1::1", 1, 1, b""), "drop_source"),
+    (ip6_echo("fd99:1::2", "fd99:1::1", 1, 1, b"", kind=129), "drop_not_echo"),
+    (b"\x45" + bytes(10), "drop_malformed"),
+    (b"\x00" * 40, "drop_malformed"),
+])
+def test_what_is_not_answered_is_counted(pkt: bytes, reason: str) -> None:
+    gw, down = make_gateway(1)
+    gw.uplink(1, pkt)
+    assert down.sent == []
+    assert gw.counters[reason] == 1
+
+
+def test_session_not_connected_is_dropped_and_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    gw, down = make_gateway(1)
+    req = ip4("10.99.3.2", "10.99.3.1", icmp4_echo(1, 1, b""))
+    for _ in range(5):
+        gw.uplink(3, req)
+    assert down.sent == [] and gw.counters["drop_not_connected"] == 5
+    assert sum("session 3" in r.message for r in caplog.records) == 1
+    gw.session_changed(3, ModemConfig().session_ip(3))
+    gw.uplink(3, req)
+    assert len(down.sent) == 1
+    gw.session_changed(3, None)
+    gw.uplink(3, req)
+    assert len(down.sent) == 1 and gw.counters["drop_not_connected"] == 6
+
+
+def test_downlink_routes_by_destination_to_the_owning_session() -> None:
+    gw, _ = make_gateway(0, 1, 7)
+    assert gw.route(ip4("10.99.9.9", "10.99.7.2", b"")) == 7
+    assert gw.route(ip4("10.99.9.9", "10.99.1.2", b"")) == 1
+    assert gw.route(ip4("10.99.9.9", "10.99.1.3", b"")) is None
+    assert gw.route(ip6_echo("fd99:9::1", "fd99::2", 1, 1, b"")) == 0
+    assert gw.route(ip6_echo("fd99:9::1", "fd99:7::1234", 1, 1, b"")) == 7
+    assert gw.route(ip4("10.99.9.9", "10.99.2.2", b"")) is None      # session 2 not connected
+    gw.session_changed(7, None)
+    assert gw.route(ip4("10.99.9.9", "10.99.7.2", b"")) is None
+    assert gw.route(b"\x60" + bytes(20)) is None
+
+
+def test_refused_downlink_is_counted() -> None:
+    gw, down = make_gateway(1)
+    down.accept = False
+    gw.uplink(1, ip4("10.99.1.2", "10.99.1.1", icmp4_echo(1, 1, b"")))
+    assert gw.counters["drop_downlink"] == 1 and gw.counters["dl_packets"] == 0
+
+
+def test_session_without_ipv6_drops_ipv6() -> None:
+    gw, down = make_gateway()
+    state: Any = type("S", (), {"ipv4": ipaddress.IPv4Interface("10.99.4.2/24"), "ipv6": None})
+    gw.session_changed(4, state)
+    gw.uplink(4, ip6_echo("fd99:4::2", "fd99:4::1", 1, 1, b""))
+    assert gw.counters["drop_source"] == 1 and down.sent == []
+
+
+@pytest.mark.parametrize("mode, expected", [("echo", ("echo", None)), ("tun", ("tun", None)),
+                                            ("netns:gw", ("tun", "gw"))])
+def test_modes(mode: str, expected: tuple[str, str | None]) -> None:
+    gw = Gateway(ModemConfig(), mode)
+    assert (gw.mode, gw.netns) == expected
+
+
+@pytest.mark.parametrize("mode", ["", "netns:", "netns:a/b", "tap"])
+def test_bad_modes(mode: str) -> None:
+    with pytest.raises(ValueError):
+        Gateway(ModemConfig(), mode)
+
+
+VALID = [ip4("10.99.1.2", "10.99.1.1", icmp4_echo(3, 4, b"abcdefgh")),
+         ip6_echo("fd99:1::2", "fd99:1::1", 3, 4, b"abcdefgh")]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=120) | st.builds(
+    lambda base, pos, val, cut: (base[:pos] + bytes([val]) + base[pos + 1:])[:cut],
+    st.sampled_from(VALID), st.integers(0, 70), st.integers(0, 255), st.integers(0, 80)))
+def test_fuzz_no_exception_escapes(pkt: bytes) -> None:
+    gw, down = make_gateway(1)
+    parse_addresses(pkt)
+    rep = echo_reply(pkt)
+    if rep is not None:            # whatever is answered is a well-formed reply
+        if rep[0] >> 4 == 4:
+            assert csum(rep[:(rep[0] & 15) * 4]) == 0
+        else:
+            assert csum(pseudo6(rep[8:24], rep[24:40], len(rep) - 40) + rep[40:]) == 0
+    gw.uplink(1, pkt)
+    gw.route(pkt)
+    assert sum(gw.counters[k] for k in gw.counters if k.startswith("drop")) + \
+        gw.counters["echo_replies"] == 1
