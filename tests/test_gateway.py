@@ -196,3 +196,4 @@ def test_fuzz_no_exception_escapes(pkt: bytes) -> None:
     gw.route(pkt)
     assert sum(gw.counters[k] for k in gw.counters if k.startswith("drop")) + \
         gw.counters["echo_replies"] == 1
+    assert [p for _, p in down.sent] == ([rep] if gw.counters["echo_replies"] else [])
