@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iosm_cuse.hw.bus import BusError, DmaPool, doorbell_offset
+from iosm_cuse.hw.bus import BusError, DmaPool, DmaRegion, doorbell_offset
 from iosm_cuse.hw.channels import MuxMode, channel_config, channel_of_pipe, mux_mode_from_caps
 from iosm_cuse.hw.layout import (
     AP_SHARED,
@@ -151,7 +151,7 @@ def test_channel_table() -> None:
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 5000)), max_size=60))
 def test_dma_pool_never_overlaps_and_coalesces(ops: list[tuple[bool, int]]) -> None:
     pool = DmaPool(memoryview(bytearray(64 * 1024)), base_addr=0x1000)
-    live = []
+    live: list[DmaRegion] = []
     for do_free, size in ops:
         if do_free and live:
             pool.free(live.pop(size % len(live)))

@@ -118,7 +118,8 @@ class DeviceModel:
         self.crashed = False
         self.hung = False
         self.features = 0
-        self.dropped_dl = 0
+        self.dropped_dl = 0  # lost: did not fit the posted buffer
+        self.dl_refused = 0  # send() returned False: backlog full
         self.ul_transfers = 0
         self.dl_transfers = 0
         self._shared: _Shared | None = None
@@ -385,7 +386,7 @@ class DeviceModel:
             if ch.generation != generation or not ch.live or self.crashed:
                 return False
             if len(ch.backlog) >= self.config.dl_backlog:
-                self.dropped_dl += 1
+                self.dl_refused += 1  # the caller keeps it and may retry
                 return False
             ch.backlog.append(data)
             self._schedule_flush()

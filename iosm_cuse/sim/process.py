@@ -209,6 +209,7 @@ def _command(model: Any, line: bytes) -> dict[str, Any]:
     if op == "stats":
         return {"ok": True, "ul_transfers": model.ul_transfers,
                 "dl_transfers": model.dl_transfers, "dropped_dl": model.dropped_dl,
+                "dl_refused": model.dl_refused,
                 "rejects": dict(model.rejects.counters), "ipc_state": int(model.ipc_state)}
     return {"ok": False, "error": f"unknown op {op!r}"}
 
