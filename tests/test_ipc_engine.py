@@ -209,7 +209,7 @@ def test_ten_thousand_each_way_on_channels_0_and_6() -> None:
     run(with_model(body, FACTORY, options={"n": N}))
 
 
-# ---- crash, hang, death ---------------------------------------------------------------------------
+# ---- crash, hang, death -----------------------------------------------------------------------
 
 
 async def _open_echo(eng: IpcEngine, errors: list[ChannelError] | None = None
@@ -263,7 +263,7 @@ def test_crash_mid_transfer_is_reported_and_a_new_handshake_recovers() -> None:
         with pytest.raises(ChannelError) as exc:
             await asyncio.wait_for(task, 1)
         assert exc.value.errno == errno.EIO
-        assert sorted(e.errno for e in errors) == [errno.EIO, errno.EIO]
+        assert [e.errno for e in errors] == [errno.EIO, errno.EIO]
         for ch in chans.values():
             with pytest.raises(ChannelError) as exc:
                 ch.send(b"x")
