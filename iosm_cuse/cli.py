@@ -44,8 +44,9 @@ main.add_command(watch_command)
               help="Modem model configuration (SIM, operator, APNs, addresses).")
 @click.option("--mux", type=click.Choice(["lite", "aggregation"]),
               help="MUX mode the model announces (default: the model's own, Lite).")
-@click.option("--gateway", default="echo", show_default=True, metavar="echo|netns:NAME",
-              help="Where the model sends uplink packets.")
+@click.option("--gateway", default="echo", show_default=True, metavar="echo|tun|netns:NAME",
+              help="Where the model sends uplink packets: answer pings itself, or a gateway "
+                   "TUN (iosmgw0), optionally in network namespace NAME.")
 @click.option("--port-name", metavar="wwanNmbimM",
               help="MBIM port name (default: wwan<N>mbim0, first N not in use).")
 @click.option("-v", "--verbose", is_flag=True)
@@ -119,15 +120,17 @@ def link_show(sock: Path | None, args: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.option("--shm", type=click.Path(path_type=Path),
-              help="Shared-memory file to serve (an ivshmem backing file); default: print the "
-                   "files of a fresh shared-memory bus and serve them.")
+@click.option("--shm", type=click.Path(dir_okay=False, path_type=Path),
+              help="Shared file to serve (the ivshmem backing file), created if missing "
+                   "[default: /dev/shm/iosm-cuse-modem].")
+@click.option("--size", type=click.IntRange(min=1 << 16), default=4 << 20, show_default=True,
+              help="Size in bytes of a file that --shm creates.")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Modem model configuration.")
 @click.option("--mux", type=click.Choice(["lite", "aggregation"]))
-@click.option("--gateway", default="echo", show_default=True, metavar="echo|netns:NAME")
+@click.option("--gateway", default="echo", show_default=True, metavar="echo|tun|netns:NAME")
 @click.option("-v", "--verbose", is_flag=True)
-def modem(shm: Path | None, config: Path | None, mux: str | None, gateway: str,
+def modem(shm: Path | None, size: int, config: Path | None, mux: str | None, gateway: str,
           verbose: bool) -> None:
     """Run the modem model alone, for a driver in another process or a VM (ivshmem)."""
     from iosm_cuse import daemon
@@ -135,7 +138,7 @@ def modem(shm: Path | None, config: Path | None, mux: str | None, gateway: str,
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="iosm-cuse modem: %(message)s")
     opts = daemon.UpOptions(config=config, mux=mux, gateway=gateway)
-    sys.exit(daemon.run_modem(opts, shm))
+    sys.exit(daemon.run_modem(opts, shm, size))
 
 
 _LINK_NAME = re.compile(r"^(wwan[0-9]{1,3})(?:-[0-9]+)?$")

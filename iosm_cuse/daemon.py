@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -218,6 +217,11 @@ def _pids(openers: list[Any]) -> str:
 
 # ---- the daemon ----------------------------------------------------------------------------------
 
+MBIM_CHANNEL = 6
+MUX_CHANNEL = 0
+# The model process imports this to attach its channel functions (sim/process.py's factory hook).
+MODEL_FUNCTIONS = "iosm_cuse.daemon:model_functions"
+
 
 class Daemon:
     """The running stack of one `up`. Built bottom-up in `start`, torn down top-down in `close`;
@@ -230,8 +234,10 @@ class Daemon:
         self.port_name = port_name
         self.transport = ""
         self.restarts = 0
-        self.device: Any = None  # ModemDevice
+        self.started = time.monotonic()
+        self.device: Any = None  # sim.process.ModelProcess or hw.uio.UioModemDevice
         self.engine: Any = None  # hw.engine.IpcEngine
+        self.mux: Any = None  # hw.mux.host.MuxHost
         self.port: Any = None  # chardev.port.MbimPort
         self.chardev: Any = None  # CUSE server or PTY transport
         self.links: Any = None  # link.manager.LinkManager
@@ -246,6 +252,7 @@ class Daemon:
         self.transport = choose_transport(self.opts.transport)
         self.device = await open_device(self.spec, self.opts)
         self.engine = await self._start_engine()
+        self.mux = self._make_mux()
         self.port = self._make_port()
         self.chardev = await self._start_chardev()
         self.links = await self._start_links()
@@ -276,11 +283,9 @@ class Daemon:
         self._stop.set()
 
     def ready_line(self) -> str:
-        port = self.port_path()
-        how = "cuse" if self.transport == "cuse" else "pty fallback, no CUSE"
-        mux = getattr(self.engine, "mux_mode", None) or "?"
-        return (f"iosm-cuse: {self.device.description} ready; MBIM port {port} ({how}); "
-                f"data link {self.instance} (session 0); MUX {mux}")
+        how = "cuse" if self.transport == "cuse" else "pty fallback: no CUSE"
+        return (f"iosm-cuse: {self.device.description} ready; MBIM port {self.port_path()} "
+                f"({how}); data link {self.instance} (session 0); MUX {self.engine.mux_mode}")
 
     def port_path(self) -> str:
         if self.transport == "cuse":
@@ -290,12 +295,20 @@ class Daemon:
     # -- the layers (each adapts one contract of docs/architecture.md)
 
     async def _start_engine(self) -> Any:
-        from iosm_cuse.hw.engine import IpcEngine
+        from iosm_cuse.hw.engine import EngineError, IpcEngine
 
         engine = IpcEngine(self.device.bus)
-        await engine.start()
+        try:
+            await engine.start()
+        except EngineError as exc:
+            raise UpError(f"modem handshake failed: {exc}") from exc
         engine.add_state_listener(self._on_engine_state)
         return engine
+
+    def _make_mux(self) -> Any:
+        from iosm_cuse.hw.mux.host import MuxHost
+
+        return MuxHost(self.engine)
 
     def _make_port(self) -> Any:
         from iosm_cuse.chardev.port import MbimPort
@@ -306,33 +319,50 @@ class Daemon:
         return MbimPort(open_channel)
 
     async def _start_chardev(self) -> Any:
-        raise UpError("chardev wiring missing")
+        if self.transport == "cuse":
+            from iosm_cuse.chardev.server import CuseServer
+
+            server = CuseServer(self.port, self.port_name)
+        else:
+            from iosm_cuse.chardev.pty import PtyTransport
+
+            server = PtyTransport(self.port, Path(self.port_path()))
+        await server.start()
+        return server
 
     async def _start_links(self) -> Any:
         from iosm_cuse.link.manager import LinkManager
 
-        links = LinkManager(self.engine.mux, self.instance)
+        if not os.path.exists("/dev/net/tun"):
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(["modprobe", "-q", "tun"], check=False, timeout=5)
+        links = LinkManager(self.mux, self.instance)
         await links.start()
         return links
 
     # -- crash and restart of the modem
 
     def _on_engine_state(self, state: Any) -> None:
-        name = getattr(state, "name", str(state))
-        if name == "DOWN" and self._recovering is None and not self._stop.is_set():
-            log.error("modem down (%s): restarting it", self.engine.last_error
-                      if hasattr(self.engine, "last_error") else "no reason given")
+        # The engine has logged the reason ("modem down: ..."); restart once at a time.
+        if state.value == "DOWN" and self._recovering is None and not self._stop.is_set():
             self._recovering = asyncio.get_running_loop().create_task(self._recover())
 
     async def _recover(self) -> None:
         try:
-            await self.device.recover()
-            await self.engine.start()
+            for attempt in range(1, 4):
+                try:
+                    await self.device.recover()
+                    await self.engine.start()
+                    break
+                except Exception as exc:
+                    log.warning("modem restart %d failed: %s", attempt, exc)
+                    await asyncio.sleep(0.5 * attempt)
+            else:
+                log.error("modem did not come back after 3 restarts; stopping")
+                self._stop.set()
+                return
             self.restarts += 1
-            log.info("modem back after restart %d", self.restarts)
-        except Exception as exc:
-            log.error("modem restart failed: %s; stopping", exc)
-            self._stop.set()
+            log.info("modem running again (restart %d); channels reopen on use", self.restarts)
         finally:
             self._recovering = None
 
@@ -342,19 +372,62 @@ class Daemon:
         """The control socket's operations (declared in control.OPS)."""
         if op == "status":
             return self.status()
-        raise ControlError(errno.EOPNOTSUPP, f"{op}: not available")
+        from iosm_cuse.link.args import LinkError
+
+        try:
+            result: JsonDict = await self.links.handle(op, args)
+        except LinkError as exc:
+            raise ControlError(exc.errno, exc.message) from None
+        return result
 
     def status(self) -> JsonDict:
-        return {"device": str(self.spec), "pid": os.getpid()}
+        eng = self.engine
+        errors: JsonDict = dict(eng.counters)
+        errors.update(self.links.counters())
+        return {
+            "device": str(self.spec),
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "modem": {
+                "name": self.device.description,
+                "pid": getattr(self.device, "pid", None),
+                "exec_stage": exec_stage_name(eng.bus),
+                "ipc_state": eng.state.value,
+                "mux_mode": str(eng.mux_mode),
+                "restarts": self.restarts,
+                "last_error": eng.last_error,
+            },
+            "port": {"path": self.port_path(), "transport": self.transport,
+                     **_port_status(self.port)},
+            "links": [info.as_dict() for info in self.links.show()],
+            "errors": errors,
+        }
 
 
-MBIM_CHANNEL = 6
+def exec_stage_name(bus: Any) -> str:
+    from iosm_cuse.hw.bus import BAR2
+    from iosm_cuse.hw.layout import SCRATCHPAD, ExecStage
+
+    try:
+        raw = bus.read32(BAR2, SCRATCHPAD["exec_stage"].offset)
+    except Exception:  # a closed or vanished bus
+        return "UNKNOWN"
+    try:
+        return ExecStage(raw).name
+    except ValueError:
+        return f"{raw:#010x}"
+
+
+def _port_status(port: Any) -> JsonDict:
+    status = getattr(port, "status", None)
+    return dict(status()) if callable(status) else {"openers": []}
 
 
 async def open_device(spec: DeviceSpec, opts: UpOptions) -> Any:
-    """The one place that turns a DeviceSpec into a started ModemDevice with a `bus`."""
+    """The one place that turns a DeviceSpec into a started device with `bus`, `description`,
+    `recover()` and `close()`."""
     if spec.kind == "sim":
-        return await SimDevice.spawn(opts)
+        return await spawn_model(opts)
     from iosm_cuse.hw.uio import UioError, UioModemDevice
 
     try:
@@ -363,14 +436,53 @@ async def open_device(spec: DeviceSpec, opts: UpOptions) -> Any:
         raise UpError(str(exc)) from exc
 
 
-class SimDevice:
-    """The built-in modem model, in its own process, on a shared-memory bus."""
+async def spawn_model(opts: UpOptions) -> Any:
+    """The modem model in its own process on a shared-memory bus, its channel functions attached
+    by `model_functions` over there."""
+    from dataclasses import asdict
 
-    description = 'modem model "XMM7560 (simulated)"'
+    from iosm_cuse.sim.config import ConfigError, ModemConfig
+    from iosm_cuse.sim.device import DeviceConfig
+    from iosm_cuse.sim.process import ModelError, ModelProcess
 
-    @classmethod
-    async def spawn(cls, opts: UpOptions) -> SimDevice:
-        raise UpError("the modem model is not available yet")
+    if opts.config is not None:  # fail here, with the reason, not in the child
+        try:
+            ModemConfig.load(opts.config)
+        except (ConfigError, OSError) as exc:
+            raise UpError(f"--config {opts.config}: {exc}") from exc
+    options = {"config": str(opts.config) if opts.config else None, "gateway": opts.gateway}
+    try:
+        return await ModelProcess.spawn(
+            functions=MODEL_FUNCTIONS, config=asdict(DeviceConfig.for_mux(opts.mux or "lite")),
+            options=options)
+    except ModelError as exc:
+        raise UpError(f"modem model: {exc}") from exc
+
+
+def model_functions(model: Any, options: dict[str, Any]) -> None:
+    """Runs in the model process: MBIM on channel 6, the MUX on channel 0, the packet gateway
+    behind the MUX and told of MBIM sessions (Contract 3)."""
+    from iosm_cuse.sim.config import ModemConfig
+    from iosm_cuse.sim.gateway import Gateway
+    from iosm_cuse.sim.mbim_function import MbimChannelFunction, MbimFunction
+    from iosm_cuse.sim.mux import MuxDevice
+
+    config = ModemConfig.load(options["config"]) if options.get("config") else ModemConfig()
+    mbim = MbimFunction(config)
+    gateway = Gateway(config, options.get("gateway") or "echo")
+    mux = MuxDevice(gateway.uplink)
+    gateway.downlink = mux.downlink
+    mbim.session_listener = gateway.session_changed
+    model.attach(MBIM_CHANNEL, MbimChannelFunction(mbim))
+    model.attach(MUX_CHANNEL, mux)
+    task = asyncio.get_running_loop().create_task(gateway.start())
+    task.add_done_callback(_log_gateway_failure)
+    model.gateway = gateway  # kept alive with the model
+
+
+def _log_gateway_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("packet gateway did not start: %s", task.exception())
 
 
 def run_up(opts: UpOptions) -> int:
@@ -392,14 +504,13 @@ async def _serve(daemon: Daemon) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.request_stop, signal.Signals(sig).name)
-    t0 = time.monotonic()
     try:
         try:
             line = await daemon.start()
         except (UpError, OSError) as exc:
             print(f"iosm-cuse: {exc}", file=sys.stderr)
             return 1
-        log.debug("ready in %.0f ms", (time.monotonic() - t0) * 1000)
+        log.debug("ready in %.0f ms", (time.monotonic() - daemon.started) * 1000)
         print(line, flush=True)
         await daemon.serve_forever()
         return 0
@@ -407,6 +518,29 @@ async def _serve(daemon: Daemon) -> int:
         await daemon.close()
 
 
-def run_modem(opts: UpOptions, shm: Path | None) -> int:
-    print("iosm-cuse modem: the modem model is not available yet", file=sys.stderr)
-    return 1
+DEFAULT_SHM = Path("/dev/shm/iosm-cuse-modem")
+DEFAULT_SHM_SIZE = 4 * 1024 * 1024  # ivshmem wants a power of two
+
+
+def run_modem(opts: UpOptions, shm: Path | None, size: int = DEFAULT_SHM_SIZE) -> int:
+    """`iosm-cuse modem [--shm FILE]`: the model alone on an ivshmem backing file (created with
+    `size` bytes if missing), for a driver in a VM (`up --device uio:...`) or another process."""
+    from iosm_cuse.sim.process import serve_file
+
+    path = shm or DEFAULT_SHM
+    try:
+        if not path.exists():
+            with open(path, "xb") as f:
+                f.truncate(size)
+        total = path.stat().st_size
+    except OSError as exc:
+        print(f"iosm-cuse modem: {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    options = {"config": str(opts.config) if opts.config else None, "gateway": opts.gateway}
+    print(f"iosm-cuse modem: serving {path} ({total} bytes, MUX {opts.mux or 'lite'}); QEMU: "
+          f"-object memory-backend-file,id=iosm,size={total},share=on,mem-path={path} "
+          "-device ivshmem-plain,memdev=iosm", flush=True)
+    try:
+        return asyncio.run(serve_file(path, MODEL_FUNCTIONS, opts.mux or "lite", options))
+    except KeyboardInterrupt:
+        return 0
