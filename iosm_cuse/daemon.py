@@ -200,7 +200,7 @@ def format_status(st: JsonDict) -> str:
         f"modem:  exec stage {modem.get('exec_stage')}, IPC {modem.get('ipc_state')}, "
         f"MUX {modem.get('mux_mode')}, restarts {modem.get('restarts', 0)}",
         f"port:   {port.get('path')} ({port.get('transport')}), "
-        f"open by {len(port.get('openers', []))}" + _pids(port.get("openers", [])),
+        f"open by {port.get('openers', 0)}" + _pids(port.get("opener_pids", [])),
         "links:",
     ]
     for link in st.get("links", []):
@@ -210,9 +210,8 @@ def format_status(st: JsonDict) -> str:
     return "\n".join(lines)
 
 
-def _pids(openers: list[Any]) -> str:
-    pids = [str(o.get("pid")) for o in openers if isinstance(o, dict) and o.get("pid")]
-    return f" (pid {', '.join(pids)})" if pids else ""
+def _pids(pids: list[Any]) -> str:
+    return f" (pid {', '.join(str(p) for p in pids)})" if pids else ""
 
 
 # ---- the daemon ----------------------------------------------------------------------------------
@@ -250,7 +249,14 @@ class Daemon:
     async def start(self) -> str:
         """Bring everything up; returns the ready line."""
         self.transport = choose_transport(self.opts.transport)
-        self.device = await open_device(self.spec, self.opts)
+        # The model process boots (a second Python) while this one imports the layers: on two
+        # cores that overlap is most of the < 1 s to ready.
+        opening = asyncio.ensure_future(open_device(self.spec, self.opts))
+        await asyncio.sleep(0)
+        try:
+            _import_layers(self.transport)
+        finally:
+            self.device = await opening
         self.engine = await self._start_engine()
         self.mux = self._make_mux()
         self.port = self._make_port()
@@ -344,8 +350,12 @@ class Daemon:
 
     def _on_engine_state(self, state: Any) -> None:
         # The engine has logged the reason ("modem down: ..."); restart once at a time.
-        if state.value == "DOWN" and self._recovering is None and not self._stop.is_set():
-            self._recovering = asyncio.get_running_loop().create_task(self._recover())
+        if state.value == "DOWN":
+            self.port.hangup(self.engine.last_error or "modem down")
+            if self._recovering is None and not self._stop.is_set():
+                self._recovering = asyncio.get_running_loop().create_task(self._recover())
+        elif state.value == "RUNNING":
+            self.port.revive()
 
     async def _recover(self) -> None:
         try:
@@ -398,10 +408,18 @@ class Daemon:
                 "last_error": eng.last_error,
             },
             "port": {"path": self.port_path(), "transport": self.transport,
-                     **_port_status(self.port)},
+                     **_port_status(self.port, self.chardev)},
             "links": [info.as_dict() for info in self.links.show()],
             "errors": errors,
         }
+
+
+def _import_layers(transport: str) -> None:
+    import importlib
+
+    for name in ("hw.engine", "hw.mux.host", "chardev.port", "link.manager",
+                 "chardev.server" if transport == "cuse" else "chardev.pty"):
+        importlib.import_module(f"iosm_cuse.{name}")
 
 
 def exec_stage_name(bus: Any) -> str:
@@ -418,9 +436,11 @@ def exec_stage_name(bus: Any) -> str:
         return f"{raw:#010x}"
 
 
-def _port_status(port: Any) -> JsonDict:
-    status = getattr(port, "status", None)
-    return dict(status()) if callable(status) else {"openers": []}
+def _port_status(port: Any, chardev: Any) -> JsonDict:
+    pids = getattr(chardev, "opener_pids", None)
+    return {"openers": port.openers, "opener_pids": list(pids() if callable(pids) else []),
+            "max_control": port.negotiated, "gone": port.gone, "dropped": port.dropped,
+            "counters": dict(port.stats)}
 
 
 async def open_device(spec: DeviceSpec, opts: UpOptions) -> Any:

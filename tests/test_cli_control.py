@@ -23,7 +23,7 @@ STATUS = {
     "modem": {"name": "XMM7560 (simulated)", "exec_stage": "RUN", "ipc_state": "RUNNING",
               "mux_mode": "lite"},
     "port": {"path": "/run/iosm-cuse/wwan0mbim0", "transport": "pty",
-             "openers": [{"pid": 42}]},
+             "openers": 1, "opener_pids": [42]},
     "links": [{"name": "wwan0", "linkid": 0, "session": "open"}],
     "errors": {"bad_td": 0},
 }
