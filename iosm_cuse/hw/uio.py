@@ -216,6 +216,8 @@ class UioBus(Bus):
     polled every `poll_interval` seconds.
     """
 
+    shared: memoryview | None = None  # ivshmem only: the whole shared region
+
     def __init__(self, device: UioDevice) -> None:
         self.device = device
         self._irq_count = 0
@@ -244,6 +246,7 @@ class UioBus(Bus):
         self.dma = DmaPool(whole[layout.dma.offset:layout.dma.offset + layout.dma.size],
                            layout.dma_base_addr)
         self._views = [whole]
+        self.shared = whole  # the whole region, indexed by offset in the host's backing file
 
     def _open_modem(self) -> None:
         pool = [m for m in self.device.maps if m.name == DMA_MAP_NAME]
@@ -295,6 +298,7 @@ class UioBus(Bus):
         self._bars.clear()
         if hasattr(self, "dma"):
             self.dma.mem.release()
+        self.shared = None
         for view in getattr(self, "_views", []):
             view.release()
         self.device.close()

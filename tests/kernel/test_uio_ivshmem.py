@@ -1,13 +1,14 @@
 """UIO with QEMU's ivshmem-plain device in the Debian-kernel guest: binding, the BAR2 bus shared
 with the host, the udev rules under `udevadm test`, and `watch` reacting to a real bind.
 
-Needs from the runner (tests/vm): an `ivshmem-plain` device (1af4:1110) whose memory backend is a
-host file, and that file's path in the guest as $IOSM_VM_IVSHMEM (the work tree is shared over
-9p, so a backing file there is visible on both sides). Kept lean: Python is ~11x slower here.
+Needs from the runner (tests/vm): an `ivshmem-plain` device (1af4:1110) backed by a host file,
+described in $IOSM_VM_IVSHMEM_INFO (tokens at file offsets; the runner checks the guest's token
+in the host file after the run). Kept lean: Python is ~11x slower here.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -17,10 +18,10 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from iosm_cuse.hw.bus import BAR2
 from iosm_cuse.hw.pci import IVSHMEM_PCI_ID, PciDevice, find_iosm_devices, read_device
 from iosm_cuse.hw.uio import open_uio_bus
 
@@ -70,11 +71,19 @@ def ivshmem() -> Iterator[PciDevice]:
     _unbind(dev.bdf)
 
 
+def _runner_info() -> dict[str, Any]:
+    path = os.environ.get("IOSM_VM_IVSHMEM_INFO")
+    if not path or not Path(path).is_file():
+        pytest.fail(f"the runner gave no ivshmem description (IOSM_VM_IVSHMEM_INFO={path!r})")
+    info: dict[str, Any] = json.loads(Path(path).read_text())
+    return info
+
+
 def test_bar2_bus_is_shared_with_the_host_file(ivshmem: PciDevice,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    backing = os.environ.get("IOSM_VM_IVSHMEM")
-    if not backing or not Path(backing).is_file():
-        pytest.fail(f"runner gave no readable ivshmem backing file (IOSM_VM_IVSHMEM={backing!r})")
+    """The runner pre-wrote a token into the host file and checks, after the run, the token this
+    test writes back (tests/vm/run.py); in between, the bus must map the file by its offsets."""
+    info = _runner_info()
     _unbind(ivshmem.bdf)
     _bind_uio(ivshmem.bdf)
     caplog.set_level("INFO", logger="iosm_cuse.hw.uio")
@@ -84,21 +93,20 @@ def test_bar2_bus_is_shared_with_the_host_file(ivshmem: PciDevice,
         # ivshmem-plain has no INTx pin: the UIO core answers EIO, the bus polls, says so once
         assert bus.event_fd is None and bus.ack_event() == 0
         assert sum("polling every" in r.message for r in caplog.records) == 1
-        assert bus.dma.size == os.path.getsize(backing) - bus.dma.base_addr
-        # guest -> host: a DMA region's address is its offset in the backing file
+        assert bus.shared is not None and len(bus.shared) == info["size"]
+        # host -> guest: the token the host wrote at its file offset
+        off = info["host_token_offset"]
+        assert bytes(bus.shared[off:off + 16]).hex() == info["host_token"]
+        # DMA address = offset in the region, through the real mapping
         nonce = os.urandom(16)
         region = bus.dma.alloc(len(nonce))
         region.view[:] = nonce
-        with open(backing, "rb") as f:
-            f.seek(region.addr)
-            assert f.read(len(nonce)) == nonce
-        # host -> guest: the file's BAR2 page is the bus's scratchpad
-        value = int.from_bytes(os.urandom(4), "little")
-        with open(backing, "r+b") as f:
-            f.seek(bus.layout.bar2.offset + 0x20)
-            f.write(value.to_bytes(4, "little"))
-        _wait(lambda: bus.read32(BAR2, 0x20) == value, "the host's write in BAR2", 10)
+        assert bytes(bus.shared[region.addr:region.addr + 16]) == nonce
         bus.dma.free(region)
+        # guest -> host: the runner compares the file with this after the guest is gone
+        off = info["guest_token_offset"]
+        bus.shared[off:off + 16] = bytes.fromhex(info["guest_token"])
+        Path(info["guest_wrote_marker"]).touch()
     finally:
         bus.close()
 
