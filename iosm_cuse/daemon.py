@@ -26,7 +26,6 @@ from iosm_cuse.control import ControlError, JsonDict
 
 log = logging.getLogger("iosm_cuse.daemon")
 
-TRANSPORTS = ("auto", "cuse", "pty")
 MUX_MODES = ("lite", "aggregation")
 _PORT_NAME = re.compile(r"^(wwan[0-9]{1,3})mbim[0-9]{1,3}$")
 _INSTANCE_NAME = re.compile(r"^wwan[0-9]{1,3}$")
@@ -157,37 +156,6 @@ def claim_instance(spec: DeviceSpec, port_name: str | None) -> tuple[str, str, l
                   "choose another --port-name")
 
 
-# ---- transports ---------------------------------------------------------------------------------
-
-
-def choose_transport(requested: str) -> str:
-    """'cuse' when /dev/cuse can be opened (after `modprobe cuse`), else 'pty' for 'auto';
-    an explicit 'cuse' that cannot work is an error with the reason."""
-    if requested == "pty":
-        return "pty"
-    reason = cuse_unavailable()
-    if reason is None:
-        return "cuse"
-    if requested == "cuse":
-        raise UpError(f"--transport cuse: {reason}")
-    log.info("CUSE unavailable (%s): using the PTY fallback", reason)
-    return "pty"
-
-
-def cuse_unavailable() -> str | None:
-    """Why /dev/cuse cannot be used, or None when it can."""
-    if not os.path.exists("/dev/cuse"):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run(["modprobe", "-q", "cuse"], check=False, timeout=5,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        fd = os.open("/dev/cuse", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return f"/dev/cuse: {exc.strerror} (no CUSE in this kernel?)"
-    os.close(fd)
-    return None
-
-
 # ---- status as text -----------------------------------------------------------------------------
 
 
@@ -248,13 +216,12 @@ class Daemon:
 
     async def start(self) -> str:
         """Bring everything up; returns the ready line."""
-        self.transport = choose_transport(self.opts.transport)
         # The model process boots (a second Python) while this one imports the layers: on two
         # cores that overlap is most of the < 1 s to ready.
         opening = asyncio.ensure_future(open_device(self.spec, self.opts))
         await asyncio.sleep(0)
         try:
-            _import_layers(self.transport)
+            _import_layers(self.opts.transport)
         finally:
             self.device = await opening
         self.engine = await self._start_engine()
@@ -294,9 +261,9 @@ class Daemon:
                 f"({how}); data link {self.instance} (session 0); MUX {self.engine.mux_mode}")
 
     def port_path(self) -> str:
-        if self.transport == "cuse":
-            return f"/dev/{self.port_name}"
-        return str(control.run_dir() / self.port_name)
+        if self.chardev is not None:
+            return str(self.chardev.path)
+        return str(control.run_dir() / self.port_name)  # where the PTY's symlink goes
 
     # -- the layers (each adapts one contract of docs/architecture.md)
 
@@ -325,16 +292,25 @@ class Daemon:
         return MbimPort(open_channel)
 
     async def _start_chardev(self) -> Any:
-        if self.transport == "cuse":
-            from iosm_cuse.chardev.server import CuseServer
+        """CUSE when /dev/cuse can be opened (after `modprobe cuse`); for `auto`, else the PTY."""
+        if self.opts.transport in ("auto", "cuse"):
+            from iosm_cuse.chardev.server import CuseServer, CuseUnavailable
 
-            server = CuseServer(self.port, self.port_name)
-        else:
-            from iosm_cuse.chardev.pty import PtyTransport
+            cuse = CuseServer(self.port, self.port_name)
+            try:
+                await cuse.start()
+                self.transport = "cuse"
+                return cuse
+            except CuseUnavailable as exc:
+                if self.opts.transport == "cuse":
+                    raise UpError(f"--transport cuse: {exc}") from exc
+                log.info("CUSE unavailable (%s): using the PTY fallback", exc)
+        from iosm_cuse.chardev.pty import PtyTransport
 
-            server = PtyTransport(self.port, Path(self.port_path()))
-        await server.start()
-        return server
+        pty = PtyTransport(self.port, Path(self.port_path()))
+        await pty.start()
+        self.transport = "pty"
+        return pty
 
     async def _start_links(self) -> Any:
         from iosm_cuse.link.manager import LinkManager
@@ -417,8 +393,10 @@ class Daemon:
 def _import_layers(transport: str) -> None:
     import importlib
 
-    for name in ("hw.engine", "hw.mux.host", "chardev.port", "link.manager",
-                 "chardev.server" if transport == "cuse" else "chardev.pty"):
+    names = ["hw.engine", "hw.mux.host", "chardev.port", "link.manager"]
+    names += [f"chardev.{m}" for m, t in (("server", "cuse"), ("pty", "pty")) if transport
+              in (t, "auto")]
+    for name in names:
         importlib.import_module(f"iosm_cuse.{name}")
 
 
