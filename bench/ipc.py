@@ -20,9 +20,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the model process imports us by name
 
-from iosm_cuse.hw.engine import IpcEngine  # noqa: E402
-from iosm_cuse.sim.device import DeviceModel, Send  # noqa: E402
-from iosm_cuse.sim.process import ModelProcess  # noqa: E402
+from iosm_cuse.hw.engine import IpcEngine
+from iosm_cuse.sim.device import DeviceModel, Send
+from iosm_cuse.sim.process import ModelProcess
 
 
 class Sink:
