@@ -1,0 +1,337 @@
+"""The MBIM port's semantics (what the kernel's /dev/wwan0mbim0 does), transport-agnostic.
+
+Modelled on wwan_core.c + the IOSM port glue (iosm-protocol.md §5): every opener shares one RX
+queue of whole DL transfers; a read returns at most one transfer and a short read leaves the
+rest at the head; the first open opens the IPC channel and the last close closes it and purges
+unread data. Beyond the kernel, a write larger than the negotiated control message size (the
+MaxControlTransfer of the host's MBIM OPEN, or the configured maximum before it) fails with
+EMSGSIZE, and IOCTL_WDM_MAX_COMMAND is answered (never above 4096: libmbim reads into a
+4097-byte stack buffer, mbim-host.md §1).
+
+Blocking is the transport's business: `PortHandle.read` never waits; it raises BlockingIOError
+when nothing is queued, and listeners registered with `MbimPort.add_listener` are called when
+something arrives or the modem goes away. The CUSE server parks reads on that; the PTY
+transport pushes messages on that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import select
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from iosm_cuse.mbim.constants import MessageType
+from iosm_cuse.mbim.message import HEADER
+
+log = logging.getLogger("iosm_cuse.chardev.port")
+
+FIONREAD = 0x541B
+IOCTL_WDM_MAX_COMMAND = 0x800248A0  # _IOR('H', 0xA0, __u16), <linux/usb/cdc-wdm.h>
+LIBMBIM_MAX = 4096  # larger WDM answers overflow libmbim's read buffer
+OPEN_SIZE = HEADER.size + 4  # MBIM OPEN: header + MaxControlTransfer
+MIN_CONTROL = 64  # MBIM's minimum MaxControlTransfer; smaller OPENs don't change the limit
+RX_LIMIT = 1 << 20  # bytes queued for nobody reading before the oldest transfers are dropped
+
+POLLIN_MASK = select.POLLIN | select.POLLRDNORM
+POLLOUT_MASK = select.POLLOUT | select.POLLWRNORM
+POLLHUP_MASK = select.POLLHUP | select.POLLERR
+# Channel errors that mean the modem is gone (the engine's EIO / ESHUTDOWN / ENODEV).
+GONE_ERRNOS = frozenset({errno.EIO, errno.ESHUTDOWN, errno.ENODEV})
+
+
+class Channel(Protocol):
+    def send(self, data: bytes) -> None: ...
+    def close(self) -> Awaitable[None]: ...
+
+
+OpenChannel = Callable[[Callable[[bytes], None]], Awaitable[Channel]]
+Listener = Callable[[], None]
+
+
+def _oserror(err: int, what: str) -> OSError:
+    return OSError(err, f"{what}: {errno.errorcode.get(err, err)}")
+
+
+class MbimPort:
+    """One MBIM control port over one channel, shared by any number of openers."""
+
+    def __init__(self, open_channel: OpenChannel, *, max_control: int = LIBMBIM_MAX) -> None:
+        if not MIN_CONTROL <= max_control <= LIBMBIM_MAX:
+            raise ValueError(f"max_control must be {MIN_CONTROL}..{LIBMBIM_MAX}")
+        self._open_channel = open_channel
+        self.max_control = max_control
+        self.negotiated = max_control  # until the host's OPEN says otherwise
+        self._channel: Channel | None = None
+        self._opening: asyncio.Future[Channel] | None = None
+        self._handles: set[PortHandle] = set()
+        self._rx: collections.deque[bytes] = collections.deque()
+        self._head = 0  # bytes of _rx[0] already read
+        self._queued = 0  # unread bytes in _rx
+        self._listeners: list[Listener] = []
+        self._closing: set[asyncio.Task[None]] = set()
+        self.generation = 0  # bumped by hangup(): handles of older generations get EIO
+        self.gone: str | None = None  # why the modem went away
+        self.dropped = 0  # DL transfers dropped because nobody read them (RX_LIMIT)
+        self.stats = {"rx": 0, "tx": 0, "emsgsize": 0}
+
+    # -- listeners (the transports)
+
+    def add_listener(self, cb: Listener) -> None:
+        self._listeners.append(cb)
+
+    def remove_listener(self, cb: Listener) -> None:
+        if cb in self._listeners:
+            self._listeners.remove(cb)
+
+    def _wake(self) -> None:
+        for cb in list(self._listeners):
+            try:
+                cb()
+            except Exception:  # one broken transport must not starve the others
+                log.exception("port listener failed")
+
+    # -- open / close
+
+    @property
+    def openers(self) -> int:
+        return sum(1 for h in self._handles if h.generation == self.generation)
+
+    async def open(self) -> PortHandle:
+        """A new opener. The first opens the channel; raises OSError(EIO) if the modem is gone
+        or the channel cannot be opened."""
+        if self.gone is not None:
+            raise _oserror(errno.EIO, f"modem gone ({self.gone})")
+        handle = PortHandle(self, self.generation)
+        self._handles.add(handle)
+        try:
+            if self._channel is None:
+                await self._ensure_channel()
+        except BaseException:
+            self._handles.discard(handle)
+            raise
+        if handle.generation != self.generation:
+            self._handles.discard(handle)
+            raise _oserror(errno.EIO, f"modem gone ({self.gone})")
+        return handle
+
+    async def _ensure_channel(self) -> None:
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._do_open(self.generation))
+            # Retrieved here even when every opener left while it was opening.
+            self._opening.add_done_callback(lambda f: f.cancelled() or f.exception())
+        opening = self._opening
+        try:
+            await asyncio.shield(opening)
+        except (OSError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise _oserror(errno.EIO, f"opening the channel: {exc}") from exc
+
+    async def _do_open(self, generation: int) -> Channel:
+        def on_receive(data: bytes) -> None:
+            self._on_receive(generation, data)
+
+        try:
+            channel = await self._open_channel(on_receive)
+        finally:
+            self._opening = None
+        if generation != self.generation or self.openers == 0:
+            # Hung up, or every opener left, while the channel was opening.
+            self._spawn_close(channel)
+            raise _oserror(errno.EIO, "port closed while opening")
+        self._channel = channel
+        return channel
+
+    async def _release(self, handle: PortHandle) -> None:
+        self._handles.discard(handle)
+        if handle.generation != self.generation or self.openers > 0:
+            return
+        channel, self._channel = self._channel, None
+        self._purge()
+        if channel is not None:
+            await _close_quietly(channel)
+
+    def _spawn_close(self, channel: Channel) -> None:
+        task = asyncio.ensure_future(_close_quietly(channel))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    # -- the modem going away and coming back (the daemon's engine listener calls these)
+
+    def hangup(self, reason: str) -> None:
+        """The modem is gone: parked readers get EIO, poll reports POLLHUP|POLLERR, every
+        current handle gets EIO from now on, and the channel is dropped."""
+        if self.gone is not None:
+            return
+        log.info("MBIM port: modem gone (%s)", reason)
+        self.gone = reason
+        self.generation += 1
+        self._purge()
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            self._spawn_close(channel)
+        self._wake()
+
+    def revive(self) -> None:
+        """The modem is back: new opens work again; handles from before the hangup stay dead,
+        as on the kernel's port after a device removal."""
+        self.gone = None
+        self._handles = {h for h in self._handles if h.generation == self.generation}
+
+    async def close(self) -> None:
+        """Stop: hang up and wait for the channel to close."""
+        self.hangup("port closed")
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # -- RX queue
+
+    def _on_receive(self, generation: int, data: bytes) -> None:
+        if generation != self.generation or self.gone is not None or not data:
+            return
+        self._rx.append(bytes(data))
+        self._queued += len(data)
+        self.stats["rx"] += 1
+        while self._queued > RX_LIMIT and len(self._rx) > 1:
+            self._drop_head()
+        self._wake()
+
+    def _drop_head(self) -> None:
+        dropped = self._rx.popleft()
+        self._queued -= len(dropped) - self._head
+        self._head = 0
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 100 == 0:
+            log.warning("MBIM port: nobody reads, %d DL transfers dropped", self.dropped)
+
+    def _purge(self) -> None:
+        self._rx.clear()
+        self._head = 0
+        self._queued = 0
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    def _take(self, size: int) -> bytes:
+        head = self._rx[0]
+        chunk = head[self._head:self._head + size]
+        self._head += len(chunk)
+        self._queued -= len(chunk)
+        if self._head >= len(head):
+            self._rx.popleft()
+            self._head = 0
+        return chunk
+
+    # -- TX
+
+    def _send(self, data: bytes) -> int:
+        limit = self.negotiated
+        if len(data) > limit:
+            self.stats["emsgsize"] += 1
+            raise _oserror(errno.EMSGSIZE, f"{len(data)} bytes > control message size {limit}")
+        channel = self._channel
+        if channel is None:
+            raise _oserror(errno.EIO, "channel not open")
+        try:
+            channel.send(bytes(data))
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            if err in GONE_ERRNOS:
+                self.hangup(str(exc))
+            raise _oserror(err, f"send: {exc}") from exc
+        self.stats["tx"] += 1
+        self._note_open(data)
+        return len(data)
+
+    def _note_open(self, data: bytes) -> None:
+        """The host's MBIM OPEN sets the negotiated control message size for later writes."""
+        if len(data) != OPEN_SIZE:
+            return
+        mtype, length, _ = HEADER.unpack_from(data)
+        if mtype != MessageType.OPEN or length != OPEN_SIZE:
+            return
+        (mct,) = struct.unpack_from("<I", data, HEADER.size)
+        if mct < MIN_CONTROL:
+            log.info("MBIM port: OPEN with MaxControlTransfer %d ignored", mct)
+            return
+        self.negotiated = mct
+
+    @property
+    def max_command(self) -> int:
+        """IOCTL_WDM_MAX_COMMAND's answer."""
+        return min(self.max_control, LIBMBIM_MAX)
+
+
+class PortHandle:
+    """One opener of the port (one open file on /dev/wwan0mbim0)."""
+
+    def __init__(self, port: MbimPort, generation: int) -> None:
+        self.port = port
+        self.generation = generation
+        self.closed = False
+
+    @property
+    def stale(self) -> bool:
+        return self.closed or self.generation != self.port.generation
+
+    def _check(self, what: str) -> None:
+        if self.stale:
+            raise _oserror(errno.EIO, f"{what} after the modem went away"
+                           if not self.closed else f"{what} on a closed handle")
+
+    @property
+    def readable(self) -> bool:
+        """True when a read would not block (data queued, or an error to report)."""
+        return self.stale or self.port.queued_bytes > 0
+
+    def read(self, size: int) -> bytes:
+        """At most one DL transfer (or the rest of one). BlockingIOError when nothing is
+        queued; OSError(EIO) once the modem is gone."""
+        self._check("read")
+        if size <= 0:
+            return b""
+        if not self.port.queued_bytes:
+            raise BlockingIOError(errno.EAGAIN, "no MBIM message queued")
+        return self.port._take(size)
+
+    def write(self, data: bytes) -> int:
+        """One UL transfer; the whole buffer or an OSError (EMSGSIZE, EIO, ...)."""
+        self._check("write")
+        return self.port._send(data)
+
+    def poll(self) -> int:
+        if self.stale:
+            return POLLHUP_MASK
+        mask = POLLOUT_MASK
+        if self.port.queued_bytes:
+            mask |= POLLIN_MASK
+        return mask
+
+    def ioctl(self, cmd: int) -> bytes:
+        """The ioctl's output bytes; OSError(ENOTTY) for anything but FIONREAD/WDM."""
+        self._check("ioctl")
+        if cmd == FIONREAD:
+            return struct.pack("<i", self.port.queued_bytes)
+        if cmd == IOCTL_WDM_MAX_COMMAND:
+            return struct.pack("<H", self.port.max_command)
+        raise _oserror(errno.ENOTTY, f"ioctl {cmd:#x}")
+
+    async def close(self) -> None:
+        """The last close of the port closes the channel and purges unread data."""
+        if self.closed:
+            return
+        self.closed = True
+        await self.port._release(self)
+
+
+async def _close_quietly(channel: Channel) -> None:
+    try:
+        await channel.close()
+    except Exception as exc:  # closing a dead channel may fail; the port is closed anyway
+        log.debug("closing the MBIM channel: %s", exc)
