@@ -218,7 +218,8 @@ class Gateway:
         addrs = self.sessions.get(if_id)
         if addrs is None:
             c["drop_not_connected"] += 1
-            self._log_once("nc", "gateway: dropped packets of session %d: not connected", if_id)
+            self._log_once(f"nc{if_id}", "gateway: dropped packets of session %d: not connected",
+                           if_id)
             return
         parsed = parse_addresses(pkt)
         if parsed is None:
