@@ -83,6 +83,7 @@ class PciDevice:
     sys_path: Path
     uio: tuple[str, ...]  # names of UIO devices the bound driver created, e.g. ("uio0",)
     bars: tuple[Bar, ...]
+    irq: int = 0  # sysfs `irq`: 0 = no interrupt line (uio_pci_generic then registers none)
 
     @property
     def is_iosm(self) -> bool:
@@ -136,6 +137,14 @@ def _read_hex(path: Path) -> int | None:
         return None
 
 
+def _read_int(path: Path) -> int | None:
+    text = _read_text(path)
+    try:
+        return int(text.strip()) if text is not None else None
+    except ValueError:
+        return None
+
+
 def read_device(bdf: str, sysfs: Path = SYSFS) -> PciDevice:
     """The PCI device at `bdf`, as sysfs describes it now."""
     bdf = normalize_bdf(bdf)
@@ -151,7 +160,8 @@ def read_device(bdf: str, sysfs: Path = SYSFS) -> PciDevice:
     uio = tuple(sorted(p.name for p in uio_dir.iterdir() if _UIO_NAME.match(p.name))) \
         if uio_dir.is_dir() else ()
     bars = parse_resource(_read_text(path / "resource") or "")
-    return PciDevice(bdf, PciId(vendor, device), driver, path, uio, bars)
+    irq = _read_int(path / "irq")
+    return PciDevice(bdf, PciId(vendor, device), driver, path, uio, bars, irq or 0)
 
 
 def scan_pci(sysfs: Path = SYSFS) -> list[PciDevice]:

@@ -114,7 +114,9 @@ class UioDevice:
             self.fd = os.open(node, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise UioError(f"cannot open {node}: {exc.strerror}") from exc
-        self.has_irq = self.arm_irq()
+        # uio_pci_generic registers an interrupt only for a device with an IRQ line; the UIO
+        # core then answers EIO to write(), which arm_irq() takes as "none" too.
+        self.has_irq = self.pci.irq > 0 and self.arm_irq()
 
     def arm_irq(self) -> bool:
         """Unmask the interrupt (uio_pci_generic re-arms INTx on a write of 1). False if the
