@@ -118,13 +118,15 @@ class IpcChannel:
             raise ChannelError(errno.ENOTCONN, f"channel {self.id} is closed")
         if len(data) > self.cfg.ul_buf_size:
             raise ChannelError(errno.EMSGSIZE, f"{len(data)} bytes > {self.cfg.ul_buf_size}")
-        if not self.queue and self.ul.free > 0:
-            self.ul.push(data)
+        ul = self.ul
+        if not self.queue and (ul.tail - ul.head - 1) % ul.count:  # a free TD (count-1 rule)
+            ul.push(data)
         else:
             self.queue.append(bytes(data))
         self._drained.clear()
         self.sent += 1
-        self.engine._schedule_ul_doorbell(self)
+        if self not in self.engine._ul_bell_channels:
+            self.engine._schedule_ul_doorbell(self)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until every UL transfer was consumed by the device."""
@@ -141,12 +143,7 @@ class IpcChannel:
 
     def _fill(self) -> int:
         """Move queued transfers into free TDs; returns how many."""
-        n = 0
-        ul, q = self.ul, self.queue
-        while q and ul.free > 0:
-            ul.push(q.popleft())
-            n += 1
-        return n
+        return self.ul.push_many(self.queue)
 
     def _update_drained(self) -> None:
         if self.pending == 0:

@@ -10,6 +10,7 @@ logged once per kind) and never touches another transfer.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -207,7 +208,7 @@ class Pipe:
 
     @property
     def in_flight(self) -> int:
-        return ring_distance(self.tail, self.head, self.count)
+        return (self.head - self.tail) % self.count
 
     @property
     def free(self) -> int:
@@ -233,6 +234,14 @@ class Pipe:
 
 
 class UlPipe(Pipe):
+    def push_many(self, queue: collections.deque[bytes]) -> int:
+        """Move transfers from `queue` into free TDs; returns how many (not yet published)."""
+        n = min(len(queue), (self.tail - self.head - 1) % self.count)
+        push, pop = self.push, queue.popleft
+        for _ in range(n):
+            push(pop())
+        return n
+
     def push(self, data: bytes | memoryview) -> None:
         """Queue one transfer at head (caller checked `free` and the size); not yet published."""
         i = self.head
@@ -247,16 +256,15 @@ class UlPipe(Pipe):
         tail = self.new_tail()
         if tail is None:
             return 0
-        n = 0
+        view, unpack, count = self.ring.view, TD_STRUCT.unpack_from, self.count
+        base, bs = self.slab.addr, self.buf_size
+        n = (tail - self.tail) % count
         i = self.tail
-        view = self.ring.view
-        while i != tail:
-            addr = TD_STRUCT.unpack_from(view, i * TD_SIZE)[0]
-            if addr != self.slot_addr(i):
+        for _ in range(n):
+            if unpack(view, i * TD_SIZE)[0] != base + i * bs:
                 self.area.rejects("ul_td_address", f"pipe {self.number} TD {i}: "
-                                  f"address {addr:#x} came back changed")
-            i = (i + 1) % self.count
-            n += 1
+                                  f"address came back changed")
+            i = (i + 1) % count
         self.tail = tail
         self.last_progress = time.monotonic()
         return n

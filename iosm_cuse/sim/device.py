@@ -361,18 +361,25 @@ class DeviceModel:
             if head == pipe.tail:
                 continue
             ring = self._view(pipe.ring_addr, pipe.count * TD_SIZE)
+            mem, base, limit = self.bus.dma.mem, self.bus.dma.base_addr, self.bus.dma.size
+            receive = ch.fn.receive if ch.live else None
+            unpack, count = TD_STRUCT.unpack_from, pipe.count
             i = pipe.tail
             while i != head:
-                addr, word = TD_STRUCT.unpack_from(ring, i * TD_SIZE)
+                addr, word = unpack(ring, i * TD_SIZE)
                 size = word & 0xFFFFFF
-                if size > _MAX_UL_TRANSFER or not self.bus.dma.contains(addr, size):
-                    self.rejects("ul_td", f"pipe {pipe.number} TD {i}: {addr:#x}+{size}")
-                else:
-                    self.ul_transfers += 1
-                    data = bytes(self._view(addr, size))
-                    if ch.live:
-                        self._call(ch, "receive", data)
-                i = (i + 1) % pipe.count
+                off = addr - base
+                i = (i + 1) % count
+                if size > _MAX_UL_TRANSFER or off < 0 or off + size > limit:
+                    self.rejects("ul_td", f"pipe {pipe.number} TD {i - 1}: {addr:#x}+{size}")
+                    continue
+                self.ul_transfers += 1
+                if receive is None:
+                    continue
+                try:
+                    receive(bytes(mem[off:off + size]))
+                except Exception:
+                    log.exception("channel %d function receive() failed", ch.id)
                 if ch.ul is not pipe:  # the function closed the channel meanwhile
                     break
             pipe.tail = i
