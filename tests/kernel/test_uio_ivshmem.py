@@ -64,11 +64,16 @@ def _wait(cond: object, what: str, timeout: float = TIMEOUT) -> None:
 
 
 @pytest.fixture(scope="module")
-def ivshmem() -> Iterator[PciDevice]:
+def ivshmem_dev() -> Iterator[PciDevice]:
+    """The ivshmem device, handed back bound to uio_pci_generic (as tests/conftest.py's session
+    fixture `ivshmem` expects it) whatever these tests did to it."""
     subprocess.run(["modprobe", "uio_pci_generic"], check=True, timeout=TIMEOUT)
     dev = _ivshmem()
     yield dev
-    _unbind(dev.bdf)
+    if read_device(dev.bdf).driver != "uio_pci_generic":
+        _unbind(dev.bdf)
+        _bind_uio(dev.bdf)
+    _wait(lambda: read_device(dev.bdf).uio, "the ivshmem device to be bound again", 30)
 
 
 def _runner_info() -> dict[str, Any]:
@@ -79,15 +84,15 @@ def _runner_info() -> dict[str, Any]:
     return info
 
 
-def test_bar2_bus_is_shared_with_the_host_file(ivshmem: PciDevice,
+def test_bar2_bus_is_shared_with_the_host_file(ivshmem_dev: PciDevice,
                                                caplog: pytest.LogCaptureFixture) -> None:
     """The runner pre-wrote a token into the host file and checks, after the run, the token this
     test writes back (tests/vm/run.py); in between, the bus must map the file by its offsets."""
     info = _runner_info()
-    _unbind(ivshmem.bdf)
-    _bind_uio(ivshmem.bdf)
+    _unbind(ivshmem_dev.bdf)
+    _bind_uio(ivshmem_dev.bdf)
     caplog.set_level("INFO", logger="iosm_cuse.hw.uio")
-    bus = open_uio_bus(f"uio:{ivshmem.bdf}")
+    bus = open_uio_bus(f"uio:{ivshmem_dev.bdf}")
     try:
         assert bus.device.pci.driver == "uio_pci_generic"
         # ivshmem-plain has no INTx pin: the UIO core answers EIO, the bus polls, says so once
@@ -118,7 +123,7 @@ def _udevadm_test(syspath: str) -> str:
     return res.stdout + res.stderr
 
 
-def test_udev_rules_bind_and_pull_in_the_unit(ivshmem: PciDevice) -> None:
+def test_udev_rules_bind_and_pull_in_the_unit(ivshmem_dev: PciDevice) -> None:
     """udevadm test works without udevd; it writes ATTR{} but never runs RUN, so the test runs
     the rule's RUN line itself, exactly as printed."""
     rules = Path("/run/udev/rules.d")
@@ -126,18 +131,18 @@ def test_udev_rules_bind_and_pull_in_the_unit(ivshmem: PciDevice) -> None:
     for name in ("69-iosm-cuse-test.rules", "70-iosm-cuse.rules"):
         (rules / name).write_text((UDEV / name).read_text())
     try:
-        _unbind(ivshmem.bdf)
-        out = _udevadm_test(f"/sys/bus/pci/devices/{ivshmem.bdf}")
+        _unbind(ivshmem_dev.bdf)
+        out = _udevadm_test(f"/sys/bus/pci/devices/{ivshmem_dev.bdf}")
         assert "IOSM_CUSE=test" in out
-        assert (PCI / "devices" / ivshmem.bdf / "driver_override").read_text().strip() == \
+        assert (PCI / "devices" / ivshmem_dev.bdf / "driver_override").read_text().strip() == \
             "uio_pci_generic"
         runs = re.findall(r"^run: '(.*)'$", out, re.M)
         ours = [r for r in runs if "drivers_probe" in r]
         assert len(ours) == 1, runs
         subprocess.run(shlex.split(ours[0]), check=True, timeout=TIMEOUT)
-        dev = read_device(ivshmem.bdf)
+        dev = read_device(ivshmem_dev.bdf)
         assert dev.driver == "uio_pci_generic" and dev.uio, dev
-        out = _udevadm_test(f"/sys/bus/pci/devices/{ivshmem.bdf}/uio/{dev.uio[0]}")
+        out = _udevadm_test(f"/sys/bus/pci/devices/{ivshmem_dev.bdf}/uio/{dev.uio[0]}")
         assert f"SYSTEMD_WANTS=iosm-cuse@{dev.uio[0]}.service" in out
         assert re.search(r"^TAGS=.*:systemd:", out, re.M)
     finally:
@@ -151,8 +156,8 @@ CHILD = ("import signal, sys, time; log = open(sys.argv[1], 'a', buffering=1); "
          "time.sleep(600)")
 
 
-def test_watch_follows_bind_and_unbind(ivshmem: PciDevice, tmp_path: Path) -> None:
-    _unbind(ivshmem.bdf)
+def test_watch_follows_bind_and_unbind(ivshmem_dev: PciDevice, tmp_path: Path) -> None:
+    _unbind(ivshmem_dev.bdf)
     log = tmp_path / "children"
     cmd = shlex.join([sys.executable, "-c", CHILD, str(log), "{bdf}"])
     errlog = tmp_path / "watch.err"
@@ -163,10 +168,10 @@ def test_watch_follows_bind_and_unbind(ivshmem: PciDevice, tmp_path: Path) -> No
         _wait(lambda: "watching for" in errlog.read_text(), "watch to start")
         assert "listening to kernel uevents" in errlog.read_text()  # no udevd in the guest
         assert not log.exists()  # unbound at start: nothing to run
-        _bind_uio(ivshmem.bdf)
-        _wait(lambda: log.exists() and f"start {ivshmem.bdf}" in log.read_text(),
+        _bind_uio(ivshmem_dev.bdf)
+        _wait(lambda: log.exists() and f"start {ivshmem_dev.bdf}" in log.read_text(),
               "the child after the bind uevent")
-        _unbind(ivshmem.bdf)
+        _unbind(ivshmem_dev.bdf)
         _wait(lambda: "term" in log.read_text(), "the child's SIGTERM after unbind")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0, errlog.read_text()

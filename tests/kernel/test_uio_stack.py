@@ -1,0 +1,68 @@
+"""The whole stack over UIO: the modem model on the VM's HOST serving the ivshmem backing file
+(`iosm-cuse modem --shm`), `iosm-cuse up --device uio:<bdf>` in the guest, and mbimcli on the
+real CUSE node. Host and guest meet only in the ivshmem memory, as a driver and its device do.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import selectors
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+IOSM_CUSE = str(Path(sys.executable).parent / "iosm-cuse")
+PORT_NAME = "wwan1mbim0"  # test_stack.py owns wwan0mbim0
+STEP = 120  # seconds; everything is slow under TCG
+
+
+def _restore_runner_token(ivshmem: Any) -> None:
+    """tests/vm checks after the run that the guest's token is in the host file; the model and
+    the engine own that memory while they run, so put the token back if a test had written it."""
+    info = ivshmem.info
+    if not Path(info["guest_wrote_marker"]).exists():
+        return
+    fd = os.open(ivshmem.resource2, os.O_RDWR | os.O_SYNC)
+    try:
+        with mmap.mmap(fd, ivshmem.size) as mm:
+            off = info["guest_token_offset"]
+            mm[off:off + 16] = bytes.fromhex(info["guest_token"])
+    finally:
+        os.close(fd)
+
+
+def test_up_over_uio_with_the_model_on_the_host(ivshmem: Any,
+                                               host_process: Callable[[list[str]], str]) -> None:
+    host_process([IOSM_CUSE, "modem", "--shm", ivshmem.host_path])
+    up = subprocess.Popen([IOSM_CUSE, "up", "--device", f"uio:{ivshmem.bdf}", "--transport",
+                           "cuse", "--port-name", PORT_NAME],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert up.stdout is not None and up.stderr is not None
+        sel = selectors.DefaultSelector()
+        sel.register(up.stdout, selectors.EVENT_READ)
+        if not sel.select(STEP):
+            pytest.fail("no ready line from iosm-cuse up --device uio:...")
+        line = up.stdout.readline()
+        assert f"MBIM port /dev/{PORT_NAME} (cuse)" in line, line + up.stderr.read()
+        assert "ivshmem test device" in line
+        res = subprocess.run(["mbimcli", "-d", f"/dev/{PORT_NAME}", "--query-device-caps"],
+                             capture_output=True, text=True, timeout=STEP, check=False)
+        assert res.returncode == 0, res.stderr
+        assert "Max sessions: '8'" in res.stdout
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(STEP) == 0, up.stderr.read()
+        assert not Path(f"/dev/{PORT_NAME}").exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        _restore_runner_token(ivshmem)
