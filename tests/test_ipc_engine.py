@@ -356,3 +356,21 @@ def test_aggregation_capability_selects_aggregation_buffers() -> None:
         await eng.stop()
 
     run(with_model(body, ECHO, config={"capabilities": CAP_UL_AGGR | CAP_DL_AGGR}))
+
+
+def test_idle_hang_is_found_by_the_optional_heartbeat() -> None:
+    async def body(mp: ModelProcess) -> None:
+        eng = IpcEngine(mp.bus, heartbeat=0.3)
+        await eng.start()
+        down = _down_times(eng)
+        await asyncio.sleep(1.0)  # idle but answering: the probes are completed
+        assert not down and eng.state is EngineState.RUNNING
+        await mp.hang()
+        t0 = time.monotonic()
+        await until(lambda: bool(down), 3, "DOWN of an idle hung model")
+        assert down[0] - t0 < 1.5 and "timeout" in (eng.last_error or "")
+        await mp.recover()
+        await eng.start()
+        await eng.stop()
+
+    run(with_model(body, ECHO))

@@ -167,13 +167,18 @@ class IpcEngine:
 
     def __init__(self, bus: Bus, *, msg_timeout: float = 0.5, watchdog_interval: float = 0.1,
                  ul_stall_timeout: float = 2.0, init_poll: float = 0.02,
-                 init_tries: int = 500) -> None:
+                 init_tries: int = 500, heartbeat: float | None = None) -> None:
         self.bus = bus
         self.msg_timeout = msg_timeout
         self.watchdog_interval = watchdog_interval
         self.ul_stall_timeout = ul_stall_timeout
         self.init_poll = init_poll
         self.init_tries = init_tries
+        # Optional liveness probe while idle (the kernel has none: an idle hung modem goes
+        # unnoticed there until the next request). A FEATURE_SET repeats what boot sent.
+        self.heartbeat = heartbeat
+        self._last_answer = 0.0
+        self._probe: asyncio.Task[None] | None = None
         self.state = EngineState.UNINIT
         self.last_error: str | None = None
         self.rejects = Rejects(log)
@@ -416,6 +421,10 @@ class IpcEngine:
         for _ in range(tries):
             if self._reg32(name) == want:
                 return
+            stage = self._reg32("exec_stage")
+            if stage != ExecStage.RUN:
+                raise EngineError(f"device left the RUN stage ({stage:#010x}) during the "
+                                  f"handshake")
             await asyncio.sleep(every)
         raise EngineError(f"device did not reach IPC {what} ({name} = {self._reg32(name)}) "
                           f"after {tries * every:.1f} s")
@@ -461,6 +470,7 @@ class IpcEngine:
         if area is None:
             return
         for c in area.completions():
+            self._last_answer = time.monotonic()
             fut = self._waiters.pop(c.index, None)
             if fut is not None and not fut.done():
                 fut.set_result(c.status)
@@ -516,6 +526,10 @@ class IpcEngine:
             if self._check_stage():
                 return
             now = time.monotonic()
+            if self.heartbeat and self.state is EngineState.RUNNING and \
+                    now - self._last_answer > self.heartbeat and \
+                    (self._probe is None or self._probe.done()):
+                self._probe = asyncio.ensure_future(self._heartbeat())
             for ch in list(self.channels.values()):
                 ul = ch.ul
                 if ul.in_flight and now - ul.last_progress > self.ul_stall_timeout:
@@ -524,6 +538,11 @@ class IpcEngine:
                     return
                 if not ul.in_flight:
                     ul.last_progress = now
+
+    async def _heartbeat(self) -> None:
+        self._last_answer = time.monotonic()
+        with contextlib.suppress(EngineError):  # a timeout already took the engine DOWN
+            await self._message(MsgType.FEATURE_SET, features=FEATURE_INBAND_CRASH)
 
     # ---- state
 
