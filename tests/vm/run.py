@@ -61,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python3 -m tests.vm", description=__doc__.split("\n")[0])
-    parser.add_argument("--timeout", type=float, default=float(os.environ.get("IOSM_VM_TIMEOUT", 1200)))
+    timeout = float(os.environ.get("IOSM_VM_TIMEOUT", 1200))
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds")
     parser.add_argument("--host-helper", action="append", default=[], metavar="CMD",
-                        help="shell command to run on the host beside the guest, for the whole boot")
+                        help="shell command run on the host beside the guest, for the whole boot")
     parser.add_argument("--junitxml", type=Path, help="where pytest in the guest writes its report")
     parser.add_argument("--cmd", help="run this shell command in the guest instead of pytest")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
@@ -124,13 +125,15 @@ def _compile_python() -> None:
         raise VmError(f"no virtual environment: {python} missing (run ./dev test)")
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    subprocess.run([python, "-m", "compileall", "-q", "-j0", site, WORK / "iosm_cuse", WORK / "tests"],
-                   check=False, stdout=subprocess.DEVNULL)
+    sources = [site, WORK / "iosm_cuse", WORK / "tests"]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([python, "-m", "compileall", "-q", "-j0", *sources],
+                   check=False, stdout=subprocess.DEVNULL, env=env)
 
 
 def _pytest_command(junit: Path, extra: list[str]) -> str:
     argv = [str(_venv_python()), "-m", "pytest", "-m", "kernel", "-p", "no:cacheprovider",
-            "-p", "no:hypothesispytest", f"--junitxml={junit}", *extra]
+            "-p", "no:hypothesispytest", "--color=no", f"--junitxml={junit}", *extra]
     if not any(not arg.startswith("-") for arg in extra):
         argv.append("tests")
     return shlex.join(argv)
@@ -230,7 +233,10 @@ def _qemu_argv(qemu: str, accel: str, vmlinux: Path, run_dir: Path, shm: Path) -
         "-device", "virtio-9p-pci,fsdev=r,mount_tag=hostroot",
         "-fsdev", f"local,id=w,path={esc(WORK)},security_model=none,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=w,mount_tag=work",
-        "-object", f"memory-backend-file,id=hostmem,size={IVSHMEM_SIZE},share=on,mem-path={esc(shm)}",
+        "-fsdev", f"local,id=x,path={esc(RUNS)},security_model=none,multidevs=remap",
+        "-device", "virtio-9p-pci,fsdev=x,mount_tag=vmrun",
+        "-object",
+        f"memory-backend-file,id=hostmem,size={IVSHMEM_SIZE},share=on,mem-path={esc(shm)}",
         "-device", "ivshmem-plain,memdev=hostmem",
     ]
 
@@ -296,7 +302,8 @@ def _report(outcome: Outcome, args: argparse.Namespace, junit: Path, run_dir: Pa
     if counts is None:
         raise VmError(f"pytest in the guest wrote no report {junit} (exit status {outcome.status})")
     ran, passed, failed = counts
-    print(f"kernel tier: {ran} tests ran in the guest ({passed} passed, {failed} failed)", flush=True)
+    print(f"kernel tier: {ran} tests ran in the guest ({passed} passed, {failed} failed)",
+          flush=True)
     if outcome.status == 5 or ran == 0:
         raise VmError("kernel tier: no tests ran in the guest")
     return outcome.status
