@@ -63,8 +63,9 @@ class Layout:
 
     def __init__(self, name: str, fields: tuple[tuple[str, str], ...]) -> None:
         self.name = name
-        self.fields = tuple(f for f, _ in fields if not f.startswith("_"))
-        self._all = tuple(f for f, _ in fields)
+        # "x" codes are pad bytes: no value at all; "_" fields are packed as 0, not returned.
+        self._all = tuple(f for f, code in fields if not code.endswith("x"))
+        self.fields = tuple(f for f in self._all if not f.startswith("_"))
         self.struct = struct.Struct("<" + "".join(code for _, code in fields))
         self.size = self.struct.size
 
@@ -91,7 +92,7 @@ LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
     _layout("cuse_init_in", ("major", "I"), ("minor", "I"), ("_unused", "I"), ("flags", "I")),
     _layout("cuse_init_out", ("major", "I"), ("minor", "I"), ("_unused", "I"), ("flags", "I"),
             ("max_read", "I"), ("max_write", "I"), ("dev_major", "I"), ("dev_minor", "I"),
-            ("_spare", "40s")),
+            ("_spare", "40x")),
     _layout("open_in", ("flags", "I"), ("open_flags", "I")),
     _layout("open_out", ("fh", "Q"), ("open_flags", "I"), ("backing_id", "i")),
     _layout("read_in", ("fh", "Q"), ("offset", "Q"), ("size", "I"), ("read_flags", "I"),

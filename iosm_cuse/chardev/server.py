@@ -351,7 +351,7 @@ class CuseServer:
         os.set_blocking(self.fd, False)
         self._ready = self._loop.create_future()
         self.session.on_init = lambda: self._set_ready(None)
-        self.session.on_destroy = lambda: self._fail("kernel sent DESTROY")
+        self.session.on_destroy = self._destroyed
         self._loop.add_reader(self.fd, self._on_readable)
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
@@ -377,6 +377,11 @@ class CuseServer:
                 self._ready.set_result(None)
             else:
                 self._ready.set_exception(exc)
+
+    def _destroyed(self) -> None:
+        # The connection is ending; keep reading so anything still sent gets ENODEV.
+        log.info("CUSE: kernel sent DESTROY")
+        self.session.shutdown(errno.EIO)
 
     def _fail(self, why: str) -> None:
         if self._dead is None:
