@@ -246,7 +246,7 @@ def _lines(log: Path) -> list[str]:
     return log.read_text().split("\n")[:-1] if log.exists() else []
 
 
-async def _until(cond: object, timeout: float = 10.0) -> None:
+async def _until(cond: object, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():  # type: ignore[operator]
         assert time.monotonic() < deadline, "timed out"
@@ -260,7 +260,7 @@ def test_watcher_starts_stops_and_restarts_children(sysfs: FakeSysfs, tmp_path: 
     mode.write_text("crash")
 
     async def main() -> None:
-        core = WatchCore(backoff_initial=0.05)
+        core = WatchCore(backoff_initial=0.05, backoff_max=0.2)
         code = (f"import sys; sys.argv[3] = open({str(mode)!r}).read(); "
                 f"exec(open({str(script)!r}).read())")
         cmd = [sys.executable, "-c", code, str(log), "{bdf}", "-"]
