@@ -22,6 +22,7 @@ from iosm_cuse.udev_install import (
     InstallError,
     plan_install,
     render_rules,
+    render_unit,
     source_dir,
 )
 
@@ -151,6 +152,12 @@ def test_unit_verifies(tmp_path: Path) -> None:
     for line in ("BindsTo=dev-%i.device", "After=dev-%i.device", "Restart=on-failure",
                  "KillSignal=SIGTERM", "ExecStart=/usr/bin/env iosm-cuse up --device /dev/%I"):
         assert line in text.splitlines()
+    # as install-udev writes it: the absolute path of this installation's program
+    program = str((Path(sys.executable).parent / "iosm-cuse").resolve())
+    rendered = _verify_unit(tmp_path, render_unit(text, program))
+    assert rendered.returncode == 0 and rendered.stderr.strip() == "", rendered.stderr
+    missing = _verify_unit(tmp_path, render_unit(text, "/nonexistent/iosm-cuse"))
+    assert "is not executable" in missing.stderr
     # and verify does catch mistakes, so the pass above means something
     bad = _verify_unit(tmp_path, text.replace("KillMode=mixed", "KillMode=sometimes"))
     assert "kill mode" in bad.stderr
