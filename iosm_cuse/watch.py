@@ -369,6 +369,10 @@ def watch_command(test_ids: tuple[str, ...], command: str | None, source: str, s
         source = monitor_source()
         why = "udevd is running" if source == "udev" else f"{UDEV_CONTROL} is missing: no udevd"
         log.info("listening to %s uevents (%s)", source, why)
+    if Path("/run/systemd/system").is_dir() and \
+            Path("/etc/udev/rules.d/70-iosm-cuse.rules").exists():
+        log.warning("the udev rules and iosm-cuse@.service are installed and systemd runs: "
+                    "they start iosm-cuse already, and a second daemon per device is refused")
     core = WatchCore(accepted=IOSM_PCI_IDS | extra)
     try:
         asyncio.run(Watcher(core, argv, sysfs).run(source))
