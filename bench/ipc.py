@@ -1,7 +1,7 @@
 """Throughput of the IPC engine on channel 0 (UL, host -> modem model in another process, where
 a sink function counts the transfers), next to a baseline measured in the same run: the same
 messages through a plain Unix socketpair (SOCK_SEQPACKET, one message per send) between two
-processes.
+processes. The DL direction (a source function in the model) is measured too.
 
     .venv/bin/python bench/ipc.py [--count N] [--size BYTES] [--json]
 """
@@ -45,8 +45,63 @@ class Sink:
         self.send = None
 
 
+class Source:
+    """Sends `n` DL transfers of `size` bytes as fast as the model's backlog takes them."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n, self.msg = n, bytes(range(256)) * (size // 256) + bytes(size % 256)
+
+    def opened(self, send: Send) -> None:
+        self.send, self.sent = send, 0
+        self.loop = asyncio.get_running_loop()
+        self.loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        while self.sent < self.n:
+            if not self.send(self.msg):
+                self.loop.call_later(0.0005, self._pump)
+                return
+            self.sent += 1
+
+    def receive(self, data: bytes) -> None:
+        pass
+
+    def closed(self) -> None:
+        self.sent = self.n
+
+
 def attach_sink(model: DeviceModel, options: dict[str, Any]) -> None:
     model.attach(0, Sink(int(options["n"])))
+
+
+def attach_source(model: DeviceModel, options: dict[str, Any]) -> None:
+    model.attach(0, Source(int(options["n"]), int(options["size"])))
+
+
+async def bench_engine_dl(count: int, size: int) -> tuple[float, int]:
+    mp = await ModelProcess.spawn(functions=f"{Path(__file__).stem}:attach_source",
+                                  options={"n": count, "size": size})
+    try:
+        eng = IpcEngine(mp.bus)
+        await eng.start()
+        done = asyncio.get_running_loop().create_future()
+        got = [0, 0]
+
+        def receive(data: bytes) -> None:
+            got[0] += 1
+            got[1] += len(data)
+            if got[0] == count:
+                done.set_result(None)
+
+        t0 = time.perf_counter()
+        ch = await eng.open_channel(0, receive)
+        await asyncio.wait_for(done, 120)
+        elapsed = time.perf_counter() - t0
+        await ch.close()
+        await eng.stop()
+        return elapsed, got[1]
+    finally:
+        await mp.close()
 
 
 async def bench_engine(count: int, size: int) -> tuple[float, int]:
@@ -108,11 +163,13 @@ def main() -> int:
     if not 1 <= args.size <= 2048:
         ap.error("--size must be 1..2048 (channel 0 Lite buffers)")
     e_time, e_bytes = asyncio.run(bench_engine(args.count, args.size))
+    d_time, d_bytes = asyncio.run(bench_engine_dl(args.count, args.size))
     s_time, s_bytes = bench_socketpair(args.count, args.size)
     res = {
         "count": args.count, "size": args.size,
         "msgs_per_s": args.count / e_time, "bytes_per_s": e_bytes / e_time,
         "socketpair_msgs_per_s": args.count / s_time, "socketpair_bytes_per_s": s_bytes / s_time,
+        "dl_msgs_per_s": args.count / d_time, "dl_bytes_per_s": d_bytes / d_time,
     }
     res["ratio"] = res["bytes_per_s"] / res["socketpair_bytes_per_s"]
     if args.json:
@@ -120,10 +177,12 @@ def main() -> int:
     else:
         print(f"IPC engine, channel 0 UL, {args.count} x {args.size} B: "
               f"{res['msgs_per_s']:,.0f} msg/s, {res['bytes_per_s'] / 1e6:,.1f} MB/s")
+        print(f"IPC engine, channel 0 DL, same load: "
+              f"{res['dl_msgs_per_s']:,.0f} msg/s, {res['dl_bytes_per_s'] / 1e6:,.1f} MB/s")
         print(f"Unix socketpair baseline:            "
               f"{res['socketpair_msgs_per_s']:,.0f} msg/s, "
               f"{res['socketpair_bytes_per_s'] / 1e6:,.1f} MB/s")
-        print(f"ratio engine / socketpair: {res['ratio']:.2f}")
+        print(f"ratio engine UL / socketpair: {res['ratio']:.2f}")
     return 0
 
 

@@ -448,12 +448,14 @@ class DeviceModel:
         addr, word = TD_STRUCT.unpack_from(ring, i * TD_SIZE)
         room = word & 0xFFFFFF
         n = len(data)
-        if n > room or not self.bus.dma.contains(addr, room):
+        pool = self.bus.dma
+        off = addr - pool.base_addr
+        if n > room or off < 0 or off + room > pool.size:
             # a transfer the buffer cannot hold is lost, not split (PARTIAL is not reassembled)
             self.rejects("dl_td", f"TD {i}: {n} bytes for a buffer {addr:#x}+{room}")
             self.dropped_dl += 1
             return False
-        self._view(addr, n)[:] = data
+        pool.mem[off:off + n] = data
         TD_STRUCT.pack_into(ring, i * TD_SIZE, addr, n | _END)
         self.dl_transfers += 1
         return True
