@@ -109,6 +109,7 @@ class UioDevice:
         self.sysfs = sysfs
         self.maps = read_maps(self.uio_name, sysfs)
         self._mmaps: list[mmap.mmap] = []
+        self._rearm = True
         node = dev / self.uio_name
         try:
             self.fd = os.open(node, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -121,11 +122,16 @@ class UioDevice:
     def arm_irq(self) -> bool:
         """Unmask the interrupt (uio_pci_generic re-arms INTx on a write of 1). False if the
         device has none: the UIO core answers EIO when the driver registered no IRQ."""
+        if not self._rearm:
+            return True
         try:
             os.write(self.fd, _IRQ_ENABLE)
         except OSError as exc:
-            if exc.errno in (errno.EIO, errno.ENOSYS):
+            if exc.errno == errno.EIO:
                 return False
+            if exc.errno == errno.ENOSYS:  # an interrupt without irqcontrol: nothing to re-arm
+                self._rearm = False
+                return True
             raise
         return True
 
