@@ -223,3 +223,26 @@ def test_mbim_network_start_stop(make_modem, tmp_path: Path) -> None:  # type: i
         assert [e[0] for e in modem.events] == [0, 0]
     finally:
         state_file.unlink(missing_ok=True)
+
+
+def test_fragmented_response_and_mbimex_open(make_modem) -> None:  # type: ignore[no-untyped-def]
+    # 2500 UTF-16 characters: a DEVICE_CAPS response above the 4096 bytes mbimcli negotiates
+    modem = make_modem(ModemConfig(firmware="F" * 2500))
+    out = mbimcli(modem, "--query-device-caps")
+    assert field(out, "Firmware info") == "F" * 2500
+    # ModemManager's open: MBIMEx v3 requested; DEVICE_SERVICES tells libmbim to stay at 1.0
+    out = mbimcli(modem, "--device-open-ms-mbimex-v3", "--query-device-caps")
+    assert field(out, "Device ID") == modem.fn.config.device_id
+
+
+def test_no_open_no_close_chain(make_modem) -> None:  # type: ignore[no-untyped-def]
+    modem = make_modem()
+    out = mbimcli(modem, "--attach-packet-service", "--no-close")
+    trid = field(out, "TRID")
+    out = mbimcli(modem, "--no-open=" + trid, "--connect=session-id=2,apn=internet", "--no-close")
+    assert "10.99.2.2/24" in out
+    trid = field(out, "TRID")
+    out = mbimcli(modem, "--no-open=" + trid, "--query-connection-state=2")
+    assert field(out, "Activation state") == "activated"
+    types = [decode_message(m).TYPE.name for m in modem.host_messages]
+    assert types.count("OPEN") == 1 and types[-1] == "CLOSE"
