@@ -32,6 +32,40 @@ def shared(tmp_path: Path) -> FakeSysfs:
     return fs
 
 
+def test_engine_boots_and_opens_a_channel_against_the_bare_model(shared: FakeSysfs) -> None:
+    """The model's own entry point with no channel functions: the boot handshake and the pipe
+    opening of channel 6 over the polled UIO bus."""
+    resource2 = shared.dev_dir(IVSHMEM) / "resource2"
+    model = subprocess.Popen([sys.executable, "-m", "iosm_cuse.sim", "--shm", str(resource2)],
+                             stderr=subprocess.PIPE, text=True)
+
+    async def main() -> tuple[str, str]:
+        from iosm_cuse.hw.engine import IpcEngine
+
+        bus = open_uio_bus(f"uio:{IVSHMEM}", sysfs=shared.root, dev=shared.root.parent / "dev")
+        engine = IpcEngine(bus)
+        try:
+            assert bus.event_fd is None  # irq 0: polled, like ivshmem-plain
+            await asyncio.wait_for(engine.start(), 30)
+            ch = await engine.open_channel(6, lambda data: None)
+            await ch.close()
+            state = engine.state.name
+            await engine.stop()
+            return state, engine.state.name
+        finally:
+            bus.close()
+
+    try:
+        assert asyncio.run(main()) == ("RUNNING", "STOPPED")
+    finally:
+        model.terminate()
+        try:
+            model.wait(10)
+        except subprocess.TimeoutExpired:
+            model.kill()
+            model.wait()
+
+
 def test_engine_boots_and_mbim_open_round_trips_through_the_file(shared: FakeSysfs) -> None:
     resource2 = shared.dev_dir(IVSHMEM) / "resource2"
     model = subprocess.Popen([str(Path(sys.executable).parent / "iosm-cuse"), "modem", "--shm",
