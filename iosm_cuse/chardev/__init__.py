@@ -35,8 +35,7 @@ async def start_transport(port: MbimPort, *, transport: str = "auto",
         except CuseUnavailable as exc:
             if transport == "cuse":
                 raise
-            reason = str(exc)
-            log.warning("no CUSE (%s): falling back to a PTY at %s", reason, link)
+            reason = str(exc)  # PtyTransport.start says, in one line, that it is the fallback
     pty = PtyTransport(port, link, reason=reason)
     await pty.start()
     return pty

@@ -163,12 +163,12 @@ class MbimPort:
 
     # -- the modem going away and coming back (the daemon's engine listener calls these)
 
-    def hangup(self, reason: str) -> None:
+    def hangup(self, reason: str, *, quiet: bool = False) -> None:
         """The modem is gone: parked readers get EIO, poll reports POLLHUP|POLLERR, every
         current handle gets EIO from now on, and the channel is dropped."""
         if self.gone is not None:
             return
-        log.info("MBIM port: modem gone (%s)", reason)
+        log.log(logging.DEBUG if quiet else logging.WARNING, "MBIM port: modem gone (%s)", reason)
         self.gone = reason
         self.generation += 1
         self._purge()
@@ -185,7 +185,7 @@ class MbimPort:
 
     async def close(self) -> None:
         """Stop: hang up and wait for the channel to close."""
-        self.hangup("port closed")
+        self.hangup("port closed", quiet=True)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 

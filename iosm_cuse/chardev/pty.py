@@ -133,8 +133,11 @@ class PtyTransport:
             raise
         self.port.add_listener(self._pump)
         self._loop.add_reader(self.master, self._on_readable)
-        log.warning("MBIM port on a PTY: %s (fallback%s)", self.description,
-                    f": {self.reason}" if self.reason else "")
+        if self.reason:
+            log.warning("no CUSE (%s): MBIM port on a PTY instead, %s", self.reason,
+                        self.description)
+        else:
+            log.info("MBIM port on a PTY: %s", self.description)
         self._pump()
 
     def _make_link(self) -> None:

@@ -1,0 +1,65 @@
+"""`python -m iosm_cuse.chardev`: the MBIM port alone, with the modem model's MBIM function
+behind it in-process (no IPC engine). For kernel-tier tests, benchmarks and trying a client.
+
+Prints one line `ready <path> (<transport>)` on stdout once the port can be opened, then serves
+until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from iosm_cuse.chardev import start_transport
+from iosm_cuse.chardev.loopback import LoopbackOpener, answer_open
+from iosm_cuse.chardev.port import MbimPort
+from iosm_cuse.chardev.pty import DEFAULT_LINK
+from iosm_cuse.chardev.server import DEFAULT_DEVNAME, CuseUnavailable
+
+
+async def serve(args: argparse.Namespace) -> int:
+    if args.minimal:
+        responder = answer_open
+    else:
+        from iosm_cuse.sim.mbim_function import MbimFunction
+
+        responder = MbimFunction().receive
+    port = MbimPort(LoopbackOpener(responder))
+    try:
+        transport = await start_transport(port, transport=args.transport, devname=args.devname,
+                                          link=args.link)
+    except (CuseUnavailable, OSError) as exc:
+        print(f"iosm-cuse chardev: {exc}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"ready {transport.path} ({transport.transport})", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await transport.close()
+        await port.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m iosm_cuse.chardev", description=__doc__)
+    parser.add_argument("--transport", choices=("auto", "cuse", "pty"), default="auto")
+    parser.add_argument("--devname", default=DEFAULT_DEVNAME)
+    parser.add_argument("--link", default=str(DEFAULT_LINK), help="PTY symlink")
+    parser.add_argument("--minimal", action="store_true",
+                        help="answer OPEN/CLOSE/COMMAND with empty successes, no modem model")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(name)s: %(message)s", stream=sys.stderr)
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
