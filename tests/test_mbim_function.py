@@ -297,8 +297,10 @@ def test_pin_countdown_puk_and_blocked_sim() -> None:
     h.indications()
     status, info = h.pin("11223344", new_pin="1357", ptype=11)
     assert status == Status.NONE and info and info["PinState"] == 0
-    cids_seen = [cid for cid, _ in h.indications()]
-    assert B.SUBSCRIBER_READY_STATUS in cids_seen and B.REGISTER_STATE in cids_seen
+    got = h.indications()
+    assert [cid for cid, _ in got] == [B.SUBSCRIBER_READY_STATUS, B.REGISTER_STATE]
+    assert got[0][1]["ReadyState"] == ReadyState.INITIALIZED
+    assert got[1][1]["RegisterState"] == RegisterState.HOME
     _, ready = h.command(B.SUBSCRIBER_READY_STATUS, Q)
     assert ready and ready["ReadyState"] == ReadyState.INITIALIZED
     assert ready["TelephoneNumbers"] == h.fn.config.own_numbers

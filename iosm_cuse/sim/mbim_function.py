@@ -454,12 +454,16 @@ class MbimFunction:
         if ct == CommandType.QUERY:
             return Status.NONE, self._pin_values()
         before = self.ready_state
-        status = self._pin_operation(req)
-        if self.ready_state != before:
-            self._notify(BasicConnect.SUBSCRIBER_READY_STATUS, self._ready_status_values())
-            self._network_change(lambda: None)
-            if before is ReadyState.DEVICE_LOCKED and self.registered_provider is not None:
-                self._notify(BasicConnect.REGISTER_STATE, self._register_values())
+        status = Status.FAILURE
+
+        def operate() -> None:
+            # Unlocking registers the modem, blocking the SIM deregisters it: the ready-status
+            # indication goes first, then what _network_change announces.
+            nonlocal status
+            status = self._pin_operation(req)
+            if self.ready_state != before:
+                self._notify(BasicConnect.SUBSCRIBER_READY_STATUS, self._ready_status_values())
+        self._network_change(operate)
         if status in (Status.NONE, Status.FAILURE):
             return status, self._pin_values()
         return status, None
