@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from iosm_cuse.hw.bus import BAR2
+from iosm_cuse.hw.channels import dma_bytes_needed
 from iosm_cuse.hw.engine import ChannelError, EngineError, EngineState, IpcEngine
 from iosm_cuse.hw.layout import (
     AP_SHARED,
@@ -295,8 +296,28 @@ def test_single_file_layout_with_polling(tmp_path: Path) -> None:
         assert fn.send is not None and fn.send(b"and back")
         await until(lambda: got == [b"and back"] and fn.ul == [b"over the file"])
         await ch.close()
+        # Lite channel 0 + MBIM need what dma_bytes_needed says: more than a 4 MiB file has
+        need = dma_bytes_needed((0, 6))
+        assert host.dma.size < need
+        await eng.open_channel(6, got.append)
+        with pytest.raises(ChannelError) as exc:
+            await eng.open_channel(0, got.append)
+        assert exc.value.errno == errno.ENOMEM
         await eng.stop()
         assert eng.state is EngineState.STOPPED
+        task.cancel()
+        host.close()
+        dev.close()
+
+        path.write_bytes(bytes(8192 + need))  # ... and that much is enough
+        host = ShmBus.open_file(path, HOST)
+        dev = ShmBus.open_file(path, DEVICE)
+        eng, task = await started(DeviceModel(dev), host)
+        chans = [await eng.open_channel(c, got.append) for c in (0, 6)]
+        assert host.dma.in_use == need
+        for c in chans:
+            await c.close()
+        await eng.stop()
         task.cancel()
         host.close()
         dev.close()

@@ -67,6 +67,24 @@ def channel_config(channel: int, mux_mode: MuxMode = MuxMode.LITE) -> ChannelCon
     return CHANNELS[channel]
 
 
+def dma_bytes_needed(channels: tuple[int, ...] = (0, 6), mux_mode: MuxMode = MuxMode.LITE,
+                     align: int = 64) -> int:
+    """DMA memory the engine allocates for the AP shared area plus `channels` open at once
+    (TD rings and one buffer slot per TD, both directions): what a shared region must offer.
+    Lite channel 0 alone takes about 4.1 MB."""
+    from iosm_cuse.hw.layout import AP_SHARED, TD_SIZE
+
+    def up(n: int) -> int:
+        return -(-n // align) * align
+
+    total = up(AP_SHARED.size)
+    for ch in channels:
+        c = channel_config(ch, mux_mode)
+        total += up(c.ul_tds * TD_SIZE) + up(c.ul_tds * c.ul_buf_size)
+        total += up(c.dl_tds * TD_SIZE) + up(c.dl_tds * c.dl_buf_size)
+    return total
+
+
 def channel_of_pipe(pipe: int) -> int | None:
     """The RUN-stage channel using `pipe` (device side: which function a pipe feeds)."""
     if pipe in (0, 1):

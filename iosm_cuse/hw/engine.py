@@ -457,7 +457,11 @@ class IpcEngine:
 
     def _on_event(self) -> None:
         self.bus.ack_event()
-        self._service()
+        try:
+            self._service()
+        except Exception as exc:  # a bug must not stop the interrupt handler for good
+            self.rejects("internal_error", f"{type(exc).__name__}: {exc}")
+            log.exception("servicing the interrupt")
 
     def _service(self) -> None:
         """One interrupt (§1.5): exec stage, message completions, every open pipe."""

@@ -44,7 +44,9 @@ class Rejects:
     """Counters of rejected device input, one log line per kind (then at most one per `every`
     seconds, with the running count)."""
 
-    def __init__(self, logger: logging.Logger = log, every: float = 10.0) -> None:
+    def __init__(self, logger: logging.Logger = log, every: float = 10.0,
+                 what: str = "device input") -> None:
+        self.what = what
         self.counters: dict[str, int] = {}
         self._logger = logger
         self._every = every
@@ -57,7 +59,7 @@ class Rejects:
         last = self._last_log.get(kind)
         if last is None or now - last >= self._every:
             self._last_log[kind] = now
-            self._logger.warning("rejected device input [%s] (%d so far): %s", kind, n, detail)
+            self._logger.warning("rejected %s [%s] (%d so far): %s", self.what, kind, n, detail)
 
 
 # ---- ring index arithmetic -----------------------------------------------------------------------

@@ -110,7 +110,7 @@ class DeviceModel:
     def __init__(self, bus: Bus, config: DeviceConfig | None = None) -> None:
         self.bus = bus
         self.config = config or DeviceConfig()
-        self.rejects = Rejects(log)
+        self.rejects = Rejects(log, what="host input")
         self.functions: dict[int, ChannelFunction] = {}
         self.channels: dict[int, _Channel] = {}
         self.pipes: dict[int, _Pipe] = {}
