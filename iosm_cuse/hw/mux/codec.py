@@ -378,7 +378,6 @@ class AdbBuilder:
         self.qlth = qlth
         self.max_per_session = max_per_session
         self._buf = bytearray(capacity)
-        self._zeros = bytes(pad)
         self._reset()
 
     def _reset(self) -> None:
@@ -395,21 +394,25 @@ class AdbBuilder:
         e = self._entries.get(if_id)
         return len(e) if e else 0
 
-    def add(self, if_id: int, packet: Buffer, service_class: int = 0) -> bool:
+    def add(self, if_id: int, packet: Buffer, service_class: int = 0,
+            pad: int | None = None) -> bool:
+        """Append one datagram (after `pad` bytes of head pad, default the builder's)."""
+        if pad is None:
+            pad = self.pad
         entries = self._entries.get(if_id)
         extra = ENTRY_SIZE
         if entries is None:
             extra += HEADER + (QLTH_SIZE if self.qlth else 0)
         elif len(entries) >= self.max_per_session:
             return False
-        length = self.pad + len(packet)
+        length = pad + len(packet)
         at = self._offset
         end = align4(at + length)
         if end + self._tables + extra > self.capacity or length > 0xFFFF:
             return False
-        if self.pad:
-            self._buf[at:at + self.pad] = self._zeros
-        self._buf[at + self.pad:at + length] = packet
+        if pad:
+            self._buf[at:at + pad] = bytes(pad)
+        self._buf[at + pad:at + length] = packet
         if entries is None:
             entries = self._entries[if_id] = []
         entries.append((at, length, service_class))
@@ -491,7 +494,7 @@ def decode_adb(buf: Buffer, pad: int, *, allow_qlth: bool = False) -> AdbContent
 
 
 def _adth(buf: Buffer, idx: int, block_length: int, pad: int, out: AdbContent) -> int:
-    _sig_, table_length, if_id, _hint, nxt = ADTH_S.unpack_from(buf, idx)
+    _, table_length, if_id, _hint, nxt = ADTH_S.unpack_from(buf, idx)
     if table_length < HEADER + ENTRY_SIZE or (table_length - HEADER) % ENTRY_SIZE or \
             idx + table_length > block_length:
         raise MuxDecodeError("table_length", f"ADTH at {idx}: table_length {table_length}")
@@ -531,10 +534,41 @@ def mux_mode(cp_version: int, caps: int) -> tuple[MuxMode, bool]:
 
 
 __all__: list[str] = [
-    "ADBH", "ADGH", "ADTH", "ADTH_ENTRY", "ACBH", "AGGR_CMDH", "AGGR_QLTH", "AGGR_MAX_IP",
-    "AdbBuilder", "AdbContent", "COMMANDS", "Command", "Commands", "LAYOUTS", "LITE_CMDH",
-    "LITE_MAX_IP", "LITE_TABLE", "MuxDecodeError", "MuxMode", "PARAMS", "PARAM_OF", "Sig",
-    "decode_acb", "decode_adb", "decode_adgh", "decode_lite_cmd", "decode_table",
-    "encode_acb", "encode_adgh", "encode_lite_cmd", "encode_table", "max_ip_packet",
-    "mux_mode", "mux_mode_from_caps", "signature_of", "ul_credit_from_caps", "ul_pad",
+    "ACBH",
+    "ADBH",
+    "ADGH",
+    "ADTH",
+    "ADTH_ENTRY",
+    "AGGR_CMDH",
+    "AGGR_MAX_IP",
+    "AGGR_QLTH",
+    "COMMANDS",
+    "LAYOUTS",
+    "LITE_CMDH",
+    "LITE_MAX_IP",
+    "LITE_TABLE",
+    "PARAMS",
+    "PARAM_OF",
+    "AdbBuilder",
+    "AdbContent",
+    "Command",
+    "Commands",
+    "MuxDecodeError",
+    "MuxMode",
+    "Sig",
+    "decode_acb",
+    "decode_adb",
+    "decode_adgh",
+    "decode_lite_cmd",
+    "decode_table",
+    "encode_acb",
+    "encode_adgh",
+    "encode_lite_cmd",
+    "encode_table",
+    "max_ip_packet",
+    "mux_mode",
+    "mux_mode_from_caps",
+    "signature_of",
+    "ul_credit_from_caps",
+    "ul_pad",
 ]

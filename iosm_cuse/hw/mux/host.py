@@ -1,0 +1,674 @@
+"""The host MUX: IP sessions over channel 0 (Contract 2 of docs/architecture.md).
+
+    mux = MuxHost(engine)                  # or MuxHost(open_channel, MuxMode.LITE) in tests
+    mux.on_receive = cb                    # cb(if_id, ip_packet)
+    mux.on_flow = cb                       # cb(if_id, stopped)
+    await mux.open_session(if_id)          # channel 0 is opened with the first session
+    mux.transmit(if_id, ip_packet) -> bool # False: dropped and counted
+    await mux.close_session(if_id)         # channel 0 is closed after the last session
+
+What the kernel driver does (iosm-protocol.md §4), kept here:
+- OPEN_SESSION carries dl_head_pad_len 16; the response is matched by command type within 1 s
+  (commands are serialized, so that match is unambiguous) and gives ul_head_pad_len.
+- Uplink: Lite sends one ADGH per UL transfer; Aggregation packs an ADB (ADTH + QLTH per
+  session) and finishes it when full, when pending UL bytes reach 110 KiB, on device flow
+  control, and at the end of every batch (the batch is everything queued before the event loop
+  ran the drain: that is what the kernel's 500 us ADB timer approximates).
+- Flow control: a pending-UL byte counter stops every session at 110 KiB and restarts them below
+  10 KiB; per-session queue limit 256 packets, 64 while the session is flow-controlled; packets
+  beyond are dropped and counted (never blocking the other sessions). The device's FLOW_CTL
+  command stops (mask all ones) or allows (mask 0) one session. With UL credits (capability bit
+  21) a session sends only while FCTH grants leave it credit.
+
+Pending UL bytes: the channel reports how many UL transfers the device has not consumed yet
+(`pending`, engine Contract 1's IpcChannel has it); the MUX keeps the sizes of the transfers it
+sent in order, so the oldest ones beyond `pending` are the completed ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from iosm_cuse.hw.channels import MuxMode
+from iosm_cuse.hw.mux.codec import (
+    ADGH_S,
+    COMMANDS,
+    DL_HEAD_PAD,
+    FLOW_MASK_STOP,
+    HEADER,
+    MAX_SESSIONS,
+    RESP_SUCCESS,
+    AdbBuilder,
+    Command,
+    MuxDecodeError,
+    Sig,
+    decode_acb,
+    decode_adb,
+    decode_adgh,
+    decode_lite_cmd,
+    decode_table,
+    encode_acb,
+    encode_lite_cmd,
+    encode_table,
+    max_ip_packet,
+    mux_mode,
+    signature_of,
+    ul_pad,
+)
+from iosm_cuse.hw.protocol import Rejects
+
+log = logging.getLogger("iosm_cuse.hw.mux")
+
+CMD_TIMEOUT = 1.0  # §2.9 MUX command
+UL_HIGH = 110 * 1024  # stop every session's TX
+UL_LOW = 10 * 1024  # restart below this
+QUEUE_LIMIT = 256  # per session
+QUEUE_LIMIT_FC = 64  # per session while it is flow-controlled
+AGGR_DG_PER_SESSION = 100  # datagrams of one session in one ADB
+LITE_ROUND = 64  # packets one session sends before the next gets its turn
+POLL_PENDING = 0.0005  # while stopped on pending bytes: how often to look at completions
+ADB_CAPACITY = 16 * 1024
+
+Receiver = Callable[[bytes], None]
+
+
+class ChannelLike(Protocol):
+    def send(self, data: bytes) -> None: ...
+    def close(self) -> Awaitable[None]: ...
+
+
+OpenChannel = Callable[[Receiver], Awaitable[ChannelLike]]
+
+
+class MuxError(OSError):
+    """A session operation failed; errno says how (ETIMEDOUT, EIO, EINVAL, ENODEV)."""
+
+    def __init__(self, err: int, what: str) -> None:
+        super().__init__(err, what)
+
+
+class _Session:
+    __slots__ = ("credits", "device_stop", "drop_closed", "drop_queue", "drop_too_big",
+                 "flow_off", "flow_on", "if_id", "open", "pad", "queue", "reported",
+                 "rx_bytes", "rx_packets", "tx_bytes", "tx_packets")
+
+    def __init__(self, if_id: int) -> None:
+        self.if_id = if_id
+        self.open = False
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.pad = 0
+        self.device_stop = False
+        self.credits = 0
+        self.reported: bool | None = None  # last on_flow value given
+        self.tx_packets = self.tx_bytes = self.rx_packets = self.rx_bytes = 0
+        self.drop_queue = self.drop_too_big = self.drop_closed = 0
+        self.flow_on = self.flow_off = 0
+
+    def counters(self) -> dict[str, int]:
+        return {"tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
+                "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
+                "tx_dropped_queue_full": self.drop_queue,
+                "tx_dropped_too_big": self.drop_too_big,
+                "tx_dropped_closed": self.drop_closed,
+                "flow_ctl_on": self.flow_on, "flow_ctl_off": self.flow_off,
+                "queued": len(self.queue), "credits": self.credits}
+
+
+class MuxHost:
+    """Host side of the IP MUX on channel 0."""
+
+    def __init__(self, source: Any, mode: MuxMode | None = None, *,
+                 ul_credit: bool | None = None, cmd_timeout: float = CMD_TIMEOUT) -> None:
+        """`source` is the IPC engine (mode, credits and channel 0 come from it, and it is told
+        `engine.mux = self`) or an `open_channel(on_receive)` coroutine function."""
+        self.on_receive: Callable[[int, bytes], None] | None = None
+        self.on_flow: Callable[[int, bool], None] | None = None
+        self.cmd_timeout = cmd_timeout
+        self.rejects = Rejects(log)
+        self.engine: Any = None
+        if hasattr(source, "open_channel"):
+            self.engine = source
+            source.mux = self
+            source.add_state_listener(self._on_engine_state)
+            self._open: OpenChannel = self._open_engine_channel
+        else:
+            self._open = source
+        self._mode_arg = mode
+        self._credit_arg = ul_credit
+        self.mode, self.ul_credit = self._caps()
+        self._sessions: list[_Session | None] = [None] * MAX_SESSIONS
+        self._channel: ChannelLike | None = None
+        self._channel_lock = asyncio.Lock()
+        self._cmd_lock = asyncio.Lock()
+        self._waiting: dict[int, asyncio.Future[Command]] = {}
+        self._tid = 0
+        self._seq = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_pending = False
+        self._poll: asyncio.TimerHandle | None = None
+        self._inflight: collections.deque[int] = collections.deque()
+        self.pending_bytes = 0
+        self.global_stop = False
+        self.global_stops = 0
+        self._adb = AdbBuilder(ADB_CAPACITY, qlth=True, max_per_session=AGGR_DG_PER_SESSION)
+        self._lost: set[int] = set()
+        self._reopening: asyncio.Task[None] | None = None
+        self.dl_no_session = 0
+        self.tx_no_session = 0
+        self.fcth_ignored = 0
+        self.ul_transfers = 0
+        self.dl_transfers = 0
+
+    # ---- configuration
+
+    def _caps(self) -> tuple[MuxMode, bool]:
+        mode, credit = MuxMode.LITE, False
+        if self.engine is not None:
+            mode, credit = mux_mode(self.engine.cp_version, self.engine.capabilities)
+        if self._mode_arg is not None:
+            mode = self._mode_arg
+        if self._credit_arg is not None:
+            credit = self._credit_arg
+        return mode, credit
+
+    @property
+    def max_ip_packet(self) -> int:
+        return max_ip_packet(self.mode)
+
+    async def _open_engine_channel(self, on_receive: Receiver) -> ChannelLike:
+        ch: ChannelLike = await self.engine.open_channel(0, on_receive, self._on_channel_error)
+        return ch
+
+    # ---- sessions
+
+    async def open_session(self, if_id: int) -> None:
+        """OPEN_SESSION for `if_id` (opening channel 0 first if needed); MuxError on failure."""
+        if not 0 <= if_id < MAX_SESSIONS:
+            raise MuxError(errno.EINVAL, f"session id {if_id} (0..{MAX_SESSIONS - 1})")
+        async with self._cmd_lock:
+            if self._sessions[if_id] is not None:
+                return  # already open
+            await self._ensure_channel()
+            cmds = COMMANDS[self.mode]
+            s = _Session(if_id)
+            self._sessions[if_id] = s
+            try:
+                resp = await self._command(cmds.open_session, if_id,
+                                           {"flow_ctrl": 0, "ipv4v6_hints": 0,
+                                            "dl_head_pad_len": DL_HEAD_PAD},
+                                           cmds.open_session_resp)
+                code = resp.params.get("response")
+                if code != RESP_SUCCESS:
+                    raise MuxError(errno.EIO, f"session {if_id}: the modem refused "
+                                   f"OPEN_SESSION (response {code})")
+            except BaseException:
+                if self._sessions[if_id] is s:
+                    self._sessions[if_id] = None
+                await self._close_channel_if_idle()
+                raise
+            s.pad = ul_pad(self.mode, resp.params.get("ul_head_pad_len", 0))
+            s.open = True
+            self._lost.discard(if_id)
+            self._update_flow(s)
+
+    async def close_session(self, if_id: int) -> None:
+        """CLOSE_SESSION (its response is awaited up to 1 s, the session goes either way);
+        channel 0 is closed after the last session."""
+        if not 0 <= if_id < MAX_SESSIONS:
+            raise MuxError(errno.EINVAL, f"session id {if_id} (0..{MAX_SESSIONS - 1})")
+        self._lost.discard(if_id)
+        async with self._cmd_lock:
+            s = self._sessions[if_id]
+            if s is None:
+                return
+            s.open = False
+            s.drop_closed += len(s.queue)  # the kernel purges the session's UL list
+            s.queue.clear()
+            if self._channel is not None:
+                cmds = COMMANDS[self.mode]
+                try:
+                    await self._command(cmds.close_session, if_id, {}, cmds.close_session_resp)
+                except MuxError as exc:
+                    log.warning("closing MUX session %d: %s", if_id, exc.strerror)
+            self._sessions[if_id] = None
+            await self._close_channel_if_idle()
+
+    @property
+    def sessions(self) -> list[int]:
+        return [s.if_id for s in self._sessions if s is not None and s.open]
+
+    async def _ensure_channel(self) -> ChannelLike:
+        if self._channel is None:
+            self.mode, self.ul_credit = self._caps()
+            self._loop = asyncio.get_running_loop()
+            self._reset_ul()
+            try:
+                self._channel = await self._open(self._on_dl)
+            except OSError as exc:
+                raise MuxError(exc.errno or errno.ENODEV,
+                               f"opening the MUX channel: {exc.strerror or exc}") from None
+        return self._channel
+
+    async def _close_channel_if_idle(self) -> None:
+        if any(s is not None for s in self._sessions) or self._channel is None:
+            return
+        ch, self._channel = self._channel, None
+        self._reset_ul()
+        try:
+            await ch.close()
+        except OSError as exc:
+            log.warning("closing the MUX channel: %s", exc)
+
+    def _reset_ul(self) -> None:
+        self._inflight.clear()
+        self.pending_bytes = 0
+        self.global_stop = False
+        self._adb = AdbBuilder(ADB_CAPACITY, qlth=True, max_per_session=AGGR_DG_PER_SESSION)
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+
+    # ---- commands
+
+    async def _command(self, code: int, if_id: int, params: dict[str, int],
+                       expect: int) -> Command:
+        assert self._loop is not None
+        fut: asyncio.Future[Command] = self._loop.create_future()
+        self._waiting[expect] = fut
+        try:
+            self._send_command(Command(code, if_id, self._next_tid(), params))
+            return await asyncio.wait_for(fut, self.cmd_timeout)
+        except TimeoutError:
+            raise MuxError(errno.ETIMEDOUT, f"session {if_id}: no answer to command {code} "
+                           f"in {self.cmd_timeout * 1000:.0f} ms") from None
+        finally:
+            if self._waiting.get(expect) is fut:
+                del self._waiting[expect]
+
+    def _next_tid(self) -> int:
+        tid = self._tid
+        self._tid = (tid + 1) & 0xFFFFFFFF
+        return tid
+
+    def _send_command(self, cmd: Command) -> None:
+        if self.mode is MuxMode.LITE:
+            data = encode_lite_cmd(cmd)
+        else:
+            data = encode_acb([cmd], self._next_seq())
+        self._send(data)
+
+    def _next_seq(self) -> int:
+        seq = self._seq
+        self._seq = (seq + 1) & 0xFFFF
+        return seq
+
+    def _send(self, data: bytes) -> None:
+        ch = self._channel
+        if ch is None:
+            raise MuxError(errno.ENOTCONN, "the MUX channel is not open")
+        try:
+            ch.send(data)
+        except OSError as exc:
+            self._channel_failed(str(exc))
+            raise MuxError(errno.EIO, f"MUX channel: {exc}") from None
+        self._inflight.append(len(data))
+        self.pending_bytes += len(data)
+        self.ul_transfers += 1
+
+    # ---- uplink
+
+    def transmit(self, if_id: int, ip_packet: bytes) -> bool:
+        """Queue one IP packet for session `if_id`. False: dropped (and counted)."""
+        s = self._sessions[if_id] if 0 <= if_id < MAX_SESSIONS else None
+        if s is None or not s.open:
+            if s is not None:
+                s.drop_closed += 1
+            else:
+                self.tx_no_session += 1
+            return False
+        n = len(ip_packet)
+        if n == 0 or n > self.max_ip_packet:
+            s.drop_too_big += 1
+            return False
+        q = s.queue
+        stopped = s.device_stop or self.global_stop or (self.ul_credit and s.credits <= 0)
+        if len(q) >= (QUEUE_LIMIT_FC if stopped else QUEUE_LIMIT):
+            s.drop_queue += 1
+            self._update_flow(s)
+            return False
+        q.append(ip_packet)
+        if not self._drain_pending:
+            self._drain_pending = True
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self._drain)
+        return True
+
+    def _reap(self) -> None:
+        """Forget the transfers the device consumed (see the module doc)."""
+        ch = self._channel
+        left = getattr(ch, "pending", None) if ch is not None else 0
+        inflight = self._inflight
+        if left is None:
+            left = 0
+        while len(inflight) > left:
+            self.pending_bytes -= inflight.popleft()
+
+    def _drain(self) -> None:
+        self._drain_pending = False
+        if self._channel is None:
+            return
+        self._reap()
+        if self.global_stop:
+            if self.pending_bytes >= UL_LOW:
+                self._poll_later()
+                return
+            self.global_stop = False
+        try:
+            if self.mode is MuxMode.LITE:
+                self._drain_lite()
+            else:
+                self._drain_aggr()
+        except MuxError:
+            return  # the channel failed: _channel_failed has reset everything
+        if self.global_stop:
+            self._poll_later()
+        self._update_flows()
+
+    def _sendable(self) -> list[_Session]:
+        credit = self.ul_credit
+        return [s for s in self._sessions if s is not None and s.open and s.queue and
+                not s.device_stop and not (credit and s.credits <= 0)]
+
+    def _send_qlth(self) -> None:
+        """Lite: queue levels per active, not flow-controlled session (§4.2)."""
+        if not (self.ul_credit or self.pending_bytes >= UL_LOW):
+            return
+        for s in self._sessions:
+            if s is not None and s.open and not s.device_stop:
+                self._send(encode_table(Sig.QLTH, s.if_id, len(s.queue)))
+
+    def _drain_lite(self) -> None:
+        self._send_qlth()
+        credit, pack, sig = self.ul_credit, ADGH_S.pack, int(Sig.ADGH)
+        sessions = self._sendable()
+        while sessions and not self.global_stop:
+            later = []
+            for s in sessions:
+                q, if_id, pad = s.queue, s.if_id, bytes(s.pad)
+                for _ in range(min(len(q), LITE_ROUND)):
+                    pkt = q.popleft()
+                    n = len(pkt)
+                    left = len(q)
+                    self._send(pack(sig, HEADER + len(pad) + n, if_id, 0, 0,
+                                    left if left < 255 else 255) + pad + pkt)
+                    s.tx_packets += 1
+                    s.tx_bytes += n
+                    if credit:
+                        s.credits -= n
+                        if s.credits <= 0:
+                            break
+                    if self.pending_bytes >= UL_HIGH:
+                        self._stop_all()
+                        break
+                if q and not s.device_stop and not (credit and s.credits <= 0):
+                    later.append(s)
+            sessions = later
+
+    def _drain_aggr(self) -> None:
+        credit, adb = self.ul_credit, self._adb
+        sessions = self._sendable()
+        while sessions and not self.global_stop:
+            later = []
+            for s in sessions:
+                q = s.queue
+                for _ in range(min(len(q), AGGR_DG_PER_SESSION)):
+                    pkt = q[0]
+                    if not adb.add(s.if_id, pkt, 0, s.pad):
+                        if adb.empty:  # cannot happen below max_ip_packet; never loop on it
+                            q.popleft()
+                            s.drop_too_big += 1
+                            continue
+                        self._finish_adb()
+                        if self.pending_bytes >= UL_HIGH:
+                            self._stop_all()
+                            break
+                        continue
+                    q.popleft()
+                    s.tx_packets += 1
+                    s.tx_bytes += len(pkt)
+                    if credit:
+                        s.credits -= len(pkt)
+                        if s.credits <= 0:
+                            break
+                if self.global_stop:
+                    break
+                if q and not s.device_stop and not (credit and s.credits <= 0):
+                    later.append(s)
+            sessions = later
+        if not adb.empty:
+            self._finish_adb()
+            if self.pending_bytes >= UL_HIGH:
+                self._stop_all()
+
+    def _finish_adb(self) -> None:
+        levels = {s.if_id: len(s.queue) for s in self._sessions if s is not None}
+        self._send(self._adb.finish(self._next_seq(), levels))
+
+    def _stop_all(self) -> None:
+        if not self.global_stop:
+            self.global_stop = True
+            self.global_stops += 1
+
+    def _poll_later(self) -> None:
+        if self._poll is None and self._loop is not None:
+            self._poll = self._loop.call_later(POLL_PENDING, self._poll_now)
+
+    def _poll_now(self) -> None:
+        self._poll = None
+        self._drain()
+        self._update_flows()
+
+    def _schedule_drain(self) -> None:
+        if not self._drain_pending and self._loop is not None:
+            self._drain_pending = True
+            self._loop.call_soon(self._drain)
+
+    # ---- flow reporting
+
+    def _update_flows(self) -> None:
+        for s in self._sessions:
+            if s is not None and s.open:
+                self._update_flow(s)
+
+    def _update_flow(self, s: _Session) -> None:
+        stopped = s.device_stop or self.global_stop or (self.ul_credit and s.credits <= 0)
+        full = len(s.queue) >= (QUEUE_LIMIT_FC if stopped else QUEUE_LIMIT)
+        want = stopped or full
+        if want is not s.reported:
+            s.reported = want
+            cb = self.on_flow
+            if cb is not None:
+                try:
+                    cb(s.if_id, want)
+                except Exception:
+                    log.exception("on_flow callback failed")
+
+    # ---- downlink
+
+    def _on_dl(self, data: bytes) -> None:
+        """One DL transfer: exactly one top-level structure, dispatched by its signature."""
+        self.dl_transfers += 1
+        sig = signature_of(data)
+        try:
+            if sig == Sig.ADGH:
+                if_id, pkt, _sc = decode_adgh(data)
+                self._deliver(if_id, pkt)
+            elif sig == Sig.ADBH:
+                content = decode_adb(data, DL_HEAD_PAD)
+                for if_id, start, end, _sc in content.datagrams:
+                    self._deliver(if_id, data[start:end])
+                if content.stopped is not None:
+                    self.rejects("adb_non_adth", content.stopped)
+            elif sig == Sig.CMDH:
+                self._on_command(decode_lite_cmd(data), MuxMode.LITE)
+            elif sig == Sig.ACBH:
+                for cmd in decode_acb(data):
+                    self._on_command(cmd, MuxMode.AGGREGATION)
+            elif sig == Sig.FCTH:
+                self._on_credit(*decode_table(data, Sig.FCTH))
+            else:
+                self.rejects("signature", f"DL transfer with signature {sig:#010x}")
+        except MuxDecodeError as exc:
+            self.rejects(exc.reason, exc.detail)
+        if self.global_stop:
+            self._schedule_drain()  # UL completions come with DL interrupts
+
+    def _deliver(self, if_id: int, pkt: bytes) -> None:
+        s = self._sessions[if_id]
+        if s is None or not s.open:
+            self.dl_no_session += 1
+            return
+        s.rx_packets += 1
+        s.rx_bytes += len(pkt)
+        cb = self.on_receive
+        if cb is not None:
+            try:
+                cb(if_id, pkt)
+            except Exception:
+                log.exception("on_receive callback failed")
+
+    def _on_command(self, cmd: Command, mode: MuxMode) -> None:
+        c = COMMANDS[mode]
+        code = cmd.code
+        if code in (c.open_session_resp, c.close_session_resp):
+            fut = self._waiting.get(code)
+            if fut is None or fut.done():
+                self.rejects("unexpected_response", f"response {code} nobody waits for")
+            else:
+                fut.set_result(cmd)
+            return
+        if cmd.if_id >= MAX_SESSIONS:
+            self.rejects("if_id", f"command {code} for if_id {cmd.if_id}")
+            return
+        if code == c.flow_ctl_enable or code == c.flow_ctl_disable:
+            self._on_flow_ctl(cmd, code == c.flow_ctl_enable, mode)
+            reply = Command(c.flow_ctl_ack, cmd.if_id, cmd.transaction_id)
+        elif code == c.link_status:
+            reply = Command(c.link_status_resp, cmd.if_id, cmd.transaction_id,
+                            {"response": RESP_SUCCESS})
+        else:
+            self.rejects("unknown_command", f"command {code} from the modem")
+            return
+        try:
+            if mode is MuxMode.LITE:
+                self._send(encode_lite_cmd(reply))
+            else:
+                self._send(encode_acb([reply], self._next_seq()))
+        except MuxError as exc:
+            log.warning("could not answer MUX command %d: %s", code, exc.strerror)
+
+    def _on_flow_ctl(self, cmd: Command, enable: bool, mode: MuxMode) -> None:
+        # cmd_len not exactly header + mask: the mask is implied (kernel: backward compatibility)
+        if cmd.param_len == 4 and "mask" in cmd.params:
+            mask = cmd.params["mask"]
+        else:
+            mask = FLOW_MASK_STOP if enable else 0
+        s = self._sessions[cmd.if_id]
+        if s is None:
+            return
+        stop = mask != 0
+        if stop:
+            s.flow_on += 1
+        else:
+            s.flow_off += 1
+        s.device_stop = stop
+        self._update_flow(s)
+        if not stop:
+            self._schedule_drain()
+
+    def _on_credit(self, if_id: int, value: int) -> None:
+        if not self.ul_credit:
+            self.fcth_ignored += 1
+            return
+        s = self._sessions[if_id]
+        if s is None:
+            return
+        s.credits += value
+        self._update_flow(s)
+        self._schedule_drain()
+
+    # ---- failures and modem restarts
+
+    def _on_channel_error(self, err: OSError) -> None:
+        self._channel_failed(str(err))
+
+    def _channel_failed(self, why: str) -> None:
+        """The channel is gone (modem down): every session is lost; they are opened again when
+        the engine runs again."""
+        if self._channel is None:
+            return
+        log.warning("MUX channel lost (%s): %d session(s) down", why, len(self.sessions))
+        self._channel = None
+        self._reset_ul()
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(MuxError(errno.EIO, f"MUX channel lost: {why}"))
+        for i, s in enumerate(self._sessions):
+            if s is None:
+                continue
+            if s.open:
+                self._lost.add(i)
+            s.drop_closed += len(s.queue)
+            s.queue.clear()
+            s.open = False
+            self._sessions[i] = None
+            if self.on_flow is not None and s.reported is not True:
+                self.on_flow(i, True)
+
+    def _on_engine_state(self, state: Any) -> None:
+        name = getattr(state, "value", str(state))
+        if name == "DOWN":
+            self._channel_failed("modem down")
+        elif name == "RUNNING" and self._lost and self._reopening is None:
+            self._reopening = asyncio.get_running_loop().create_task(self._reopen())
+
+    async def _reopen(self) -> None:
+        try:
+            for if_id in sorted(self._lost):
+                try:
+                    await self.open_session(if_id)
+                except MuxError as exc:
+                    log.warning("reopening MUX session %d after a modem restart: %s", if_id,
+                                exc.strerror)
+        finally:
+            self._reopening = None
+
+    # ---- status
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "mode": str(self.mode), "ul_credit": self.ul_credit,
+            "channel_open": self._channel is not None,
+            "ul_pending_bytes": self.pending_bytes, "ul_stopped": self.global_stop,
+            "ul_stops": self.global_stops, "ul_transfers": self.ul_transfers,
+            "dl_transfers": self.dl_transfers, "dl_no_session": self.dl_no_session,
+            "tx_no_session": self.tx_no_session,
+            "fcth_ignored": self.fcth_ignored,
+            "sessions": {s.if_id: s.counters() for s in self._sessions if s is not None},
+            "rejects": dict(self.rejects.counters),
+        }
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Rejected device input and drops, flat (for `status` errors)."""
+        out = {f"mux_{k}": v for k, v in self.rejects.counters.items()}
+        out["mux_dl_no_session"] = self.dl_no_session
+        return out
+
+
+__all__ = ["MuxError", "MuxHost"]
