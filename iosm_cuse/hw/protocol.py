@@ -79,9 +79,11 @@ def check_tail(tail: int, last_tail: int, head: int, count: int) -> str | None:
     return None
 
 
-def check_dl_td(raw: bytes | memoryview, expected_addr: int, buf_size: int) -> int | str:
-    """A completed DL TD: its payload size, or the reject kind (the buffer is then dropped)."""
-    addr, word = TD_STRUCT.unpack_from(raw)
+def check_dl_td(raw: bytes | memoryview, expected_addr: int, buf_size: int,
+                offset: int = 0) -> int | str:
+    """A completed DL TD (at `offset` in `raw`): its payload size, or the reject kind (the
+    buffer is then dropped)."""
+    addr, word = TD_STRUCT.unpack_from(raw, offset)
     if addr != expected_addr:
         return "dl_td_address"
     status = word >> 24
@@ -295,7 +297,7 @@ class DlPipe(Pipe):
         i, n = self.tail, 0
         while i != tail:
             at = i * TD_SIZE
-            res = check_dl_td(view[at:at + TD_SIZE], base + i * bs, bs)
+            res = check_dl_td(view, base + i * bs, bs, at)
             if isinstance(res, str):
                 self.area.rejects(res, f"pipe {self.number} TD {i}: "
                                   f"{TD_STRUCT.unpack_from(view, at)}")
