@@ -99,8 +99,10 @@ class ModelProcess:
         if proc is self.proc:
             log.error("modem model process %d exited with %s", proc.pid, code)
             # a device that fell off the bus reads as all ones
-            with contextlib.suppress(ValueError, TypeError):
+            with contextlib.suppress(ValueError, TypeError, OSError):
                 self.bus.write32(BAR2, SCRATCHPAD["exec_stage"].offset, ExecStage.INVALID)
+                if self.bus.irq_efd is not None:  # wake the engine now, not at its next poll
+                    os.eventfd_write(self.bus.irq_efd, 1)
 
     async def command(self, op: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
         """One JSON-line command to the child and its reply."""
