@@ -5,6 +5,7 @@ real CUSE node. Host and guest meet only in the ivshmem memory, as a driver and 
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import os
 import selectors
@@ -37,6 +38,35 @@ def _restore_runner_token(ivshmem: Any) -> None:
             mm[off:off + 16] = bytes.fromhex(info["guest_token"])
     finally:
         os.close(fd)
+
+
+def test_engine_over_ivshmem_against_the_model_on_the_host(
+        ivshmem: Any, host_process: Callable[[list[str]], str]) -> None:
+    """The IPC boot handshake and a channel opening across the VM boundary: the engine in the
+    guest on the UIO bus (polled: no interrupt), the bare model on the host on the file."""
+    from iosm_cuse.hw.engine import IpcEngine
+    from iosm_cuse.hw.uio import open_uio_bus
+
+    host_process([sys.executable, "-m", "iosm_cuse.sim", "--shm", ivshmem.host_path])
+
+    async def main() -> tuple[str, str]:
+        bus = open_uio_bus(f"uio:{ivshmem.bdf}")
+        engine = IpcEngine(bus, init_tries=3000)  # the host's Python may still be starting
+        try:
+            assert bus.event_fd is None
+            await asyncio.wait_for(engine.start(), STEP)
+            ch = await engine.open_channel(6, lambda data: None)
+            await ch.close()
+            state = engine.state.name
+            await engine.stop()
+            return state, engine.state.name
+        finally:
+            bus.close()
+
+    try:
+        assert asyncio.run(main()) == ("RUNNING", "STOPPED")
+    finally:
+        _restore_runner_token(ivshmem)
 
 
 def test_up_over_uio_with_the_model_on_the_host(ivshmem: Any,
