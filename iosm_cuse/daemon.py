@@ -171,8 +171,14 @@ def format_status(st: JsonDict) -> str:
         f"open by {port.get('openers', 0)}" + _pids(port.get("opener_pids", [])),
         "links:",
     ]
-    for link in st.get("links", []):
-        lines.append("  " + "  ".join(f"{k} {v}" for k, v in link.items()))
+    for ln in st.get("links", []):
+        c = ln.get("counters", {})
+        lines.append(f"  {ln.get('name')}: linkid {ln.get('linkid')}, session "
+                     f"{ln.get('session')}, {'up' if ln.get('up') else 'down'}, mtu "
+                     f"{ln.get('mtu')}; rx {c.get('rx_packets', 0)} pkts "
+                     f"{c.get('rx_bytes', 0)} B, tx {c.get('tx_packets', 0)} pkts "
+                     f"{c.get('tx_bytes', 0)} B, dropped "
+                     f"{sum(v for k, v in c.items() if 'dropped' in k)}")
     errors = st.get("errors", {})
     lines.append("errors: " + (", ".join(f"{k} {v}" for k, v in errors.items()) or "none"))
     return "\n".join(lines)
@@ -209,6 +215,7 @@ class Daemon:
         self.chardev: Any = None  # CUSE server or PTY transport
         self.links: Any = None  # link.manager.LinkManager
         self.control: control.ControlServer | None = None
+        self._no_cuse: str | None = None
         self._stop = asyncio.Event()
         self._recovering: asyncio.Task[None] | None = None
 
@@ -304,13 +311,24 @@ class Daemon:
             except CuseUnavailable as exc:
                 if self.opts.transport == "cuse":
                     raise UpError(f"--transport cuse: {exc}") from exc
-                log.info("CUSE unavailable (%s): using the PTY fallback", exc)
+                self._no_cuse = str(exc)  # PtyTransport logs it, once
+        return await self._start_pty()
+
+    async def _start_pty(self) -> Any:
         from iosm_cuse.chardev.pty import PtyTransport
 
-        pty = PtyTransport(self.port, Path(self.port_path()))
+        pty = PtyTransport(self.port, control.run_dir() / self.port_name, reason=self._no_cuse)
         await pty.start()
         self.transport = "pty"
         return pty
+
+    async def _reopen_pty(self) -> None:
+        """The PTY transport holds one port handle for its lifetime, and a hangup kills it for
+        good; after a modem restart a new transport takes over the same symlink."""
+        old, self.chardev = self.chardev, None
+        await old.close()
+        self._no_cuse = None  # said once at start is enough
+        self.chardev = await self._start_pty()
 
     async def _start_links(self) -> Any:
         from iosm_cuse.link.manager import LinkManager
@@ -348,7 +366,9 @@ class Daemon:
                 self._stop.set()
                 return
             self.restarts += 1
-            log.info("modem running again (restart %d); channels reopen on use", self.restarts)
+            if self.transport == "pty":
+                await self._reopen_pty()
+            log.info("modem running again (restart %d)", self.restarts)
         finally:
             self._recovering = None
 
@@ -369,6 +389,7 @@ class Daemon:
     def status(self) -> JsonDict:
         eng = self.engine
         errors: JsonDict = dict(eng.counters)
+        errors.update(self.mux.counters)
         errors.update(self.links.counters())
         return {
             "device": str(self.spec),
@@ -385,6 +406,7 @@ class Daemon:
             },
             "port": {"path": self.port_path(), "transport": self.transport,
                      **_port_status(self.port, self.chardev)},
+            "mux": self.mux.status(),
             "links": [info.as_dict() for info in self.links.show()],
             "errors": errors,
         }
@@ -448,7 +470,8 @@ async def spawn_model(opts: UpOptions) -> Any:
             ModemConfig.load(opts.config)
         except (ConfigError, OSError) as exc:
             raise UpError(f"--config {opts.config}: {exc}") from exc
-    options = {"config": str(opts.config) if opts.config else None, "gateway": opts.gateway}
+    options = {"config": str(opts.config) if opts.config else None, "gateway": opts.gateway,
+               "mux": opts.mux}
     try:
         return await ModelProcess.spawn(
             functions=MODEL_FUNCTIONS, config=asdict(DeviceConfig.for_mux(opts.mux or "lite")),
@@ -468,7 +491,7 @@ def model_functions(model: Any, options: dict[str, Any]) -> None:
     config = ModemConfig.load(options["config"]) if options.get("config") else ModemConfig()
     mbim = MbimFunction(config)
     gateway = Gateway(config, options.get("gateway") or "echo")
-    mux = MuxDevice(gateway.uplink)
+    mux = MuxDevice(gateway.uplink, options.get("mux"))
     gateway.downlink = mux.downlink
     mbim.session_listener = gateway.session_changed
     model.attach(MBIM_CHANNEL, MbimChannelFunction(mbim))
@@ -534,7 +557,8 @@ def run_modem(opts: UpOptions, shm: Path | None, size: int = DEFAULT_SHM_SIZE) -
     except OSError as exc:
         print(f"iosm-cuse modem: {path}: {exc.strerror}", file=sys.stderr)
         return 1
-    options = {"config": str(opts.config) if opts.config else None, "gateway": opts.gateway}
+    options = {"config": str(opts.config) if opts.config else None, "gateway": opts.gateway,
+               "mux": opts.mux}
     print(f"iosm-cuse modem: serving {path} ({total} bytes, MUX {opts.mux or 'lite'}); QEMU: "
           f"-object memory-backend-file,id=iosm,size={total},share=on,mem-path={path} "
           "-device ivshmem-plain,memdev=iosm", flush=True)

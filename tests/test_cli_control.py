@@ -24,7 +24,9 @@ STATUS = {
               "mux_mode": "lite"},
     "port": {"path": "/run/iosm-cuse/wwan0mbim0", "transport": "pty",
              "openers": 1, "opener_pids": [42]},
-    "links": [{"name": "wwan0", "linkid": 0, "session": "open"}],
+    "links": [{"name": "wwan0", "linkid": 0, "session": "open", "up": True, "mtu": 1500,
+               "counters": {"rx_packets": 3, "rx_bytes": 252, "tx_packets": 4, "tx_bytes": 300,
+                            "tx_dropped_mux": 1, "rx_dropped_write": 2}}],
     "errors": {"bad_td": 0},
 }
 
@@ -75,7 +77,9 @@ def test_status_text_names_state_port_and_links(server: FakeDaemonSide) -> None:
     assert res.exit_code == 0, res.output
     assert "exec stage RUN, IPC RUNNING, MUX lite" in res.output
     assert "/run/iosm-cuse/wwan0mbim0 (pty), open by 1 (pid 42)" in res.output
-    assert "name wwan0" in res.output and "bad_td 0" in res.output
+    assert ("wwan0: linkid 0, session open, up, mtu 1500; rx 3 pkts 252 B, tx 4 pkts 300 B, "
+            "dropped 3") in res.output
+    assert "bad_td 0" in res.output
 
 
 def test_no_daemon_is_one_line_on_stderr_and_exit_1(tmp_path: Path,

@@ -1,0 +1,91 @@
+"""The whole stack in the Debian-kernel guest: `iosm-cuse up` with a real CUSE /dev/wwan0mbim0,
+driven by mbimcli and mbim-network exactly as on a machine with the modem.
+
+One daemon start for the whole module: Python is about 11x slower under TCG.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+IOSM_CUSE = str(Path(sys.executable).parent / "iosm-cuse")
+PORT = "/dev/wwan0mbim0"
+# Generous: everything is slow under TCG, and a hung step must still end the test.
+STEP_TIMEOUT = 120
+
+
+def _run(*argv: str, timeout: float = STEP_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[subprocess.Popen[str]]:
+    subprocess.run(["modprobe", "-q", "cuse"], check=False)
+    subprocess.run(["modprobe", "-q", "tun"], check=False)
+    assert os.path.exists("/dev/cuse"), "no /dev/cuse after modprobe cuse"
+    proc = subprocess.Popen([IOSM_CUSE, "up", "--device", "sim", "--transport", "cuse"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(STEP_TIMEOUT):
+            pytest.fail("no ready line from iosm-cuse up")
+        line = proc.stdout.readline()
+        assert f"MBIM port {PORT} (cuse)" in line, line + proc.stderr.read()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STEP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_device_caps_through_cuse(stack: subprocess.Popen[str]) -> None:
+    assert Path(PORT).is_char_device()
+    res = _run("mbimcli", "-d", PORT, "--query-device-caps")
+    assert res.returncode == 0, res.stderr
+    assert "Max sessions: '8'" in res.stdout
+
+
+def test_connect_and_mbim_network(stack: subprocess.Popen[str], tmp_path: Path) -> None:
+    res = _run("mbimcli", "-d", PORT, "--connect=session-id=0,access-string=internet")
+    assert res.returncode == 0 and "activated" in res.stdout, res.stderr + res.stdout
+    res = _run("mbimcli", "-d", PORT, "--disconnect=0")
+    assert res.returncode == 0, res.stderr
+
+    profile = tmp_path / "mbim-network.conf"
+    profile.write_text("APN=internet\n")
+    # mbim-network keeps its transaction id in /tmp/mbim-network-state-wwan0mbim0.
+    start = _run("mbim-network", f"--profile={profile}", PORT, "start")
+    assert start.returncode == 0, start.stdout + start.stderr
+    assert "Network started successfully" in start.stdout
+    status = _run("mbim-network", f"--profile={profile}", PORT, "status")
+    assert re.search(r"Status: activated", status.stdout), status.stdout
+    stop = _run("mbim-network", f"--profile={profile}", PORT, "stop")
+    assert stop.returncode == 0 and "Network stopped successfully" in stop.stdout, stop.stdout
+
+
+def test_sigterm_removes_the_device(stack: subprocess.Popen[str]) -> None:
+    stack.send_signal(signal.SIGTERM)
+    assert stack.wait(STEP_TIMEOUT) == 0, stack.stderr.read() if stack.stderr else ""
+    deadline = time.monotonic() + 10
+    while os.path.exists(PORT) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(PORT)
+    assert not Path("/sys/class/net/wwan0").exists()

@@ -1,0 +1,215 @@
+"""`iosm-cuse up --transport pty` as a real process, driven by the real mbimcli and the CLI.
+
+The daemon runs in a network namespace of its own (so its wwan0 never meets anyone else's) and
+with a private run directory (IOSM_CUSE_RUN_DIR: socket, locks, the PTY's symlink).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.host
+
+IOSM_CUSE = [str(Path(sys.executable).parent / "iosm-cuse")]
+READY = re.compile(r"^iosm-cuse: .* ready; MBIM port (\S+) \((cuse|pty fallback[^)]*)\); "
+                   r"data link (\S+) \(session 0\); MUX (\S+)$")
+MBIMCLI_TIMEOUT = 20
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"iosmd{os.getpid()}"
+    _ip("netns", "add", name)
+    _ip("-n", name, "link", "set", "lo", "up")
+    try:
+        yield name
+    finally:
+        _ip("netns", "del", name, check=False)
+
+
+class Up:
+    """A running `iosm-cuse up`; every command runs in its namespace with its run directory."""
+
+    def __init__(self, ns: str, run_dir: Path, *extra: str) -> None:
+        self.ns = ns
+        self.run_dir = run_dir
+        self.env = {**os.environ, "IOSM_CUSE_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
+        self.env.pop("IOSM_CUSE_SOCKET", None)
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *IOSM_CUSE, "up", "--device", "sim", "--transport", "pty",
+             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env)
+        self.ready_line = self._read_ready(timeout=15)
+        self.startup_s = time.monotonic() - t0
+        m = READY.match(self.ready_line)
+        assert m, self.ready_line
+        self.port = m.group(1)
+
+    def _read_ready(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            self.proc.kill()
+            pytest.fail(f"no ready line within {timeout} s: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+        line = self.proc.stdout.readline().rstrip("\n")
+        if not line:
+            self.proc.wait(5)
+            pytest.fail(f"up exited {self.proc.returncode}: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+        return line
+
+    def run(self, *argv: str, timeout: float = MBIMCLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", self.ns, *argv], capture_output=True,
+                              text=True, env=self.env, timeout=timeout)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run(*IOSM_CUSE, *args)
+
+    def mbimcli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run("mbimcli", "-d", self.port, *args)
+
+    def status(self) -> dict[str, Any]:
+        res = self.cli("status", "--json")
+        assert res.returncode == 0, res.stderr
+        st: dict[str, Any] = json.loads(res.stdout)
+        return st
+
+    def links(self) -> dict[str, int]:
+        """name -> ifindex of every link but lo in the namespace."""
+        out = _ip("-n", self.ns, "-j", "link", "show").stdout
+        return {ln["ifname"]: ln["ifindex"] for ln in json.loads(out) if ln["ifname"] != "lo"}
+
+    def terminate(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            pytest.fail(f"up did not exit within 15 s of SIGTERM: {err}")
+        return self.proc.returncode, err
+
+
+@pytest.fixture
+def up(netns: str, tmp_path: Path) -> Iterator[Up]:
+    daemon = Up(netns, tmp_path / "run")
+    try:
+        yield daemon
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+
+
+def _connect_and_ping(up: Up, link: str, session: int) -> None:
+    """Attach, MBIM connect of `session`, give `link` the address the model granted, bring it
+    up and ping the model's gateway through it: MBIM on channel 6, IP on channel 0."""
+    res = up.mbimcli("--attach-packet-service")
+    assert res.returncode == 0, res.stderr
+    res = up.mbimcli(f"--connect=session-id={session},access-string=internet")
+    assert res.returncode == 0 and "activated" in res.stdout, res.stderr + res.stdout
+    addr = re.search(r"IP \[0\]: '([0-9.]+/[0-9]+)'", res.stdout)
+    gw = re.search(r"Gateway: '([0-9.]+)'", res.stdout)
+    assert addr and gw, res.stdout
+    _ip("-n", up.ns, "addr", "replace", addr.group(1), "dev", link)
+    _ip("-n", up.ns, "link", "set", link, "up")
+    ping = up.run("ping", "-c", "2", "-W", "2", "-I", link, gw.group(1))
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+
+
+def test_up_serves_mbimcli_links_status_and_cleans_up(up: Up) -> None:
+    print(f"startup to ready line: {up.startup_s * 1000:.0f} ms: {up.ready_line}")
+    assert "pty fallback" in up.ready_line
+    assert Path(up.port).exists()
+    assert "wwan0" in up.links()
+
+    caps = up.mbimcli("--query-device-caps")
+    assert caps.returncode == 0, caps.stderr
+    assert "Hardware info: 'XMM7560'" in caps.stdout
+    assert "Max sessions: '8'" in caps.stdout
+
+    st = up.status()
+    assert st["device"] == "sim"
+    assert st["modem"]["exec_stage"] == "RUN" and st["modem"]["ipc_state"] == "RUNNING"
+    assert st["modem"]["mux_mode"] == "lite"
+    assert st["port"]["path"] == up.port and st["port"]["transport"] == "pty"
+    assert [ln["name"] for ln in st["links"]] == ["wwan0"]
+    assert isinstance(st["errors"], dict)
+
+    add = up.cli("link", "add", "dev", "wwan0-1", "parentdev-name", "wwan0", "type", "wwan",
+                 "linkid", "1")
+    assert add.returncode == 0, add.stderr
+    assert set(up.links()) == {"wwan0", "wwan0-1"}
+    again = up.cli("link", "add", "dev", "wwan0-9", "parentdev-name", "wwan0", "type", "wwan",
+                   "linkid", "1")
+    assert again.returncode != 0
+    assert again.stderr.startswith("RTNETLINK answers: Device or resource busy")
+    assert "Traceback" not in again.stderr
+    show = up.cli("link", "show", "dev", "wwan0-1")
+    assert show.returncode == 0 and "wwan0-1" in show.stdout and "linkid 1" in show.stdout
+
+    # Data: connect session 1, address wwan0-1, ping the model's gateway through the MUX.
+    _connect_and_ping(up, "wwan0-1", 1)
+    st = up.status()
+    wwan01 = next(ln for ln in st["links"] if ln["name"] == "wwan0-1")
+    assert wwan01["linkid"] == 1
+
+    # A second `up` for the same device refuses, and does not disturb the first.
+    second = up.cli("up", "--device", "sim", "--transport", "pty")
+    assert second.returncode != 0
+    assert "already driven by iosm-cuse" in second.stderr
+    assert up.mbimcli("--query-device-caps").returncode == 0
+
+    code, err = up.terminate()
+    assert code == 0, err
+    assert up.links() == {}, "links left behind"
+    assert not Path(up.port).exists() and not os.path.lexists(up.port)
+    assert list(up.run_dir.iterdir()) == [], "socket or lock files left behind"
+
+
+def test_model_crash_is_recovered_and_links_kept(up: Up) -> None:
+    add = up.cli("link", "add", "dev", "wwan0-1", "parentdev-name", "wwan0", "type", "wwan",
+                 "linkid", "1")
+    assert add.returncode == 0, add.stderr
+    _connect_and_ping(up, "wwan0-1", 1)
+    before = up.links()
+    model_pid = up.status()["modem"]["pid"]
+    os.kill(model_pid, signal.SIGKILL)
+
+    deadline = time.monotonic() + 20
+    while True:
+        st = up.status()
+        if st["modem"]["restarts"] >= 1 and st["modem"]["ipc_state"] == "RUNNING":
+            break
+        assert time.monotonic() < deadline, st
+        time.sleep(0.2)
+    assert st["modem"]["pid"] != model_pid
+    assert up.links() == before, "links must survive a modem restart"
+    # The MUX session of the link that was up is open again by itself.
+    deadline = time.monotonic() + 10
+    while next(ln for ln in up.status()["links"] if ln["name"] == "wwan0-1")["session"] != "open":
+        assert time.monotonic() < deadline, up.status()["links"]
+        time.sleep(0.2)
+    # Channel 6: MBIM works again. Channel 0: packets flow on the kept link after a connect.
+    caps = up.mbimcli("--query-device-caps")
+    assert caps.returncode == 0, caps.stderr
+    _connect_and_ping(up, "wwan0-1", 1)
+    code, err = up.terminate()
+    assert code == 0, err
+    assert "modem down" in err
