@@ -29,9 +29,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.vm import image
-from tests.vm.agent import HostAgent, stop_process
-from tests.vm.image import VmError
+from . import image
+from .agent import HostAgent, stop_process
+from .image import VmError
 
 VM_FAILED = 100
 WORK = Path(__file__).resolve().parents[2]
@@ -73,12 +73,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _run(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    kernel = image.find_kernel()
     if os.geteuid() != 0:
         raise VmError("must run as root (9p export of / and /dev/shm)")
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise VmError("qemu-system-x86_64 not found (install qemu-system-x86)")
-    kernel = image.find_kernel()
     vmlinux = image.vmlinux(kernel, CACHE)
     run_dir = _new_run_dir()
     junit = (args.junitxml or run_dir / "junit.xml").resolve()
