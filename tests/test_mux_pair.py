@@ -1,0 +1,525 @@
+"""Host MUX <-> device MUX over an in-memory channel 0 (tier 1), both modes.
+
+`MemLink.open_channel` stands in for `engine.open_channel(0, ...)`: UL transfers go to the
+device MUX, DL transfers to the host, each a loop iteration later, never larger than the pipe's
+buffers (Lite 2 KiB, Aggregation 16 KiB). The traffic helpers here are also used by the
+two-process test over the real engine (test_mux_engine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import random
+import struct
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from iosm_cuse.hw.channels import MuxMode
+from iosm_cuse.hw.mux.codec import (
+    COMMANDS,
+    Command,
+    Sig,
+    encode_acb,
+    encode_adgh,
+    encode_lite_cmd,
+    encode_table,
+)
+from iosm_cuse.hw.mux.host import QUEUE_LIMIT, QUEUE_LIMIT_FC, UL_HIGH, MuxError, MuxHost
+from iosm_cuse.sim.mux import MuxDevice
+
+T = TypeVar("T")
+MODES = [MuxMode.LITE, MuxMode.AGGREGATION]
+BUF = {MuxMode.LITE: 2048, MuxMode.AGGREGATION: 16 * 1024}
+UP, DOWN = 1, 2
+SESSIONS = range(8)
+
+# ---- traffic: reproducible packets of 20..1500 bytes, checked in order per session -----------
+
+_BLOCK = random.Random(11).randbytes(4096)
+_HEAD = struct.Struct("<BBI")
+
+
+def packet(direction: int, if_id: int, seq: int) -> bytes:
+    """Packet `seq` of a session's stream; the first is 20 bytes, the second 1500."""
+    if seq < 2:
+        size = (20, 1500)[seq]
+    else:
+        size = 20 + (seq * 7919 + if_id * 104729 + direction * 15485863) % 1481
+    off = (seq * 131 + if_id * 17) % 2048
+    return _HEAD.pack(direction, if_id, seq) + _BLOCK[off:off + size - _HEAD.size]
+
+
+class Checker:
+    """Receives (if_id, packet): each must be the next of its own session's stream."""
+
+    def __init__(self, direction: int) -> None:
+        self.direction = direction
+        self.next = [0] * 8
+        self.bad: list[str] = []
+
+    def __call__(self, if_id: int, pkt: bytes) -> None:
+        seq = self.next[if_id]
+        if pkt == packet(self.direction, if_id, seq):
+            self.next[if_id] = seq + 1
+        elif len(self.bad) < 20:
+            got = _HEAD.unpack_from(pkt) if len(pkt) >= _HEAD.size else pkt
+            self.bad.append(f"session {if_id}: expected #{seq}, got {got} ({len(pkt)} bytes)")
+
+    def uplink(self, if_id: int, pkt: bytes) -> None:  # the device MUX's gateway interface
+        self(if_id, pkt)
+
+    @property
+    def total(self) -> int:
+        return sum(self.next)
+
+
+class FlowWatch:
+    """The host's on_flow: which sessions are stopped, and every change seen."""
+
+    def __init__(self) -> None:
+        self.stopped = [False] * 8
+        self.log: list[tuple[int, bool]] = []
+        self.changed = asyncio.Event()
+
+    def __call__(self, if_id: int, stopped: bool) -> None:
+        self.stopped[if_id] = stopped
+        self.log.append((if_id, stopped))
+        self.changed.set()
+
+
+async def host_send(mux: MuxHost, flow: FlowWatch, n: int, sessions: range = SESSIONS,
+                    batch: int = 32) -> None:
+    """n packets per session, honouring on_flow (a refused transmit fails the test)."""
+    seqs = dict.fromkeys(sessions, 0)
+    while any(s < n for s in seqs.values()):
+        sent = False
+        for if_id in sessions:
+            if flow.stopped[if_id]:
+                continue
+            for _ in range(min(batch, n - seqs[if_id])):
+                assert mux.transmit(if_id, packet(UP, if_id, seqs[if_id])), \
+                    f"session {if_id} refused packet {seqs[if_id]}: {mux.status()}"
+                seqs[if_id] += 1
+                sent = True
+        if sent:
+            await asyncio.sleep(0)
+        else:
+            flow.changed.clear()
+            await asyncio.wait_for(flow.changed.wait(), 5)
+
+
+async def device_send(dev: MuxDevice, n: int, sessions: range = SESSIONS,
+                      batch: int = 32) -> None:
+    """n packets per session towards the host; a refused downlink is offered again later."""
+    seqs = dict.fromkeys(sessions, 0)
+    while any(s < n for s in seqs.values()):
+        for if_id in sessions:
+            for _ in range(min(batch, n - seqs[if_id])):
+                if not dev.downlink(if_id, packet(DOWN, if_id, seqs[if_id])):
+                    break
+                seqs[if_id] += 1
+        await asyncio.sleep(0)
+
+
+async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.002)
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+# ---- the in-memory channel ---------------------------------------------------------------------
+
+
+class MemChannel:
+    def __init__(self, device: MuxDevice, on_receive: Callable[[bytes], None], limit: int,
+                 dl_backlog: int = 4096) -> None:
+        self.device = device
+        self.on_receive = on_receive
+        self.limit = limit
+        self.dl_backlog = dl_backlog
+        self.ul: collections.deque[bytes] = collections.deque()
+        self.dl: collections.deque[bytes] = collections.deque()
+        self.hold = False  # True: the device consumes nothing (UL piles up as pending)
+        self.closed = False
+        self.dl_oversize = 0
+        self.ul_sizes: list[int] = []
+        self._loop = asyncio.get_running_loop()
+        self._scheduled = False
+        device.opened(self.dl_send)
+
+    @property
+    def pending(self) -> int:
+        return len(self.ul)
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            raise OSError(errno.ENOTCONN, "closed")
+        if len(data) > self.limit:
+            raise OSError(errno.EMSGSIZE, f"{len(data)} > {self.limit}")
+        self.ul.append(bytes(data))
+        self.ul_sizes.append(len(data))
+        self._kick()
+
+    def dl_send(self, data: bytes) -> bool:
+        if self.closed:
+            return False
+        if len(data) > self.limit:
+            self.dl_oversize += 1  # what the model does: the transfer is lost
+            return True
+        if len(self.dl) >= self.dl_backlog:
+            return False
+        self.dl.append(bytes(data))
+        self._kick()
+        return True
+
+    def release(self) -> None:
+        self.hold = False
+        self._kick()
+
+    def _kick(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        self._scheduled = False
+        if not self.hold:
+            while self.ul:
+                self.device.receive(self.ul.popleft())
+        while self.dl and not self.closed:
+            self.on_receive(self.dl.popleft())
+
+    async def close(self) -> None:
+        self._run()
+        self.closed = True
+        self.device.closed()
+
+
+class MemLink:
+    def __init__(self, device: MuxDevice, mode: MuxMode) -> None:
+        self.device = device
+        self.limit = BUF[mode]
+        self.channels: list[MemChannel] = []
+
+    async def open_channel(self, on_receive: Callable[[bytes], None]) -> MemChannel:
+        ch = MemChannel(self.device, on_receive, self.limit)
+        self.channels.append(ch)
+        return ch
+
+    @property
+    def ch(self) -> MemChannel:
+        return self.channels[-1]
+
+
+class Pair:
+    def __init__(self, mode: MuxMode, gateway: Any = None, **kw: Any) -> None:
+        self.up = Checker(UP)
+        self.down = Checker(DOWN)
+        self.flow = FlowWatch()
+        self.dev = MuxDevice(gateway if gateway is not None else self.up, mode)
+        self.link = MemLink(self.dev, mode)
+        self.mux = MuxHost(self.link.open_channel, mode, **kw)
+        self.mux.on_receive = self.down
+        self.mux.on_flow = self.flow
+
+    async def open_all(self) -> None:
+        await asyncio.gather(*(self.mux.open_session(i) for i in SESSIONS))
+        assert self.mux.sessions == list(SESSIONS)
+        assert self.dev.sessions == set(SESSIONS)
+
+
+# ---- tests -------------------------------------------------------------------------------------
+
+N = 10_000
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ten_thousand_each_way_on_all_8_sessions_at_once(mode: MuxMode) -> None:
+    async def main() -> None:
+        p = Pair(mode)
+        await p.open_all()
+        assert len(p.link.channels) == 1  # one channel for all sessions
+        await asyncio.gather(host_send(p.mux, p.flow, N), device_send(p.dev, N))
+        await until(lambda: p.up.total == 8 * N and p.down.total == 8 * N, 30,
+                    f"all packets ({p.up.total} up, {p.down.total} down)")
+        assert not p.up.bad and not p.down.bad, (p.up.bad, p.down.bad)
+        assert p.up.next == [N] * 8 and p.down.next == [N] * 8
+        st = p.mux.status()
+        for i in SESSIONS:
+            c = st["sessions"][i]
+            assert c["tx_packets"] == N and c["rx_packets"] == N
+            assert c["tx_dropped_queue_full"] == 0 and c["tx_dropped_too_big"] == 0
+        assert not st["rejects"] and not p.dev.rejects.counters
+        assert p.link.ch.dl_oversize == 0
+        assert max(p.link.ch.ul_sizes) <= BUF[mode]
+        if mode is MuxMode.AGGREGATION:  # packets were really aggregated
+            assert p.dev.counters["ul_blocks"] < 8 * N / 4
+            assert p.dev.counters["dl_blocks"] < 8 * N / 4
+        for i in SESSIONS:
+            await p.mux.close_session(i)
+        assert p.link.ch.closed and p.dev.sessions == set()
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_device_flow_control_stops_the_uplink_and_releases_it(mode: MuxMode) -> None:
+    async def main() -> None:
+        p = Pair(mode)
+        await p.open_all()
+        assert p.dev.assert_flow_control(3, True)
+        await until(lambda: p.flow.stopped[3], 2, "on_flow(3, stopped)")
+        assert p.dev.counters["flow_ctl_acks"] == 1
+        assert not any(p.flow.stopped[i] for i in SESSIONS if i != 3)
+        # session 3 queues up to the flow-controlled limit, then drops (counted)
+        accepted = sum(p.mux.transmit(3, packet(UP, 3, i)) for i in range(QUEUE_LIMIT_FC + 10))
+        assert accepted == QUEUE_LIMIT_FC
+        # the other sessions are not blocked
+        for i in range(50):
+            assert p.mux.transmit(4, packet(UP, 4, i))
+        await until(lambda: p.up.next[4] == 50, 2, "session 4 traffic")
+        await asyncio.sleep(0.05)
+        assert p.up.next[3] == 0  # nothing of session 3 crossed while stopped
+        c3 = p.mux.status()["sessions"][3]
+        assert c3["tx_dropped_queue_full"] == 10 and c3["queued"] == QUEUE_LIMIT_FC
+        assert c3["flow_ctl_on"] == 1
+        assert p.dev.assert_flow_control(3, False)
+        await until(lambda: p.up.next[3] == QUEUE_LIMIT_FC, 2, "the queued packets after release")
+        assert not p.flow.stopped[3] and p.dev.counters["flow_ctl_acks"] == 2
+        assert (3, True) in p.flow.log and p.flow.log[-1] == (3, False)
+        assert p.mux.transmit(3, packet(UP, 3, QUEUE_LIMIT_FC))
+        await until(lambda: p.up.next[3] == QUEUE_LIMIT_FC + 1, 2, "traffic after release")
+        assert not p.up.bad
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pending_bytes_stop_every_session_and_restart_below_10k(mode: MuxMode) -> None:
+    async def main() -> None:
+        p = Pair(mode)
+        await p.open_all()
+        ch = p.link.ch
+        ch.hold = True  # the device stops consuming: UL transfers stay pending
+        seq = [0] * 8
+        while not p.mux.global_stop:
+            for i in (1, 2):
+                assert p.mux.transmit(i, packet(UP, i, seq[i]))
+                seq[i] += 1
+            await asyncio.sleep(0)
+        assert p.mux.pending_bytes >= UL_HIGH
+        assert all(p.flow.stopped[i] for i in SESSIONS)  # every session, not only 1 and 2
+        # while stopped: the queue limit is 64, beyond that packets are dropped and counted
+        n_ok = 0
+        while p.mux.transmit(5, packet(UP, 5, seq[5])):
+            seq[5] += 1
+            n_ok += 1
+        assert n_ok == QUEUE_LIMIT_FC
+        assert p.mux.status()["sessions"][5]["tx_dropped_queue_full"] == 1
+        await asyncio.sleep(0.02)
+        assert p.mux.global_stop and p.up.total == 0
+        ch.release()
+        await until(lambda: not p.mux.global_stop, 2, "restart")
+        await until(lambda: p.up.next[1] == seq[1] and p.up.next[2] == seq[2] and
+                    p.up.next[5] == seq[5], 2, "everything queued")
+        assert not any(p.flow.stopped) and not p.up.bad
+        assert p.mux.status()["ul_stops"] >= 1
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_queue_limit_without_flow_control_is_256(mode: MuxMode) -> None:
+    async def main() -> None:
+        p = Pair(mode)
+        await p.open_all()
+        ok = sum(p.mux.transmit(0, packet(UP, 0, i)) for i in range(QUEUE_LIMIT + 5))
+        assert ok == QUEUE_LIMIT  # all in one batch: the drain has not run yet
+        assert p.flow.stopped[0]
+        await until(lambda: p.up.next[0] == QUEUE_LIMIT, 2, "the queue")
+        await until(lambda: not p.flow.stopped[0], 2, "flow back on")
+        assert p.mux.status()["sessions"][0]["tx_dropped_queue_full"] == 5
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_credit_mode_sends_only_on_fcth_grants(mode: MuxMode) -> None:
+    async def main() -> None:
+        p = Pair(mode, ul_credit=True)
+        await p.mux.open_session(2)
+        assert p.flow.stopped[2]  # no credit yet
+        for i in range(10):
+            assert p.mux.transmit(2, packet(UP, 2, i))
+        await asyncio.sleep(0.02)
+        assert p.up.next[2] == 0
+        assert p.dev.grant_credits(2, 1)  # one byte of credit lets one packet go
+        await until(lambda: p.up.next[2] == 1, 2, "one packet on credit")
+        await asyncio.sleep(0.02)
+        assert p.up.next[2] == 1 and p.flow.stopped[2]
+        assert p.dev.grant_credits(2, 100_000)
+        await until(lambda: p.up.next[2] == 10, 2, "the rest")
+        assert not p.flow.stopped[2] and not p.up.bad
+        if mode is MuxMode.LITE:  # credit mode: queue levels reported per session
+            assert p.dev.counters["qlth"] >= 1 and 2 in p.dev.queue_levels
+        else:
+            assert 2 in p.dev.queue_levels
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_channel_opens_with_the_first_session_and_closes_after_the_last(mode: MuxMode) -> None:
+    async def main() -> None:
+        p = Pair(mode)
+        await p.mux.open_session(1)
+        await p.mux.open_session(6)
+        assert len(p.link.channels) == 1 and not p.link.ch.closed
+        await p.mux.close_session(1)
+        assert not p.link.ch.closed and p.dev.sessions == {6}
+        assert not p.mux.transmit(1, packet(UP, 1, 0))  # closed session: refused, counted
+        assert not p.dev.downlink(1, packet(DOWN, 1, 0))
+        await p.mux.close_session(6)
+        assert p.link.ch.closed and p.mux.status()["channel_open"] is False
+        await p.mux.open_session(0)  # a new channel for a new first session
+        assert len(p.link.channels) == 2
+        assert p.mux.transmit(0, packet(UP, 0, 0))
+        await until(lambda: p.up.next[0] == 1, 2, "traffic on the new channel")
+        with pytest.raises(MuxError) as ei:
+            await p.mux.open_session(8)
+        assert ei.value.errno == errno.EINVAL
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sizes_at_the_limit(mode: MuxMode) -> None:
+    async def main() -> None:
+        p = Pair(mode)
+        await p.mux.open_session(0)
+        big = p.mux.max_ip_packet
+        if mode is MuxMode.LITE:
+            assert big == 2032
+        pkt = bytes([0x45]) + bytes(big - 1)
+        assert p.mux.transmit(0, pkt)
+        assert not p.mux.transmit(0, pkt + b"x")
+        got: list[bytes] = []
+        p.dev._uplink = lambda i, b: got.append(b)
+        await until(lambda: len(got) == 1, 2, "the largest packet")
+        assert got == [pkt]
+        assert p.dev.downlink(0, pkt) and not p.dev.downlink(0, pkt + b"x")
+        rx: list[bytes] = []
+        p.mux.on_receive = lambda i, b: rx.append(b)
+        await until(lambda: len(rx) == 1, 2, "the largest DL packet")
+        assert rx == [pkt] and p.link.ch.dl_oversize == 0
+        assert p.mux.status()["sessions"][0]["tx_dropped_too_big"] == 1
+
+    run(main())
+
+
+class Silent:
+    """A device that never answers."""
+
+    def opened(self, send: Callable[[bytes], bool]) -> None:
+        self.send = send
+
+    def receive(self, data: bytes) -> None:
+        pass
+
+    def closed(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_open_session_times_out_and_closes_the_channel(mode: MuxMode) -> None:
+    async def main() -> None:
+        link = MemLink(Silent(), mode)  # type: ignore[arg-type]
+        mux = MuxHost(link.open_channel, mode, cmd_timeout=0.1)
+        t0 = time.monotonic()
+        with pytest.raises(MuxError) as ei:
+            await mux.open_session(0)
+        assert ei.value.errno == errno.ETIMEDOUT and 0.1 <= time.monotonic() - t0 < 1
+        assert link.ch.closed and mux.sessions == []
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_open_session_refused_by_the_modem(mode: MuxMode) -> None:
+    class Refuses(Silent):
+        def receive(self, data: bytes) -> None:
+            c = COMMANDS[mode]
+            resp = Command(c.open_session_resp, 0, 0, {"response": 1})
+            self.send(encode_lite_cmd(resp) if mode is MuxMode.LITE else encode_acb([resp]))
+
+    async def main() -> None:
+        link = MemLink(Refuses(), mode)  # type: ignore[arg-type]
+        mux = MuxHost(link.open_channel, mode)
+        with pytest.raises(MuxError) as ei:
+            await mux.open_session(0)
+        assert ei.value.errno == errno.EIO and "response 1" in str(ei.value)
+        assert link.ch.closed
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_link_status_report_is_answered(mode: MuxMode) -> None:
+    async def main() -> None:
+        p = Pair(mode)
+        await p.mux.open_session(0)
+        assert p.dev.link_status_report(0)
+        await until(lambda: p.dev.counters["link_status_resps"] == 1, 2, "the response")
+        assert not p.dev.rejects.counters and not p.mux.rejects.counters
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_device_rejects_bad_host_structures_and_keeps_serving(mode: MuxMode) -> None:
+    async def main() -> None:
+        p = Pair(mode)
+        await p.mux.open_session(0)
+        dev = p.dev
+        good = encode_adgh(0, b"E" * 40)
+        bad = [b"", b"\x00" * 3, b"JUNK" + bytes(40), good[:-1],  # ADGH length > transfer
+               encode_adgh(9, b"E" * 40),  # if_id 9
+               encode_table(Sig.FCTH, 0, 5)]  # a DL-only structure on the uplink
+        if mode is MuxMode.AGGREGATION:
+            bad[3] = b"ADBH" + bytes(12)  # an empty ADB
+        for raw in bad:
+            dev.receive(raw)
+        assert sum(dev.rejects.counters.values()) == len(bad)
+        assert p.mux.transmit(0, packet(UP, 0, 0))  # still serving
+        await until(lambda: p.up.next[0] == 1, 2, "traffic after rejects")
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_host_counts_dl_for_sessions_not_open_and_bad_dl(mode: MuxMode) -> None:
+    async def main() -> None:
+        p = Pair(mode)
+        await p.mux.open_session(0)
+        ch = p.link.ch
+        ch.dl_send(encode_adgh(5, b"E" * 30))  # session 5 is not open on the host
+        ch.dl_send(b"ADGH" + bytes(12))  # length 0
+        ch.dl_send(b"WHAT" + bytes(30))
+        await until(lambda: p.mux.dl_transfers >= 3, 2, "DL transfers")
+        assert p.mux.status()["dl_no_session"] == 1
+        assert sum(p.mux.rejects.counters.values()) == 2
+        assert p.dev.downlink(0, packet(DOWN, 0, 0))
+        await until(lambda: p.down.next[0] == 1, 2, "good DL after bad")
+
+    run(main())
