@@ -170,3 +170,17 @@ def test_dma_pool_never_overlaps_and_coalesces(ops: list[tuple[bool, int]]) -> N
     assert pool.alloc(64 * 1024).size == 64 * 1024  # fully coalesced again
     with pytest.raises(BusError):
         pool.view_at(0x1000 + 64 * 1024 - 4, 8)
+
+
+def test_dma_regions_from_before_a_reset_are_not_freed_again() -> None:
+    pool = DmaPool(memoryview(bytearray(4096)))
+    old = pool.alloc(1024)
+    pool.reset()
+    new = pool.alloc(1024)
+    assert new.offset == old.offset
+    pool.free(old)  # stale: must not release `new`
+    assert pool.in_use == 1024
+    pool.free(new)
+    assert pool.in_use == 0
+    with pytest.raises(BusError, match="double free"):
+        pool.free(new)

@@ -51,6 +51,7 @@ class DmaRegion:
     offset: int  # offset inside the pool's memoryview
     size: int
     view: memoryview
+    epoch: int = 0  # the pool's reset count when handed out
 
 
 class DmaPool:
@@ -68,6 +69,7 @@ class DmaPool:
         self._free_starts: list[int] = [0]  # sorted
         self._free_sizes: dict[int, int] = {0: self.size}
         self._used: dict[int, int] = {}
+        self.epoch = 0
 
     @property
     def in_use(self) -> int:
@@ -83,7 +85,7 @@ class DmaPool:
                 view = self.mem[start:start + size]
                 if zero:
                     view[:] = bytes(size)
-                return DmaRegion(self.base_addr + start, start, size, view)
+                return DmaRegion(self.base_addr + start, start, size, view, self.epoch)
         raise BusError(f"DMA pool exhausted: {size} bytes wanted, {self.size - self.in_use} free")
 
     def _take(self, start: int, have: int, want: int) -> None:
@@ -96,6 +98,8 @@ class DmaPool:
         self._used[start] = want
 
     def free(self, region: DmaRegion) -> None:
+        if region.epoch != self.epoch:
+            return  # handed out before a reset: already gone, and its range may be reused
         start = region.offset
         size = self._used.pop(start, None)
         if size is None:
@@ -119,6 +123,7 @@ class DmaPool:
         self._free_starts = [0]
         self._free_sizes = {0: self.size}
         self._used.clear()
+        self.epoch += 1
 
     def contains(self, addr: int, size: int) -> bool:
         """True if [addr, addr+size) lies inside the pool: every device-given address is checked."""
