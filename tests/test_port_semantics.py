@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iosm_cuse.chardev.loopback import LoopbackOpener, answer_open
 from iosm_cuse.chardev.port import FIONREAD, IOCTL_WDM_MAX_COMMAND, MbimPort
@@ -194,3 +196,37 @@ def test_device_caps_through_the_real_mbim_function() -> None:
         assert isinstance(done, CommandDone) and done.tid == 2 and done.status == 0
         assert len(done.info) > 40
     run(body)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.binary(min_size=1, max_size=50), st.integers(1, 60)), max_size=30))
+def test_reads_never_merge_transfers(ops: list[bytes | int]) -> None:
+    """Any interleaving of arrivals and reads of any size: each read is a slice of exactly one
+    transfer, and the slices put back together give the transfers in order."""
+    async def body() -> tuple[list[bytes], list[bytes]]:
+        opener = LoopbackOpener(silent)
+        port = MbimPort(opener)
+        h = await port.open()
+        sent: list[bytes] = []
+        got: list[bytes] = []
+        for op in ops:
+            if isinstance(op, bytes):
+                sent.append(op)
+                opener.current.deliver(op)
+                await settle()
+            elif port.queued_bytes:
+                got.append(h.read(op))
+        return sent, got
+    sent, got = run(body)
+    joined = b"".join(got)
+    assert b"".join(sent).startswith(joined)
+    # Re-split the reads at transfer boundaries: no read may straddle two transfers.
+    bounds = set()
+    pos = 0
+    for s in sent:
+        pos += len(s)
+        bounds.add(pos)
+    pos = 0
+    for chunk in got:
+        start, pos = pos, pos + len(chunk)
+        assert not any(start < b < pos for b in bounds), (start, pos, bounds)

@@ -1,0 +1,192 @@
+"""MBIM control transactions through the MBIM port, next to a bare PTY echo in the same run.
+
+Port: `python -m iosm_cuse.chardev --transport pty` in its own process (MbimFunction ->
+MbimPort -> PtyTransport), and this process as the client: sequential BASIC_CONNECT
+DEVICE_CAPS queries (write one COMMAND, read the whole COMMAND_DONE), as mbimcli does them.
+Baseline: the same client against a minimal process that echoes a raw PTY's bytes back, so the
+ratio shows what the port, the framing and the MBIM function cost over the PTY itself.
+startup_s: `iosm-cuse up --device sim --transport pty` until its ready line (null if it fails).
+
+    .venv/bin/python bench/control.py [--seconds S] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from iosm_cuse.mbim.cids import BasicConnect
+from iosm_cuse.mbim.message import HEADER, Command, Open, decode_message, encode_message
+from iosm_cuse.mbim.uuids import Service
+
+READY_TIMEOUT = 30.0
+
+# A raw PTY whose master echoes every byte back: the floor under any PTY transport.
+ECHO_SERVER = r"""
+import os, sys, tty
+master, slave = os.openpty()
+tty.setraw(slave)
+link = sys.argv[1]
+os.symlink(os.ttyname(slave), link)
+print("ready", link, flush=True)
+while True:
+    data = os.read(master, 65536)
+    os.write(master, data)
+"""
+
+
+def start(argv: list[str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], READY_TIMEOUT)
+    line = proc.stdout.readline() if ready else ""
+    if not line.startswith("ready"):
+        proc.kill()
+        raise RuntimeError(f"{argv}: no ready line ({line!r})")
+    return proc
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def read_message(fd: int, buf: bytearray) -> bytes:
+    """One whole MBIM message from the stream (a PTY may split or join them)."""
+    while True:
+        if len(buf) >= HEADER.size:
+            length = HEADER.unpack_from(buf)[1]
+            if len(buf) >= length:
+                msg = bytes(buf[:length])
+                del buf[:length]
+                return msg
+        buf += os.read(fd, 65536)
+
+
+def read_exact(fd: int, n: int, buf: bytearray) -> bytes:
+    while len(buf) < n:
+        buf += os.read(fd, 65536)
+    out = bytes(buf[:n])
+    del buf[:n]
+    return out
+
+
+def transactions(link: Path, seconds: float, echo: bool) -> list[float]:
+    """Sequential round trips for `seconds`; the latency of each, in seconds."""
+    fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    buf = bytearray()
+    lat: list[float] = []
+    try:
+        if not echo:
+            os.write(fd, encode_message(Open(1, 4096)))
+            decode_message(read_message(fd, buf))
+        tid = 2
+        end = time.perf_counter() + seconds
+        while True:
+            req = encode_message(Command(tid, Service.BASIC_CONNECT.value,
+                                         BasicConnect.DEVICE_CAPS, 0))
+            t0 = time.perf_counter()
+            os.write(fd, req)
+            reply = read_exact(fd, len(req), buf) if echo else read_message(fd, buf)
+            t1 = time.perf_counter()
+            lat.append(t1 - t0)
+            if not echo and decode_message(reply).tid != tid:
+                raise RuntimeError(f"reply for another transaction: {reply[:12].hex()}")
+            tid += 1
+            if t1 > end:
+                return lat
+    finally:
+        os.close(fd)
+
+
+def measure(argv: list[str], link: Path, seconds: float, echo: bool) -> dict[str, float]:
+    proc = start(argv)
+    try:
+        transactions(link, min(0.3, seconds), echo)  # warm-up
+        lat = transactions(link, seconds, echo)
+    finally:
+        stop(proc)
+        link.unlink(missing_ok=True)
+    q = statistics.quantiles(lat, n=100)
+    return {"tps": len(lat) / sum(lat), "p50_us": q[49] * 1e6, "p99_us": q[98] * 1e6,
+            "n": len(lat)}
+
+
+def startup() -> tuple[float | None, str | None]:
+    """Seconds from starting `iosm-cuse up` to its ready line, or (None, why)."""
+    exe = shutil.which("iosm-cuse") or str(Path(sys.executable).parent / "iosm-cuse")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([exe, "up", "--device", "sim", "--transport", "pty"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        ready, _, _ = select.select([proc.stdout], [], [], READY_TIMEOUT)
+        line = proc.stdout.readline() if ready else ""
+        took = time.perf_counter() - t0
+        if "ready" in line:
+            return took, None
+        proc.wait(5)
+        return None, (proc.stderr.read().strip().splitlines() or ["no ready line"])[-1]
+    except subprocess.TimeoutExpired:
+        return None, "no ready line"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="iosm-bench-") as tmp:
+        port_link, echo_link = Path(tmp, "wwan9mbim0"), Path(tmp, "echo")
+        port = measure([sys.executable, "-m", "iosm_cuse.chardev", "--transport", "pty",
+                        "--link", str(port_link)], port_link, args.seconds, echo=False)
+        echo = measure([sys.executable, "-c", ECHO_SERVER, str(echo_link)], echo_link,
+                       args.seconds, echo=True)
+    startup_s, startup_error = startup()
+    result: dict[str, Any] = {
+        "tps": round(port["tps"]), "p50_us": round(port["p50_us"], 1),
+        "p99_us": round(port["p99_us"], 1), "transactions": port["n"],
+        "pty_echo_tps": round(echo["tps"]), "pty_echo_p50_us": round(echo["p50_us"], 1),
+        "pty_echo_p99_us": round(echo["p99_us"], 1),
+        "ratio_to_pty_echo": round(port["tps"] / echo["tps"], 3),
+        "startup_s": None if startup_s is None else round(startup_s, 3),
+        "startup_error": startup_error, "transport": "pty", "command": "DEVICE_CAPS query",
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"MBIM port (pty): {result['tps']} transactions/s, p50 {result['p50_us']} us, "
+              f"p99 {result['p99_us']} us ({result['transactions']} sequential)")
+        print(f"bare PTY echo:   {result['pty_echo_tps']} round trips/s, "
+              f"p50 {result['pty_echo_p50_us']} us, p99 {result['pty_echo_p99_us']} us")
+        print(f"ratio port/echo: {result['ratio_to_pty_echo']}")
+        print(f"iosm-cuse up -> ready: "
+              f"{result['startup_s'] if startup_s is not None else 'n/a: ' + str(startup_error)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
