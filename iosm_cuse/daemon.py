@@ -208,6 +208,7 @@ class Daemon:
         self.transport = ""
         self.restarts = 0
         self.started = time.monotonic()
+        self.startup_ms: dict[str, int] = {}
         self.device: Any = None  # sim.process.ModelProcess or hw.uio.UioModemDevice
         self.engine: Any = None  # hw.engine.IpcEngine
         self.mux: Any = None  # hw.mux.host.MuxHost
@@ -229,16 +230,26 @@ class Daemon:
         await asyncio.sleep(0)
         try:
             _import_layers(self.opts.transport)
+            self._mark("imports")
         finally:
             self.device = await opening
+        self._mark("device")
         self.engine = await self._start_engine()
+        self._mark("handshake")
         self.mux = self._make_mux()
         self.port = self._make_port()
         self.chardev = await self._start_chardev()
+        self._mark("port")
         self.links = await self._start_links()
+        self._mark("links")
         self.control = control.ControlServer(control.socket_path(self.instance), self.handle)
         await self.control.start()
+        self._mark("control")
         return self.ready_line()
+
+    def _mark(self, step: str) -> None:
+        """Milliseconds since the process started, per startup step (`status` shows them)."""
+        self.startup_ms[step] = round(_since_process_start() * 1000)
 
     async def close(self) -> None:
         """Top-down: control socket, port (answering pending requests), links, engine, model."""
@@ -395,6 +406,7 @@ class Daemon:
             "device": str(self.spec),
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 1),
+            "startup_ms": self.startup_ms,
             "modem": {
                 "name": self.device.description,
                 "pid": getattr(self.device, "pid", None),
@@ -410,6 +422,20 @@ class Daemon:
             "links": [info.as_dict() for info in self.links.show()],
             "errors": errors,
         }
+
+
+def _since_process_start() -> float:
+    """Seconds since this process was started, interpreter start-up included (/proc, 10 ms
+    resolution); since this module was imported when /proc is unreadable."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in ticks
+        return float(Path("/proc/uptime").read_text().split()[0]) - start
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED_AT
+
+
+_IMPORTED_AT = time.monotonic()
 
 
 def _import_layers(transport: str) -> None:
@@ -531,7 +557,8 @@ async def _serve(daemon: Daemon) -> int:
         except (UpError, OSError) as exc:
             print(f"iosm-cuse: {exc}", file=sys.stderr)
             return 1
-        log.debug("ready in %.0f ms", (time.monotonic() - daemon.started) * 1000)
+        log.debug("ready %d ms after the process started: %s", daemon.startup_ms["control"],
+                  daemon.startup_ms)
         print(line, flush=True)
         await daemon.serve_forever()
         return 0
