@@ -17,8 +17,10 @@ any violation raises ``InfoBufferError`` (the model answers INVALID_PARAMETERS).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 from uuid import UUID
@@ -53,6 +55,8 @@ _COUNTED = {
     Kind.U32_ARRAY, Kind.STRUCT_ARRAY, Kind.REF_STRUCT_ARRAY, Kind.STRING_ARRAY,
     Kind.IPV4_ARRAY, Kind.IPV6_ARRAY,
 }
+# Kinds whose room in the fixed part depends on the value (inline arrays).
+_VALUE_SIZED = {Kind.U32_ARRAY, Kind.REF_STRUCT_ARRAY, Kind.STRING_ARRAY}
 # Bytes a field takes in the fixed part (None: depends on the value).
 _INLINE_SIZE = {
     Kind.U32: 4, Kind.U64: 8, Kind.UUID: 16, Kind.IPV4: 4, Kind.IPV6: 16, Kind.STRING: 8,
@@ -100,6 +104,26 @@ class Layout:
                 raise ValueError(f"{self.name}.{f.name}: unsized byte array must be last, "
                                  "after fixed fields only")
         object.__setattr__(self, "count_fields", frozenset(counts))
+
+    @cached_property
+    def static_size(self) -> int | None:
+        """Size of the fixed part when no value can change it (no inline arrays), else None."""
+        if any(f.kind in _VALUE_SIZED or (f.kind is Kind.STRUCT and f.struct is not None
+                                          and f.struct.static_size is None)
+               for f in self.fields):
+            return None
+        return self.min_size
+
+    @cached_property
+    def encode_steps(self) -> tuple[tuple[str, str | None, _Encoder], ...]:
+        """(field name, array it counts or None, encoder) per field: the encoder's plan."""
+        counted = {f.count: f.name for f in self.fields if f.count is not None}
+        return tuple((f.name, counted.get(f.name), _ENCODERS[f.kind]) for f in self.fields)
+
+    @cached_property
+    def decode_steps(self) -> tuple[tuple[Field, bool, _Decoder], ...]:
+        """(field, is a count field, decoder) per field: the decoder's plan."""
+        return tuple((f, f.name in self.count_fields, _DECODERS[f.kind]) for f in self.fields)
 
     @property
     def is_fixed(self) -> bool:
@@ -197,13 +221,9 @@ def ipv6_array(name: str, count: str) -> Field:
     return Field(name, Kind.IPV6_ARRAY, count=count)
 
 
-EMPTY = Layout("Empty")
-
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _PAIR = struct.Struct("<II")
-_U32_MAX = 0xFFFFFFFF
-_U64_MAX = 0xFFFFFFFFFFFFFFFF
 
 
 def _pad4(data: bytes) -> bytes:
@@ -224,7 +244,8 @@ class _Writer:
     def add_data(self, blob: bytes) -> int:
         """Append a variable item to the data area, padded; return its offset."""
         offset = self.fixed_size + len(self.data)
-        self.data += _pad4(blob)
+        self.data += blob
+        self.data += b"\0" * (-len(blob) % 4)
         return offset
 
     def ref(self, blob: bytes) -> None:
@@ -238,7 +259,9 @@ class _Writer:
 def encode(layout: Layout, values: dict[str, Any]) -> bytes:
     """Encode ``values`` (count fields may be omitted) into an information buffer."""
     try:
-        fixed_size = _fixed_size(layout, values)
+        fixed_size = layout.static_size
+        if fixed_size is None:
+            fixed_size = _fixed_size(layout, values)
         w = _Writer(fixed_size)
         _encode_fields(layout, values, w)
         assert len(w.fixed) == fixed_size, (layout.name, len(w.fixed), fixed_size)
@@ -266,72 +289,124 @@ def _fixed_size(layout: Layout, values: dict[str, Any]) -> int:
     return total
 
 
-def _count_value(layout: Layout, name: str, values: dict[str, Any]) -> int:
-    for f in layout.fields:
-        if f.count == name:
-            return len(values[f.name])
-    raise AssertionError(name)
-
-
 def _encode_fields(layout: Layout, values: dict[str, Any], w: _Writer) -> None:
-    for f in layout.fields:
-        if f.name in layout.count_fields:
-            w.fixed += _U32.pack(_count_value(layout, f.name, values))
-            continue
-        _encode_field(f, values[f.name], w)
-
-
-def _encode_field(f: Field, v: Any, w: _Writer) -> None:
-    k = f.kind
-    if k is Kind.U32:
-        w.fixed += _U32.pack(int(v))
-    elif k is Kind.U64:
-        w.fixed += _U64.pack(int(v))
-    elif k is Kind.UUID:
-        w.fixed += UUID(str(v)).bytes
-    elif k is Kind.IPV4:
-        w.fixed += IPv4Address(v).packed
-    elif k is Kind.IPV6:
-        w.fixed += IPv6Address(v).packed
-    elif k is Kind.STRING:
-        w.ref(str(v).encode("utf-16-le"))
-    elif k is Kind.REF_BYTE_ARRAY:
-        w.ref(bytes(v))
-    elif k is Kind.BYTE_ARRAY:
-        if len(v) != f.size:
-            raise InfoBufferError(f"{f.name}: needs {f.size} bytes, got {len(v)}")
-        w.fixed += bytes(v)
-    elif k is Kind.UNSIZED_BYTE_ARRAY:
-        w.data += bytes(v)  # the rest of the buffer, unpadded
-    elif k is Kind.U32_ARRAY:
-        w.fixed += b"".join(_U32.pack(int(x)) for x in v)
-    elif k is Kind.STRUCT:
-        assert f.struct is not None
-        # An inline struct is flattened into its parent: its data goes to the parent's area.
-        _encode_fields(f.struct, v, w)
-    elif k is Kind.STRUCT_ARRAY:
-        assert f.struct is not None
-        blob = b"".join(encode(f.struct, item) for item in v)
-        w.fixed += _U32.pack(w.add_data(blob) if v else 0)
-    elif k is Kind.REF_STRUCT_ARRAY:
-        assert f.struct is not None
-        for item in v:
-            w.ref(encode(f.struct, item))
-    elif k is Kind.STRING_ARRAY:
-        for item in v:
-            w.ref(str(item).encode("utf-16-le"))
-    elif k in (Kind.REF_IPV4, Kind.REF_IPV6):
-        if v is None:
-            w.fixed += _U32.pack(0)
+    for name, counted, encoder in layout.encode_steps:
+        if counted is not None:
+            w.fixed += _U32.pack(len(values[counted]))
         else:
-            packed = (IPv4Address(v) if k is Kind.REF_IPV4 else IPv6Address(v)).packed
-            w.fixed += _U32.pack(w.add_data(packed))
-    elif k in (Kind.IPV4_ARRAY, Kind.IPV6_ARRAY):
-        cls = IPv4Address if k is Kind.IPV4_ARRAY else IPv6Address
-        blob = b"".join(cls(a).packed for a in v)
-        w.fixed += _U32.pack(w.add_data(blob) if v else 0)
-    else:  # pragma: no cover - every Kind is handled above
-        raise AssertionError(k)
+            encoder(layout, name, values[name], w)
+
+
+# One small encoder per Kind; (layout, field name) lets them find their Field when needed.
+_Encoder = Callable[[Layout, str, Any, _Writer], None]
+
+
+def _field(layout: Layout, name: str) -> Field:
+    for f in layout.fields:
+        if f.name == name:
+            return f
+    raise AssertionError(name)  # pragma: no cover
+
+
+def _enc_u32(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    w.fixed += _U32.pack(v)
+
+
+def _enc_u64(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    w.fixed += _U64.pack(v)
+
+
+def _enc_uuid(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    w.fixed += v.bytes if isinstance(v, UUID) else UUID(str(v)).bytes
+
+
+def _enc_ipv4(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    w.fixed += IPv4Address(v).packed
+
+
+def _enc_ipv6(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    w.fixed += IPv6Address(v).packed
+
+
+def _enc_string(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    if not isinstance(v, str):
+        raise InfoBufferError(f"{lay.name}.{name}: expected a string, got {v!r}")
+    w.ref(v.encode("utf-16-le"))
+
+
+def _enc_ref_bytes(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    w.ref(bytes(v))
+
+
+def _enc_bytes(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    size = _field(lay, name).size
+    if len(v) != size:
+        raise InfoBufferError(f"{lay.name}.{name}: needs {size} bytes, got {len(v)}")
+    w.fixed += bytes(v)
+
+
+def _enc_unsized(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    w.data += bytes(v)  # the rest of the buffer, unpadded
+
+
+def _enc_u32_array(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    w.fixed += struct.pack(f"<{len(v)}I", *v)
+
+
+def _enc_struct(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    # An inline struct is flattened into its parent: its data goes to the parent's area.
+    sub = _field(lay, name).struct
+    assert sub is not None
+    _encode_fields(sub, v, w)
+
+
+def _enc_struct_array(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    sub = _field(lay, name).struct
+    assert sub is not None
+    blob = b"".join(encode(sub, item) for item in v)
+    w.fixed += _U32.pack(w.add_data(blob) if v else 0)
+
+
+def _enc_ref_struct_array(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    sub = _field(lay, name).struct
+    assert sub is not None
+    for item in v:
+        w.ref(encode(sub, item))
+
+
+def _enc_string_array(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    for item in v:
+        _enc_string(lay, name, item, w)
+
+
+def _enc_ref_ipv4(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    w.fixed += _U32.pack(0 if v is None else w.add_data(IPv4Address(v).packed))
+
+
+def _enc_ref_ipv6(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    w.fixed += _U32.pack(0 if v is None else w.add_data(IPv6Address(v).packed))
+
+
+def _enc_ipv4_array(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    blob = b"".join(IPv4Address(a).packed for a in v)
+    w.fixed += _U32.pack(w.add_data(blob) if v else 0)
+
+
+def _enc_ipv6_array(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+    blob = b"".join(IPv6Address(a).packed for a in v)
+    w.fixed += _U32.pack(w.add_data(blob) if v else 0)
+
+
+_ENCODERS: dict[Kind, _Encoder] = {
+    Kind.U32: _enc_u32, Kind.U64: _enc_u64, Kind.UUID: _enc_uuid, Kind.IPV4: _enc_ipv4,
+    Kind.IPV6: _enc_ipv6, Kind.STRING: _enc_string, Kind.U32_ARRAY: _enc_u32_array,
+    Kind.BYTE_ARRAY: _enc_bytes, Kind.REF_BYTE_ARRAY: _enc_ref_bytes,
+    Kind.UNSIZED_BYTE_ARRAY: _enc_unsized, Kind.STRUCT: _enc_struct,
+    Kind.STRUCT_ARRAY: _enc_struct_array, Kind.REF_STRUCT_ARRAY: _enc_ref_struct_array,
+    Kind.STRING_ARRAY: _enc_string_array, Kind.REF_IPV4: _enc_ref_ipv4,
+    Kind.REF_IPV6: _enc_ref_ipv6, Kind.IPV4_ARRAY: _enc_ipv4_array,
+    Kind.IPV6_ARRAY: _enc_ipv6_array,
+}
 
 
 # ---------------------------------------------------------------------------------- decoding
@@ -363,21 +438,21 @@ class _Reader:
 
 def decode(layout: Layout, buf: bytes | memoryview) -> dict[str, Any]:
     """Decode an information buffer; trailing bytes after the items are allowed."""
-    r = _Reader(buf)
-    return _decode_fields(layout, r)
+    return _decode_fields(layout, _Reader(buf))
 
 
 def _decode_fields(layout: Layout, r: _Reader) -> dict[str, Any]:
     counts: dict[str, int] = {}
     out: dict[str, Any] = {}
-    for f in layout.fields:
-        if f.name in layout.count_fields:
-            n = r.u32(f.name)
-            counts[f.name] = n
-            continue
-        count = counts[f.count] if f.count is not None else 0
-        out[f.name] = _decode_field(f, count, r)
+    for f, is_count, decoder in layout.decode_steps:
+        if is_count:
+            counts[f.name] = r.u32(f.name)
+        else:
+            out[f.name] = decoder(f, counts[f.count] if f.count is not None else 0, r)
     return out
+
+
+_Decoder = Callable[[Field, int, _Reader], Any]
 
 
 def _check_count(f: Field, count: int, elem_size: int, r: _Reader) -> None:
@@ -386,7 +461,7 @@ def _check_count(f: Field, count: int, elem_size: int, r: _Reader) -> None:
         raise InfoBufferError(f"{f.name}: count {count} cannot fit in {len(r.buf)} bytes")
 
 
-def _decode_string(blob: memoryview, what: str) -> str:
+def _string_at(blob: memoryview, what: str) -> str:
     if len(blob) % 2:
         raise InfoBufferError(f"{what}: odd UTF-16 size {len(blob)}")
     try:
@@ -395,69 +470,55 @@ def _decode_string(blob: memoryview, what: str) -> str:
         raise InfoBufferError(f"{what}: bad UTF-16: {e}") from e
 
 
-def _decode_field(f: Field, count: int, r: _Reader) -> Any:
-    k = f.kind
-    if k is Kind.U32:
-        return r.u32(f.name)
-    if k is Kind.U64:
-        return int(_U64.unpack(r.take(8, f.name))[0])
-    if k is Kind.UUID:
-        return UUID(bytes=bytes(r.take(16, f.name)))
-    if k is Kind.IPV4:
-        return IPv4Address(bytes(r.take(4, f.name)))
-    if k is Kind.IPV6:
-        return IPv6Address(bytes(r.take(16, f.name)))
-    if k is Kind.STRING:
-        off, size = _PAIR.unpack(r.take(8, f.name))
-        return _decode_string(r.at(off, size, f.name), f.name)
-    if k is Kind.REF_BYTE_ARRAY:
-        off, size = _PAIR.unpack(r.take(8, f.name))
-        return bytes(r.at(off, size, f.name))
-    if k is Kind.BYTE_ARRAY:
-        return bytes(r.take(f.size, f.name))
-    if k is Kind.UNSIZED_BYTE_ARRAY:
-        return bytes(r.take(len(r.buf) - r.pos, f.name))
-    if k is Kind.U32_ARRAY:
-        _check_count(f, count, 4, r)
-        return [int(x) for (x,) in struct.iter_unpack("<I", r.take(4 * count, f.name))]
-    if k is Kind.STRUCT:
-        assert f.struct is not None
-        return _decode_fields(f.struct, r)
-    if k is Kind.STRUCT_ARRAY:
-        return _decode_struct_array(f, count, r)
-    if k is Kind.REF_STRUCT_ARRAY:
-        assert f.struct is not None
-        _check_count(f, count, 8, r)
-        items = []
-        for _ in range(count):
-            off, size = _PAIR.unpack(r.take(8, f.name))
-            items.append(decode(f.struct, r.at(off, size, f.name)))
-        return items
-    if k is Kind.STRING_ARRAY:
-        _check_count(f, count, 8, r)
-        strings = []
-        for _ in range(count):
-            off, size = _PAIR.unpack(r.take(8, f.name))
-            strings.append(_decode_string(r.at(off, size, f.name), f.name))
-        return strings
-    if k in (Kind.REF_IPV4, Kind.REF_IPV6):
-        off = r.u32(f.name)
-        if off == 0:
-            return None
-        if k is Kind.REF_IPV4:
-            return IPv4Address(bytes(r.at(off, 4, f.name)))
-        return IPv6Address(bytes(r.at(off, 16, f.name)))
-    if k in (Kind.IPV4_ARRAY, Kind.IPV6_ARRAY):
-        size = 4 if k is Kind.IPV4_ARRAY else 16
-        off = r.u32(f.name)
-        _check_count(f, count, size, r)
-        blob = r.at(off, size * count, f.name) if count else memoryview(b"")
-        cls = IPv4Address if k is Kind.IPV4_ARRAY else IPv6Address
-        return [cls(bytes(blob[i:i + size])) for i in range(0, size * count, size)]
-    raise AssertionError(k)  # pragma: no cover
+def _dec_u32(f: Field, count: int, r: _Reader) -> Any:
+    return r.u32(f.name)
 
 
-def _decode_struct_array(f: Field, count: int, r: _Reader) -> list[dict[str, Any]]:
+def _dec_u64(f: Field, count: int, r: _Reader) -> Any:
+    return int(_U64.unpack(r.take(8, f.name))[0])
+
+
+def _dec_uuid(f: Field, count: int, r: _Reader) -> Any:
+    return UUID(bytes=bytes(r.take(16, f.name)))
+
+
+def _dec_ipv4(f: Field, count: int, r: _Reader) -> Any:
+    return IPv4Address(bytes(r.take(4, f.name)))
+
+
+def _dec_ipv6(f: Field, count: int, r: _Reader) -> Any:
+    return IPv6Address(bytes(r.take(16, f.name)))
+
+
+def _dec_string(f: Field, count: int, r: _Reader) -> Any:
+    off, size = _PAIR.unpack(r.take(8, f.name))
+    return _string_at(r.at(off, size, f.name), f.name)
+
+
+def _dec_ref_bytes(f: Field, count: int, r: _Reader) -> Any:
+    off, size = _PAIR.unpack(r.take(8, f.name))
+    return bytes(r.at(off, size, f.name))
+
+
+def _dec_bytes(f: Field, count: int, r: _Reader) -> Any:
+    return bytes(r.take(f.size, f.name))
+
+
+def _dec_unsized(f: Field, count: int, r: _Reader) -> Any:
+    return bytes(r.take(len(r.buf) - r.pos, f.name))
+
+
+def _dec_u32_array(f: Field, count: int, r: _Reader) -> Any:
+    _check_count(f, count, 4, r)
+    return list(struct.unpack(f"<{count}I", r.take(4 * count, f.name)))
+
+
+def _dec_struct(f: Field, count: int, r: _Reader) -> Any:
+    assert f.struct is not None
+    return _decode_fields(f.struct, r)
+
+
+def _dec_struct_array(f: Field, count: int, r: _Reader) -> Any:
     assert f.struct is not None
     off = r.u32(f.name)
     elem = f.struct.min_size
@@ -466,3 +527,55 @@ def _decode_struct_array(f: Field, count: int, r: _Reader) -> list[dict[str, Any
         return []
     blob = r.at(off, elem * count, f.name)
     return [decode(f.struct, blob[i * elem:(i + 1) * elem]) for i in range(count)]
+
+
+def _dec_ref_struct_array(f: Field, count: int, r: _Reader) -> Any:
+    assert f.struct is not None
+    _check_count(f, count, 8, r)
+    items = []
+    for _ in range(count):
+        off, size = _PAIR.unpack(r.take(8, f.name))
+        items.append(decode(f.struct, r.at(off, size, f.name)))
+    return items
+
+
+def _dec_string_array(f: Field, count: int, r: _Reader) -> Any:
+    _check_count(f, count, 8, r)
+    return [_dec_string(f, 0, r) for _ in range(count)]
+
+
+def _dec_ref_ipv4(f: Field, count: int, r: _Reader) -> Any:
+    off = r.u32(f.name)
+    return None if off == 0 else IPv4Address(bytes(r.at(off, 4, f.name)))
+
+
+def _dec_ref_ipv6(f: Field, count: int, r: _Reader) -> Any:
+    off = r.u32(f.name)
+    return None if off == 0 else IPv6Address(bytes(r.at(off, 16, f.name)))
+
+
+def _dec_address_array(f: Field, count: int, r: _Reader) -> Any:
+    v4 = f.kind is Kind.IPV4_ARRAY
+    size = 4 if v4 else 16
+    off = r.u32(f.name)
+    _check_count(f, count, size, r)
+    if count == 0:
+        return []
+    blob = bytes(r.at(off, size * count, f.name))
+    cls = IPv4Address if v4 else IPv6Address
+    return [cls(blob[i:i + size]) for i in range(0, size * count, size)]
+
+
+_DECODERS: dict[Kind, _Decoder] = {
+    Kind.U32: _dec_u32, Kind.U64: _dec_u64, Kind.UUID: _dec_uuid, Kind.IPV4: _dec_ipv4,
+    Kind.IPV6: _dec_ipv6, Kind.STRING: _dec_string, Kind.U32_ARRAY: _dec_u32_array,
+    Kind.BYTE_ARRAY: _dec_bytes, Kind.REF_BYTE_ARRAY: _dec_ref_bytes,
+    Kind.UNSIZED_BYTE_ARRAY: _dec_unsized, Kind.STRUCT: _dec_struct,
+    Kind.STRUCT_ARRAY: _dec_struct_array, Kind.REF_STRUCT_ARRAY: _dec_ref_struct_array,
+    Kind.STRING_ARRAY: _dec_string_array, Kind.REF_IPV4: _dec_ref_ipv4,
+    Kind.REF_IPV6: _dec_ref_ipv6, Kind.IPV4_ARRAY: _dec_address_array,
+    Kind.IPV6_ARRAY: _dec_address_array,
+}
+assert set(_ENCODERS) == set(_DECODERS) == set(Kind)
+
+EMPTY = Layout("Empty")

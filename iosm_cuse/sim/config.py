@@ -117,7 +117,7 @@ class ModemConfig:
     def data_class_mask(self) -> int:
         mask = 0
         for name in self.data_classes:
-            mask |= DATA_CLASS_NAMES[name]
+            mask |= DATA_CLASS_NAMES[name].value   # plain ints: IntFlag arithmetic is slow
         return mask
 
     def session_ip(self, session_id: int) -> SessionIp:
