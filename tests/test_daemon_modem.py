@@ -1,0 +1,86 @@
+"""`iosm-cuse modem --shm FILE`: the model alone on a shared file, as the ivshmem backing file of
+a VM; here a host engine in this process meets it through the same file (both sides poll).
+
+Also the daemon's functions factory: what it attaches must answer on channel 6 (MBIM) and
+channel 0 (MUX sessions), which only the model process can show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from iosm_cuse.hw.engine import IpcEngine
+from iosm_cuse.hw.mux.host import MuxHost
+from iosm_cuse.hw.shm import HOST, ShmBus
+from iosm_cuse.mbim.message import Open, OpenDone, decode_message, encode_message
+
+IOSM_CUSE = str(Path(sys.executable).parent / "iosm-cuse")
+
+
+@pytest.fixture
+def modem(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    shm = tmp_path / "ivshmem.shm"
+    proc = subprocess.Popen([IOSM_CUSE, "modem", "--shm", str(shm), "--size", str(1 << 22)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        assert sel.select(30), "no line from iosm-cuse modem"
+        line = proc.stdout.readline()
+        assert f"serving {shm} (4194304 bytes, MUX lite)" in line, line
+        assert "-device ivshmem-plain" in line
+        yield proc, shm
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_engine_meets_the_standalone_model_on_the_file(
+        modem: tuple[subprocess.Popen[str], Path]) -> None:
+    proc, shm = modem
+    assert shm.stat().st_size == 1 << 22
+
+    async def main() -> None:
+        bus = ShmBus.open_file(shm, HOST)
+        engine = IpcEngine(bus, init_tries=1500)  # the model's Python may still be importing
+        try:
+            await asyncio.wait_for(engine.start(), 40)
+            # Channel 6: the MBIM function answers OPEN.
+            got: asyncio.Queue[bytes] = asyncio.Queue()
+            ch = await engine.open_channel(6, got.put_nowait)
+            ch.send(encode_message(Open(tid=1, max_control_transfer=4096)))
+            done = decode_message(await asyncio.wait_for(got.get(), 10))
+            assert done == OpenDone(tid=1, status=0)
+            await ch.close()
+            # Channel 0: the model's MUX opens and closes a session.
+            mux = MuxHost(engine)
+            await asyncio.wait_for(mux.open_session(3), 10)
+            assert mux.sessions == [3]
+            await asyncio.wait_for(mux.close_session(3), 10)
+        finally:
+            await engine.stop()
+            bus.close()
+
+    asyncio.run(main())
+    assert proc.poll() is None, "the model must outlive a host that stopped"
+
+
+def test_modem_refuses_an_unusable_file(tmp_path: Path) -> None:
+    res = subprocess.run([IOSM_CUSE, "modem", "--shm", str(tmp_path / "no" / "dir.shm")],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1
+    assert "No such file or directory" in res.stderr and "Traceback" not in res.stderr
