@@ -246,3 +246,27 @@ def test_no_open_no_close_chain(make_modem) -> None:  # type: ignore[no-untyped-
     assert field(out, "Activation state") == "activated"
     types = [decode_message(m).TYPE.name for m in modem.host_messages]
     assert types.count("OPEN") == 1 and types[-1] == "CLOSE"
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or not os.path.exists(
+    "/usr/libexec/mbim-proxy"), reason="needs unshare and libmbim's mbim-proxy")
+def test_through_the_real_mbim_proxy(make_modem) -> None:  # type: ignore[no-untyped-def]
+    """ModemManager's protocol path: mbimcli -p spawns mbim-proxy, which opens our port.
+
+    The proxy's abstract socket lives in a network namespace of its own and the proxy in a PID
+    namespace of its own, so it cannot meet a host proxy and dies with the namespace.
+    """
+    modem = make_modem()
+    dev = str(modem.link)
+    script = (f"mbimcli -p -d {dev} --query-device-caps && "
+              f"mbimcli -p -d {dev} --attach-packet-service && "
+              f"mbimcli -p -d {dev} --connect=session-id=1,access-string=internet")
+    proc = subprocess.run(["unshare", "--net", "--pid", "--fork", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert field(proc.stdout, "Device ID") == modem.fn.config.device_id
+    assert "10.99.1.2/24" in proc.stdout
+    # one OPEN from the proxy for all three clients; their OPEN/CLOSE stay in the proxy
+    types = [decode_message(m).TYPE.name for m in modem.host_messages]
+    assert types.count("OPEN") == 1, types
+    assert sorted(modem.fn.sessions) == [1]
