@@ -12,6 +12,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,3 +97,50 @@ def test_up_over_uio_with_the_model_on_the_host(ivshmem: Any,
             up.kill()
             up.wait()
         _restore_runner_token(ivshmem)
+
+
+def test_watch_starts_the_stack_on_bind(ivshmem: Any, host_process: Callable[[list[str]], str],
+                                        tmp_path: Path) -> None:
+    """`iosm-cuse watch` running before the device is bound starts `up` when the bind uevent
+    arrives (MBIM port appears) and stops it on unbind (the port goes away)."""
+    from iosm_cuse.hw.pci import read_device
+
+    port = Path("/dev/wwan2mbim0")
+    bdf = ivshmem.bdf
+    sysdev = Path("/sys/bus/pci/devices") / bdf
+    (sysdev / "driver" / "unbind").write_text(bdf)
+    host_process([IOSM_CUSE, "modem", "--shm", ivshmem.host_path])
+    errlog = tmp_path / "watch.err"
+    cmd = f"{IOSM_CUSE} up --device uio:{{bdf}} --transport cuse --port-name {port.name}"
+    with open(errlog, "w") as err:
+        watch = subprocess.Popen([IOSM_CUSE, "watch", "--test-device", "1af4:1110",
+                                  "--exec", cmd], stderr=err)
+    try:
+        _wait(lambda: "watching for" in errlog.read_text(), "watch to start")
+        assert not port.exists()
+        (sysdev / "driver_override").write_text("uio_pci_generic")
+        Path("/sys/bus/pci/drivers_probe").write_text(bdf)
+        _wait(port.exists, f"{port} after the bind", errlog)
+        res = subprocess.run(["mbimcli", "-d", str(port), "--query-device-caps"],
+                             capture_output=True, text=True, timeout=STEP, check=False)
+        assert res.returncode == 0, res.stderr
+        (sysdev / "driver" / "unbind").write_text(bdf)
+        _wait(lambda: not port.exists(), f"{port} to go after the unbind", errlog)
+        watch.send_signal(signal.SIGTERM)
+        assert watch.wait(STEP) == 0, errlog.read_text()
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+        if read_device(bdf).driver is None:  # hand the device back bound, as conftest wants it
+            (sysdev / "driver_override").write_text("uio_pci_generic")
+            Path("/sys/bus/pci/drivers_probe").write_text(bdf)
+        _restore_runner_token(ivshmem)
+
+
+def _wait(cond: Callable[[], bool], what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + STEP
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}" + (f"\n{log.read_text()}" if log else ""))
+        time.sleep(0.1)
