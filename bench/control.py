@@ -154,35 +154,48 @@ def startup() -> tuple[float | None, str | None]:
                 proc.wait()
 
 
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternate port and echo this many times; medians are reported")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    ports: list[dict[str, float]] = []
+    echoes: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="iosm-bench-") as tmp:
         port_link, echo_link = Path(tmp, "wwan9mbim0"), Path(tmp, "echo")
-        port = measure([sys.executable, "-m", "iosm_cuse.chardev", "--transport", "pty",
-                        "--link", str(port_link)], port_link, args.seconds, echo=False)
-        echo = measure([sys.executable, "-c", ECHO_SERVER, str(echo_link)], echo_link,
-                       args.seconds, echo=True)
+        for _ in range(args.rounds):
+            ports.append(measure([sys.executable, "-m", "iosm_cuse.chardev", "--transport",
+                                  "pty", "--link", str(port_link)], port_link, args.seconds,
+                                 echo=False))
+            echoes.append(measure([sys.executable, "-c", ECHO_SERVER, str(echo_link)],
+                                  echo_link, args.seconds, echo=True))
+    port, echo = median_of(ports), median_of(echoes)
     startup_s, startup_error = startup()
     result: dict[str, Any] = {
         "tps": round(port["tps"]), "p50_us": round(port["p50_us"], 1),
-        "p99_us": round(port["p99_us"], 1), "transactions": port["n"],
+        "p99_us": round(port["p99_us"], 1), "transactions": round(port["n"]),
         "pty_echo_tps": round(echo["tps"]), "pty_echo_p50_us": round(echo["p50_us"], 1),
         "pty_echo_p99_us": round(echo["p99_us"], 1),
         "ratio_to_pty_echo": round(port["tps"] / echo["tps"], 3),
         "startup_s": None if startup_s is None else round(startup_s, 3),
         "startup_error": startup_error, "transport": "pty", "command": "DEVICE_CAPS query",
+        "rounds": args.rounds, "load_avg_1m": os.getloadavg()[0],
     }
     if args.json:
         print(json.dumps(result))
     else:
         print(f"MBIM port (pty): {result['tps']} transactions/s, p50 {result['p50_us']} us, "
-              f"p99 {result['p99_us']} us ({result['transactions']} sequential)")
+              f"p99 {result['p99_us']} us (median of {args.rounds} rounds)")
         print(f"bare PTY echo:   {result['pty_echo_tps']} round trips/s, "
               f"p50 {result['pty_echo_p50_us']} us, p99 {result['pty_echo_p99_us']} us")
-        print(f"ratio port/echo: {result['ratio_to_pty_echo']}")
+        print(f"ratio port/echo: {result['ratio_to_pty_echo']}  "
+              f"(load average {result['load_avg_1m']:.1f} on {os.cpu_count()} CPUs)")
         print(f"iosm-cuse up -> ready: "
               f"{result['startup_s'] if startup_s is not None else 'n/a: ' + str(startup_error)}")
     return 0

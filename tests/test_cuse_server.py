@@ -342,3 +342,19 @@ def test_device_caps_with_the_real_mbim_function() -> None:
             done = decode_message((await k.recv()).body)
             assert isinstance(done, CommandDone) and done.tid == 2 and done.status == 0
     run(body)
+
+
+def test_start_fails_cleanly_when_the_kernel_goes_away() -> None:
+    async def body() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        port = MbimPort(LoopbackOpener(answer_open))
+        server = CuseServer(port, fd=ours.detach())
+        theirs.close()  # like the kernel aborting the connection before CUSE_INIT
+        try:
+            await server.start(timeout=5)
+        except OSError as exc:
+            assert exc.errno == errno.ENODEV
+        else:
+            raise AssertionError("start() succeeded without CUSE_INIT")
+        assert server.fd == -1 and port._listeners == []
+    run(body)

@@ -347,13 +347,13 @@ class CuseServer:
         """Open /dev/cuse (CuseUnavailable if impossible), answer CUSE_INIT, and return once
         the device node exists."""
         self._loop = asyncio.get_running_loop()
-        self.fd = open_cuse() if self._given_fd is None else self._given_fd
-        os.set_blocking(self.fd, False)
         self._ready = self._loop.create_future()
         self.session.on_init = lambda: self._set_ready(None)
         self.session.on_destroy = self._destroyed
-        self._loop.add_reader(self.fd, self._on_readable)
         try:
+            self.fd = open_cuse() if self._given_fd is None else self._given_fd
+            os.set_blocking(self.fd, False)
+            self._loop.add_reader(self.fd, self._on_readable)
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
             if self.wait_for_node:
                 await self._wait_node(time.monotonic() + timeout)
