@@ -95,8 +95,8 @@ class Up:
         out = _ip("-n", self.ns, "-j", "link", "show").stdout
         return {ln["ifname"]: ln["ifindex"] for ln in json.loads(out) if ln["ifname"] != "lo"}
 
-    def terminate(self) -> tuple[int, str]:
-        self.proc.send_signal(signal.SIGTERM)
+    def terminate(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        self.proc.send_signal(sig)
         try:
             _, err = self.proc.communicate(timeout=15)
         except subprocess.TimeoutExpired:
@@ -210,6 +210,9 @@ def test_model_crash_is_recovered_and_links_kept(up: Up) -> None:
     caps = up.mbimcli("--query-device-caps")
     assert caps.returncode == 0, caps.stderr
     _connect_and_ping(up, "wwan0-1", 1)
-    code, err = up.terminate()
+    new_pid = up.status()["modem"]["pid"]
+    code, err = up.terminate(signal.SIGINT)
     assert code == 0, err
-    assert "modem down" in err
+    assert "modem down" in err and "Traceback" not in err
+    assert up.links() == {}
+    assert not Path(f"/proc/{new_pid}").exists(), "model process left behind"
