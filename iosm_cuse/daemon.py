@@ -71,8 +71,20 @@ def parse_device(text: str) -> DeviceSpec:
     if text == "sim":
         return DeviceSpec("sim")
     if text.startswith("uio:") or text.startswith("/dev/uio"):
-        return DeviceSpec("uio", text.removeprefix("uio:"))
+        return DeviceSpec("uio", _pci_address(text))
     raise UpError(f"--device {text!r}: expected auto, sim, uio:<PCI address> or /dev/uioN")
+
+
+def _pci_address(text: str) -> str:
+    """The PCI address behind a uio spec, so /dev/uio0 and uio:<bdf> lock the same device;
+    the spec as given when sysfs cannot tell (opening it will then say why)."""
+    from iosm_cuse.hw.pci import PciError
+    from iosm_cuse.hw.uio import parse_device_spec
+
+    try:
+        return parse_device_spec(text).bdf
+    except (PciError, OSError):
+        return text.removeprefix("uio:")
 
 
 def find_default_device() -> DeviceSpec:
