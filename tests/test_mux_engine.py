@@ -17,13 +17,6 @@ from dataclasses import asdict
 from typing import Any
 
 import pytest
-
-from iosm_cuse.hw.channels import MuxMode
-from iosm_cuse.hw.engine import EngineState, IpcEngine
-from iosm_cuse.hw.mux.host import QUEUE_LIMIT_FC, MuxHost
-from iosm_cuse.sim.device import DeviceConfig, DeviceModel
-from iosm_cuse.sim.mux import MuxDevice
-from iosm_cuse.sim.process import ModelProcess
 from test_mux_pair import (
     DOWN,
     UP,
@@ -35,6 +28,13 @@ from test_mux_pair import (
     run,
     until,
 )
+
+from iosm_cuse.hw.channels import MuxMode
+from iosm_cuse.hw.engine import EngineState, IpcEngine
+from iosm_cuse.hw.mux.host import QUEUE_LIMIT_FC, MuxHost
+from iosm_cuse.sim.device import DeviceConfig, DeviceModel
+from iosm_cuse.sim.mux import MuxDevice
+from iosm_cuse.sim.process import ModelProcess
 
 CTL = b"\xffCTL "
 RPT = b"\xffRPT "
