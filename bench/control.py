@@ -5,6 +5,8 @@ MbimPort -> PtyTransport), and this process as the client: sequential BASIC_CONN
 DEVICE_CAPS queries (write one COMMAND, read the whole COMMAND_DONE), as mbimcli does them.
 Baseline: the same client against a minimal process that echoes a raw PTY's bytes back, so the
 ratio shows what the port, the framing and the MBIM function cost over the PTY itself.
+Also: the CUSE server in its own process behind a fake kernel on a seqpacket socketpair (WRITE +
+parked READ per transaction; the host has no /dev/cuse, and the guest is too slow to measure).
 startup_s: `iosm-cuse up --device sim --transport pty` until its ready line (null if it fails).
 
     .venv/bin/python bench/control.py [--seconds S] [--json]
@@ -18,6 +20,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from iosm_cuse.chardev import cuse
 from iosm_cuse.mbim.cids import BasicConnect
 from iosm_cuse.mbim.message import HEADER, Command, Open, decode_message, encode_message
 from iosm_cuse.mbim.uuids import Service
@@ -127,6 +131,58 @@ def measure(argv: list[str], link: Path, seconds: float, echo: bool) -> dict[str
             "n": len(lat)}
 
 
+def cuse_round_trips(seconds: float) -> dict[str, float]:
+    """The CUSE server in its own process behind a fake kernel (this process) on a seqpacket
+    socketpair: per transaction one WRITE (the COMMAND) and one READ (the COMMAND_DONE, parked
+    until it arrives) - what the kernel sends for a blocking client of /dev/wwan0mbim0."""
+    kernel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen([sys.executable, "-m", "iosm_cuse.chardev", "--cuse-fd",
+                             str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    theirs.close()
+    unique = 0
+
+    def call(opcode: int, body: dict[str, int], data: bytes = b"") -> cuse.Reply:
+        nonlocal unique
+        unique += 2
+        kernel.send(cuse.encode_request(opcode, unique, body, data))
+        reply = cuse.decode_reply(kernel.recv(1 << 18))
+        if reply.unique != unique or reply.error < 0:
+            raise RuntimeError(f"CUSE reply {reply}")
+        return reply
+
+    try:
+        call(cuse.Op.CUSE_INIT, {"major": 7, "minor": 38, "flags": 1})
+        fh = cuse.LAYOUTS["open_out"].unpack(call(cuse.Op.OPEN, {"flags": os.O_RDWR}).body)["fh"]
+        lat: list[float] = []
+
+        def one(tid: int) -> bytes:
+            req = encode_message(Command(tid, Service.BASIC_CONNECT.value,
+                                         BasicConnect.DEVICE_CAPS, 0))
+            call(cuse.Op.WRITE, {"fh": fh, "size": len(req)}, req)
+            return call(cuse.Op.READ, {"fh": fh, "size": 4096}).body
+
+        op = encode_message(Open(1, 4096))
+        call(cuse.Op.WRITE, {"fh": fh, "size": len(op)}, op)
+        call(cuse.Op.READ, {"fh": fh, "size": 4096})
+        tid = 2
+        end = time.perf_counter() + seconds
+        while True:
+            t0 = time.perf_counter()
+            if decode_message(one(tid)).tid != tid:
+                raise RuntimeError("reply for another transaction")
+            t1 = time.perf_counter()
+            lat.append(t1 - t0)
+            tid += 1
+            if t1 > end:
+                break
+    finally:
+        kernel.close()
+        stop(proc)
+    q = statistics.quantiles(lat, n=100)
+    return {"tps": len(lat) / sum(lat), "p50_us": q[49] * 1e6, "p99_us": q[98] * 1e6}
+
+
 def startup() -> tuple[float | None, str | None]:
     """Seconds from starting `iosm-cuse up` to its ready line, or (None, why)."""
     exe = shutil.which("iosm-cuse") or str(Path(sys.executable).parent / "iosm-cuse")
@@ -176,6 +232,7 @@ def main() -> int:
             echoes.append(measure([sys.executable, "-c", ECHO_SERVER, str(echo_link)],
                                   echo_link, args.seconds, echo=True))
     port, echo = median_of(ports), median_of(echoes)
+    fake = median_of([cuse_round_trips(args.seconds) for _ in range(args.rounds)])
     startup_s, startup_error = startup()
     result: dict[str, Any] = {
         "tps": round(port["tps"]), "p50_us": round(port["p50_us"], 1),
@@ -185,6 +242,8 @@ def main() -> int:
         "ratio_to_pty_echo": round(port["tps"] / echo["tps"], 3),
         "startup_s": None if startup_s is None else round(startup_s, 3),
         "startup_error": startup_error, "transport": "pty", "command": "DEVICE_CAPS query",
+        "cuse_fake_kernel_tps": round(fake["tps"]), "cuse_fake_kernel_p50_us":
+        round(fake["p50_us"], 1), "cuse_fake_kernel_p99_us": round(fake["p99_us"], 1),
         "rounds": args.rounds, "load_avg_1m": os.getloadavg()[0],
     }
     if args.json:
@@ -194,6 +253,9 @@ def main() -> int:
               f"p99 {result['p99_us']} us (median of {args.rounds} rounds)")
         print(f"bare PTY echo:   {result['pty_echo_tps']} round trips/s, "
               f"p50 {result['pty_echo_p50_us']} us, p99 {result['pty_echo_p99_us']} us")
+        print(f"CUSE server behind a fake kernel: {result['cuse_fake_kernel_tps']} "
+              f"transactions/s, p50 {result['cuse_fake_kernel_p50_us']} us, "
+              f"p99 {result['cuse_fake_kernel_p99_us']} us")
         print(f"ratio port/echo: {result['ratio_to_pty_echo']}  "
               f"(load average {result['load_avg_1m']:.1f} on {os.cpu_count()} CPUs)")
         print(f"iosm-cuse up -> ready: "

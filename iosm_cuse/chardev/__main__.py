@@ -13,11 +13,11 @@ import logging
 import signal
 import sys
 
-from iosm_cuse.chardev import start_transport
+from iosm_cuse.chardev import Transport, start_transport
 from iosm_cuse.chardev.loopback import LoopbackOpener, answer_open
 from iosm_cuse.chardev.port import MbimPort
 from iosm_cuse.chardev.pty import DEFAULT_LINK
-from iosm_cuse.chardev.server import DEFAULT_DEVNAME, CuseUnavailable
+from iosm_cuse.chardev.server import DEFAULT_DEVNAME, CuseServer, CuseUnavailable
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -29,8 +29,12 @@ async def serve(args: argparse.Namespace) -> int:
         responder = MbimFunction().receive
     port = MbimPort(LoopbackOpener(responder))
     try:
-        transport = await start_transport(port, transport=args.transport, devname=args.devname,
-                                          link=args.link)
+        if args.cuse_fd is not None:
+            transport: Transport = CuseServer(port, args.devname, fd=args.cuse_fd)
+            await transport.start()
+        else:
+            transport = await start_transport(port, transport=args.transport,
+                                              devname=args.devname, link=args.link)
     except (CuseUnavailable, OSError) as exc:
         print(f"iosm-cuse chardev: {exc}", file=sys.stderr)
         return 1
@@ -54,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--link", default=str(DEFAULT_LINK), help="PTY symlink")
     parser.add_argument("--minimal", action="store_true",
                         help="answer OPEN/CLOSE/COMMAND with empty successes, no modem model")
+    parser.add_argument("--cuse-fd", type=int, metavar="FD",
+                        help="speak CUSE on this inherited SOCK_SEQPACKET fd (a fake kernel)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
