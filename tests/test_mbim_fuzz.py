@@ -23,7 +23,6 @@ from iosm_cuse.mbim.infobuf import Kind, Layout
 from iosm_cuse.mbim.message import (
     Close,
     Command,
-    CommandDone,
     Fragment,
     HostError,
     Open,
@@ -157,11 +156,12 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(b)
 
 
-def check_answer(transfer: bytes, fn: MbimFunction) -> None:
+def check_answer(transfer: bytes, fn: MbimFunction) -> MessageType:
     assert len(transfer) <= max(fn.max_transfer, 16)
     item = decode_transfer(transfer)     # raises if malformed
     mtype = item.type if isinstance(item, Fragment) else item.TYPE
     assert mtype in DEVICE_TYPES
+    return mtype
 
 
 @pytest.mark.timeout(120)
@@ -192,12 +192,19 @@ def test_fuzz_receive_100k() -> None:
                 data = mutate(transfer, rng)
             else:
                 data = rng.randbytes(rng.randint(0, 80))
+            was_open = fn.opened
             out = fn.receive(data) + fn.pending_indications()
             sent += 1
+            if roll < 0.5 and len(data) > 20 and struct.unpack_from("<II", data, 12) == (1, 0):
+                # an intact single-fragment message is always answered, first, with its TID
+                (tid,) = struct.unpack_from("<I", data, 8)
+                assert out and struct.unpack_from("<I", out[0], 8)[0] == tid
+                if was_open and data[:4] == b"\x03\0\0\0":
+                    assert struct.unpack_from("<I", out[0])[0] in (
+                        MessageType.COMMAND_DONE, MessageType.FUNCTION_ERROR)
             for t in out:
-                check_answer(t, fn)
                 answers += 1
-                commands_done += isinstance(decode_transfer(t), CommandDone)
+                commands_done += check_answer(t, fn) is MessageType.COMMAND_DONE
             sessions_seen |= set(fn.sessions)
     elapsed = time.perf_counter() - start
     assert fn.internal_errors == 0
