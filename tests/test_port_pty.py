@@ -174,3 +174,24 @@ def test_pty_transport_backpressure_keeps_messages_whole(tmp_path: Path) -> None
             os.close(fd)
             await t.close()
     asyncio.run(asyncio.wait_for(body(), 20))
+
+
+@pytest.mark.skipif(os.path.exists("/dev/cuse"), reason="this kernel has CUSE: no fallback")
+def test_auto_falls_back_to_the_pty_and_says_so_once(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        port = MbimPort(LoopbackOpener(answer_open))
+        with caplog.at_level(logging.INFO, logger="iosm_cuse"):
+            t = await start_transport(port, transport="auto", link=tmp_path / "wwan0mbim0")
+        try:
+            assert isinstance(t, PtyTransport) and t.fallback and t.transport == "pty"
+            assert t.reason is not None and "/dev/cuse" in t.reason
+            said = [r for r in caplog.records if "no CUSE" in r.getMessage()]
+            assert len(said) == 1 and said[0].levelno == logging.WARNING
+            assert "pty fallback" in t.description
+        finally:
+            await t.close()
+            await port.close()
+        with pytest.raises(OSError):
+            await start_transport(MbimPort(LoopbackOpener(answer_open)), transport="cuse")
+    asyncio.run(asyncio.wait_for(body(), 20))
