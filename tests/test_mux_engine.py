@@ -179,3 +179,36 @@ def test_two_processes_8_sessions_10k_each_way_and_flow_control(mode: MuxMode) -
             await mp.close()
 
     run(main(), timeout=240)
+
+
+def test_sessions_come_back_by_themselves_after_a_modem_restart() -> None:
+    async def main() -> None:
+        mp = await ModelProcess.spawn(functions=FACTORY, config=asdict(DeviceConfig()))
+        eng = IpcEngine(mp.bus)
+        try:
+            await eng.start()
+            mux = MuxHost(eng)
+            h = Host(mux)
+            for i in (0, 2):
+                await mux.open_session(i)
+            await host_send(mux, h.flow, 100, range(0, 3, 2))
+            await h.report_when(lambda r: r["next"][2] == 100, 10, "first packets")
+
+            await mp.crash()
+            await until(lambda: eng.state is EngineState.DOWN, 5, "engine DOWN")
+            assert h.flow.stopped[0] and h.flow.stopped[2]  # links stop reading
+            assert mux.sessions == [] and not mux.transmit(2, packet(UP, 2, 100))
+
+            await mp.recover()
+            await eng.start()
+            await until(lambda: mux.sessions == [0, 2], 5, "sessions reopened")
+            assert not h.flow.stopped[0] and not h.flow.stopped[2]
+            for i in range(100, 200):
+                assert mux.transmit(2, packet(UP, 2, i))
+            r = await h.report_when(lambda r: r["next"][2] == 200, 10, "packets after restart")
+            assert not r["bad"] and r["counters"]["sessions_opened"] == 4  # 2 before, 2 after
+        finally:
+            await eng.stop()
+            await mp.close()
+
+    run(main(), timeout=60)
