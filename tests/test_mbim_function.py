@@ -8,6 +8,8 @@ from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iosm_cuse.mbim import cids, infobuf
 from iosm_cuse.mbim.cids import BasicConnect as B
@@ -471,3 +473,64 @@ def test_adapter_reports_fragment_timeout_from_the_loop() -> None:
 
     msgs = asyncio.run(run())
     assert msgs[-1] == FunctionError(9, ProtocolError.TIMEOUT_FRAGMENT)
+
+
+# ------------------------------------------------------------------------- invariants
+
+ACTIONS = st.one_of(
+    st.tuples(st.just("attach"), st.integers(0, 1)),
+    st.tuples(st.just("radio"), st.integers(0, 1)),
+    st.tuples(st.just("connect"), st.integers(0, 8)),
+    st.tuples(st.just("disconnect"), st.integers(0, 8)),
+    st.tuples(st.just("pin"), st.sampled_from(["0000", "9999"])),
+    st.tuples(st.just("puk"), st.sampled_from(["12345678", "00000000"])),
+    st.tuples(st.just("register"), st.sampled_from(["", "00101", "00102", "77777"])),
+    st.tuples(st.just("reopen"), st.just(0)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.booleans(), st.lists(ACTIONS, max_size=40))
+def test_state_machine_invariants(locked: bool, actions: list[tuple[str, Any]]) -> None:
+    h = Host(MbimFunction(ModemConfig(pin_required=locked)))
+    announced: dict[int, SessionState] = {}
+    indicated: dict[int, int] = {}
+    for name, arg in actions:
+        if name == "attach":
+            h.attach(arg)
+        elif name == "radio":
+            h.command(B.RADIO_STATE, S, {"RadioState": arg})
+        elif name == "connect":
+            h.connect(sid=arg)
+        elif name == "disconnect":
+            h.connect(sid=arg, command=0)
+        elif name == "pin":
+            h.pin(arg)
+        elif name == "puk":
+            h.pin(arg, new_pin="0000", ptype=11)
+        elif name == "register":
+            h.command(B.REGISTER_STATE, S, {"ProviderId": arg, "RegisterAction": int(bool(arg)),
+                                           "DataClass": 0})
+        else:
+            h.send(encode_message(Open(h.next_tid(), 4096)))
+        for sid, state in h.events:
+            if state is None:
+                announced.pop(sid, None)
+            else:
+                announced[sid] = state
+        h.events.clear()
+        for cid, values in h.indications():
+            if cid == B.CONNECT:
+                indicated[values["SessionId"]] = values["ActivationState"]
+        fn = h.fn
+        # the gateway's view (listener) is the function's view
+        assert announced == fn.sessions
+        # what was indicated last for a session is its state now
+        for sid, activation in indicated.items():
+            assert (activation == 1) == (sid in fn.sessions)
+        if fn.sessions:
+            assert fn.attached and fn.radio_on and fn.sim_ready
+        if fn.attached:
+            assert fn.registered_provider is not None
+        assert all(0 <= sid < fn.config.max_sessions for sid in fn.sessions)
+        assert fn.internal_errors == 0
