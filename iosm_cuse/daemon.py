@@ -501,7 +501,7 @@ async def spawn_model(opts: UpOptions) -> Any:
 
     from iosm_cuse.sim.config import ConfigError, ModemConfig
     from iosm_cuse.sim.device import DeviceConfig
-    from iosm_cuse.sim.process import ModelError, ModelProcess
+    from iosm_cuse.sim.process import ModelError
 
     if opts.config is not None:  # fail here, with the reason, not in the child
         try:
@@ -511,11 +511,31 @@ async def spawn_model(opts: UpOptions) -> Any:
     options = {"config": str(opts.config) if opts.config else None, "gateway": opts.gateway,
                "mux": opts.mux}
     try:
-        return await ModelProcess.spawn(
+        return await _model_class().spawn(
             functions=MODEL_FUNCTIONS, config=asdict(DeviceConfig.for_mux(opts.mux or "lite")),
             options=options)
     except ModelError as exc:
         raise UpError(f"modem model: {exc}") from exc
+
+
+def _model_class() -> Any:
+    from iosm_cuse.sim.process import ModelProcess
+
+    class PatientModel(ModelProcess):
+        """ModelProcess waits 10 s for a new child's first answer; under TCG (the kernel-tier
+        guest, Python 11x slower) importing the model takes longer. Waiting longer costs
+        nothing when the child is quick, as the answer ends the wait."""
+
+        async def command(self, op: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
+            if op == "ping":
+                timeout = max(timeout, MODEL_START_TIMEOUT)
+            result: dict[str, Any] = await super().command(op, timeout, **args)
+            return result
+
+    return PatientModel
+
+
+MODEL_START_TIMEOUT = 120.0
 
 
 def model_functions(model: Any, options: dict[str, Any]) -> None:
