@@ -141,6 +141,7 @@ class MuxHost:
         self._mode_arg = mode
         self._credit_arg = ul_credit
         self.mode, self.ul_credit = self._caps()
+        self._max_ip = max_ip_packet(self.mode)
         self._sessions: list[_Session | None] = [None] * MAX_SESSIONS
         self._channel: ChannelLike | None = None
         self._channel_lock = asyncio.Lock()
@@ -178,7 +179,7 @@ class MuxHost:
 
     @property
     def max_ip_packet(self) -> int:
-        return max_ip_packet(self.mode)
+        return self._max_ip
 
     async def _open_engine_channel(self, on_receive: Receiver) -> ChannelLike:
         ch: ChannelLike = await self.engine.open_channel(0, on_receive, self._on_channel_error)
@@ -245,6 +246,7 @@ class MuxHost:
     async def _ensure_channel(self) -> ChannelLike:
         if self._channel is None:
             self.mode, self.ul_credit = self._caps()
+            self._max_ip = max_ip_packet(self.mode)
             self._loop = asyncio.get_running_loop()
             self._reset_ul()
             try:
@@ -332,7 +334,7 @@ class MuxHost:
                 self.tx_no_session += 1
             return False
         n = len(ip_packet)
-        if n == 0 or n > self.max_ip_packet:
+        if n == 0 or n > self._max_ip:
             s.drop_too_big += 1
             return False
         q = s.queue
@@ -640,6 +642,8 @@ class MuxHost:
     async def _reopen(self) -> None:
         try:
             for if_id in sorted(self._lost):
+                if if_id not in self._lost:  # closed meanwhile
+                    continue
                 try:
                     await self.open_session(if_id)
                 except MuxError as exc:
