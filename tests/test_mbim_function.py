@@ -534,3 +534,16 @@ def test_state_machine_invariants(locked: bool, actions: list[tuple[str, Any]]) 
             assert fn.registered_provider is not None
         assert all(0 <= sid < fn.config.max_sessions for sid in fn.sessions)
         assert fn.internal_errors == 0
+
+
+def test_without_a_sim() -> None:
+    h = Host(MbimFunction(ModemConfig(sim_present=False)))
+    _, ready = h.command(B.SUBSCRIBER_READY_STATUS, Q)
+    assert ready and ready["ReadyState"] == ReadyState.SIM_NOT_INSERTED
+    assert ready["SimIccId"] == "" and ready["SubscriberId"] == ""
+    assert h.command(B.PIN, Q) == (Status.SIM_NOT_INSERTED, None)
+    _, reg = h.command(B.REGISTER_STATE, Q)
+    assert reg and reg["RegisterState"] == RegisterState.DEREGISTERED
+    assert h.attach()[0] == Status.SIM_NOT_INSERTED
+    assert h.connect()[0] == Status.SIM_NOT_INSERTED
+    assert h.command(B.HOME_PROVIDER, Q) == (Status.SIM_NOT_INSERTED, None)
