@@ -3,14 +3,11 @@ kernels without CUSE, a PTY (`pty`). `start_transport` picks one and says which.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from iosm_cuse.chardev.port import MbimPort
 from iosm_cuse.chardev.pty import DEFAULT_LINK, PtyTransport
 from iosm_cuse.chardev.server import DEFAULT_DEVNAME, CuseServer, CuseUnavailable
-
-log = logging.getLogger("iosm_cuse.chardev")
 
 Transport = CuseServer | PtyTransport
 
