@@ -28,7 +28,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any
 
@@ -143,21 +143,29 @@ def _pseudo6(src: bytes, dst: bytes, length: int) -> bytes:
 
 @dataclass(frozen=True)
 class SessionAddresses:
-    """What the gateway checks and routes by, for one connected session."""
+    """What the gateway checks and routes by, for one connected session. The keys are the
+    bytes compared per packet: the IPv4 address, and the IPv6 /64 prefix (a network delegates
+    a prefix to a UE: any address in it is the session's) or, for another prefix length, the
+    exact address."""
 
     session_id: int
     ipv4: IPv4Interface | None
     ipv6: IPv6Interface | None
+    v4_key: bytes | None = field(init=False)
+    v6_key: bytes | None = field(init=False)
 
-    def v4_key(self) -> bytes | None:
-        return self.ipv4.ip.packed if self.ipv4 is not None else None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "v4_key", self.ipv4.ip.packed if self.ipv4 else None)
+        v6 = None
+        if self.ipv6 is not None:
+            v6 = self.ipv6.ip.packed[:8] if self.ipv6.network.prefixlen == 64 \
+                else self.ipv6.ip.packed
+        object.__setattr__(self, "v6_key", v6)
 
-    def v6_key(self) -> bytes | None:
-        if self.ipv6 is None:
-            return None
-        # A /64 (the default) is the UE's prefix: any address in it is the session's.
-        return self.ipv6.ip.packed[:8] if self.ipv6.network.prefixlen == 64 \
-            else self.ipv6.ip.packed
+
+COUNTERS = ("ul_packets", "ul_bytes", "dl_packets", "dl_bytes", "echo_replies",
+            "drop_not_connected", "drop_source", "drop_malformed", "drop_not_echo",
+            "drop_no_session", "drop_downlink", "drop_tun_write")
 
 
 # ---- the gateway ------------------------------------------------------------------------------
@@ -173,18 +181,21 @@ class Gateway:
         self.sessions: dict[int, SessionAddresses] = {}
         self._by_v4: dict[bytes, int] = {}
         self._by_v6: dict[bytes, int] = {}
-        self.counters: dict[str, int] = {
-            "ul_packets": 0, "ul_bytes": 0, "dl_packets": 0, "dl_bytes": 0,
-            "echo_replies": 0, "drop_not_connected": 0, "drop_source": 0,
-            "drop_malformed": 0, "drop_not_echo": 0, "drop_no_session": 0,
-            "drop_downlink": 0, "drop_tun_write": 0,
-        }
+        # Counters are plain attributes: they are bumped once or twice per packet.
+        self.ul_packets = self.ul_bytes = self.dl_packets = self.dl_bytes = 0
+        self.echo_replies = self.drop_not_connected = self.drop_source = 0
+        self.drop_malformed = self.drop_not_echo = self.drop_no_session = 0
+        self.drop_downlink = self.drop_tun_write = 0
         self._logged: set[str] = set()
         self._fd = -1
         self._buf = bytearray(65536)
         self._view = memoryview(self._buf)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._created_netns = False
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in COUNTERS}
 
     # -- sessions (the MBIM function's session_listener)
 
@@ -200,66 +211,69 @@ class Gateway:
         addrs = SessionAddresses(session_id, getattr(state, "ipv4", None),
                                  getattr(state, "ipv6", None))
         self.sessions[session_id] = addrs
-        if (k4 := addrs.v4_key()) is not None:
-            self._by_v4[k4] = session_id
-        if (k6 := addrs.v6_key()) is not None:
-            self._by_v6[k6] = session_id
+        if addrs.v4_key is not None:
+            self._by_v4[addrs.v4_key] = session_id
+        if addrs.v6_key is not None:
+            self._by_v6[addrs.v6_key] = session_id
         log.info("gateway: session %d connected (%s, %s)", session_id, addrs.ipv4, addrs.ipv6)
 
     def _unindex(self, addrs: SessionAddresses) -> None:
-        for table, key in ((self._by_v4, addrs.v4_key()), (self._by_v6, addrs.v6_key())):
+        for table, key in ((self._by_v4, addrs.v4_key), (self._by_v6, addrs.v6_key)):
             if key is not None and table.get(key) == addrs.session_id:
                 del table[key]
 
-    # -- uplink: from the host through the device MUX
+    # -- uplink: from the host through the device MUX (once per packet: kept flat)
 
     def uplink(self, if_id: int, pkt: bytes) -> None:
-        c = self.counters
         addrs = self.sessions.get(if_id)
         if addrs is None:
-            c["drop_not_connected"] += 1
-            self._log_once(f"nc{if_id}", "gateway: dropped packets of session %d: not connected",
-                           if_id)
+            self.drop_not_connected += 1
+            self._log_once(f"nc{if_id}", "gateway: dropped packets of session %d: not "
+                           "connected", if_id)
             return
-        parsed = parse_addresses(pkt)
-        if parsed is None:
-            c["drop_malformed"] += 1
+        n = len(pkt)
+        version = pkt[0] >> 4 if n else 0
+        if version == 4 and n >= 20:
+            ok = pkt[12:16] == addrs.v4_key
+        elif version == 6 and n >= 40:
+            k6 = addrs.v6_key
+            ok = k6 is not None and (pkt[8:16] == k6 or pkt[8:24] == k6)
+        else:
+            self.drop_malformed += 1
             self._log_once("mal", "gateway: dropped a malformed packet from session %d", if_id)
             return
-        version, src, _dst = parsed
-        ok = src == addrs.v4_key() if version == 4 else addrs.v6_key() in (src[:8], src)
         if not ok:
-            c["drop_source"] += 1
+            self.drop_source += 1
             self._log_once(f"src{if_id}", "gateway: dropped packets of session %d with a source "
                            "address not the session's", if_id)
             return
-        c["ul_packets"] += 1
-        c["ul_bytes"] += len(pkt)
-        if self.mode == "echo":
+        self.ul_packets += 1
+        self.ul_bytes += n
+        if self._fd < 0:
             self._echo(if_id, pkt)
             return
         try:
             os.write(self._fd, pkt)
         except OSError as exc:
-            c["drop_tun_write"] += 1
+            self.drop_tun_write += 1
             self._log_once("tunw", "gateway: TUN write failed: %s", exc)
 
     def _echo(self, if_id: int, pkt: bytes) -> None:
         reply = echo_reply(pkt)
         if reply is None:
-            self.counters["drop_not_echo"] += 1
+            self.drop_not_echo += 1
             self._log_once("ne", "gateway (echo mode): dropped a packet that is not an echo "
                            "request")
             return
-        self.counters["echo_replies"] += 1
+        self.echo_replies += 1
         self._send_down(if_id, reply)
 
     def _send_down(self, if_id: int, pkt: bytes) -> None:
         if self.downlink is not None and self.downlink(if_id, pkt):
-            self.counters["dl_packets"] += 1
-            self.counters["dl_bytes"] += len(pkt)
+            self.dl_packets += 1
+            self.dl_bytes += len(pkt)
         else:
-            self.counters["drop_downlink"] += 1
+            self.drop_downlink += 1
             self._log_once("dl", "gateway: the MUX refused a downlink packet for session %d",
                            if_id)
 
@@ -276,8 +290,9 @@ class Gateway:
         return self._by_v6.get(dst[:8], self._by_v6.get(dst))
 
     def _on_readable(self) -> None:
-        fd, bufs, view = self._fd, [self._buf], self._view
-        route_v4, route_v6 = self._by_v4, self._by_v6
+        fd, bufs, buf, view = self._fd, [self._buf], self._buf, self._view
+        route_v4, route_v6, downlink = self._by_v4, self._by_v6, self.downlink
+        packets = nbytes = 0
         for _ in range(READ_BUDGET):
             try:
                 n = os.readv(fd, bufs)
@@ -287,21 +302,29 @@ class Gateway:
                 self._log_once("tunr", "gateway: TUN read failed: %s", exc)
                 break
             # Inline of route(): this runs once per downlink packet.
-            version = self._buf[0] >> 4 if n else 0
+            version = buf[0] >> 4 if n else 0
             if version == 4 and n >= 20:
-                sid = route_v4.get(bytes(view[16:20]))
+                sid = route_v4.get(view[16:20].tobytes())
             elif version == 6 and n >= 40:
-                sid = route_v6.get(bytes(view[24:32]))
+                sid = route_v6.get(view[24:32].tobytes())
                 if sid is None:
-                    sid = route_v6.get(bytes(view[24:40]))
+                    sid = route_v6.get(view[24:40].tobytes())
             else:
                 sid = None
             if sid is None:
-                self.counters["drop_no_session"] += 1
+                self.drop_no_session += 1
                 self._log_once("ns", "gateway: dropped downlink packets for an address of no "
                                "connected session")
                 continue
-            self._send_down(sid, bytes(view[:n]))
+            if downlink is not None and downlink(sid, view[:n].tobytes()):
+                packets += 1
+                nbytes += n
+            else:
+                self.drop_downlink += 1
+                self._log_once("dl", "gateway: the MUX refused a downlink packet for session "
+                               "%d", sid)
+        self.dl_packets += packets
+        self.dl_bytes += nbytes
 
     # -- the gateway TUN
 
@@ -367,7 +390,7 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         return {"mode": self.mode, "netns": self.netns, "tun": self.tun_name
                 if self.mode != "echo" else None, "sessions": sorted(self.sessions),
-                "counters": dict(self.counters)}
+                "counters": self.counters}
 
     def _log_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._logged:

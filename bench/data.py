@@ -1,0 +1,315 @@
+"""Data-path throughput, with its baselines measured in the same run (DESIGN.md §7).
+
+    sudo .venv/bin/python bench/data.py [--seconds 3] [--json]
+
+Figures (iperf3 TCP, one stream unless said otherwise, client netns -> server netns):
+- veth:        a veth pair between two namespaces: the kernel's limit.
+- forwarder:   a bare Python TUN<->TUN forwarder (asyncio add_reader, drain until EAGAIN),
+               in its own process: what Python can do at all.
+- lite / aggregation: wwan-1 -> link manager + bridge -> MUX -> model's gateway -> gateway TUN,
+               served by a child process (its RSS is the daemon figure). The MUX is the real
+               host/device MUX pair when `iosm_cuse.hw.mux` is present, else the in-memory
+               LoopbackMux (reported as "mux": "loopback"; then Lite and Aggregation are the
+               same path and are both measured anyway).
+- eight_sessions: 8 parallel iperf3 clients, one per link wwan-0..7, aggregate and spread.
+
+Every namespace and device is created here and removed at the end. Traffic stays inside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TAG = f"{os.getpid() % 100000}"
+BASE = f"wb{TAG}"
+GW_NS = f"iosmb-gw{TAG}"
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 120) -> str:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {res.stderr.strip() or res.stdout.strip()}")
+    return res.stdout
+
+
+def nsx(ns: str, *argv: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *argv]
+
+
+@contextlib.contextmanager
+def namespaces(*names: str) -> Iterator[None]:
+    try:
+        for n in names:
+            sh("ip", "netns", "add", n)
+            sh("ip", "-n", n, "link", "set", "lo", "up")
+        yield
+    finally:
+        for n in names:
+            sh("ip", "netns", "del", n, check=False)
+
+
+def iperf_many(pairs: list[tuple[str, str, str]], seconds: float,
+               extra: tuple[str, ...] = ()) -> list[float]:
+    """Run one iperf3 client per (client_ns, server_ns, server_ip) at once; Gbit/s each."""
+    servers, clients = [], []
+    try:
+        for i, (_, sns, ip) in enumerate(pairs):
+            servers.append(subprocess.Popen(nsx(sns, "iperf3", "-s", "-1", "-B", ip, "-p",
+                                                str(5301 + i)),
+                                            stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL))
+        time.sleep(0.5)
+        for i, (cns, _, ip) in enumerate(pairs):
+            clients.append(subprocess.Popen(nsx(cns, "iperf3", "-c", ip, "-p", str(5301 + i),
+                                                "-J", "-t", str(seconds), *extra),
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            text=True))
+        out = []
+        for c in clients:
+            stdout, _ = c.communicate(timeout=seconds + 60)
+            data = json.loads(stdout)
+            if "error" in data:
+                raise RuntimeError(f"iperf3: {data['error']}")
+            out.append(data["end"]["sum_received"]["bits_per_second"] / 1e9)
+        return out
+    finally:
+        for p in servers + clients:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait()
+
+
+# ---- veth: the kernel's limit ---------------------------------------------------------------
+
+
+def bench_veth(seconds: float) -> float:
+    a, b = f"iosmb-va{TAG}", f"iosmb-vb{TAG}"
+    with namespaces(a, b):
+        sh("ip", "-n", a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", b)
+        sh("ip", "-n", a, "addr", "add", "198.51.100.1/30", "dev", "va")
+        sh("ip", "-n", b, "addr", "add", "198.51.100.2/30", "dev", "vb")
+        sh("ip", "-n", a, "link", "set", "va", "up")
+        sh("ip", "-n", b, "link", "set", "vb", "up")
+        return iperf_many([(a, b, "198.51.100.2")], seconds)[0]
+
+
+# ---- the bare Python forwarder --------------------------------------------------------------
+
+
+def serve_forwarder(name_a: str, name_b: str) -> None:
+    """Child process: two TUNs, packets copied both ways, drain until EAGAIN per wake-up."""
+    from iosm_cuse.link.tun import Tun
+
+    ta, tb = Tun.create(name_a), Tun.create(name_b)
+
+    def pump(src: int, dst: int) -> None:
+        while True:
+            try:
+                pkt = os.read(src, 65536)
+            except BlockingIOError:
+                return
+            with contextlib.suppress(OSError):
+                os.write(dst, pkt)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(ta.fd, pump, ta.fd, tb.fd)
+        loop.add_reader(tb.fd, pump, tb.fd, ta.fd)
+        print("ready", flush=True)
+        await loop.run_in_executor(None, sys.stdin.read)
+
+    asyncio.run(main())
+
+
+def bench_forwarder(seconds: float) -> float:
+    a, b = f"iosmb-fa{TAG}", f"iosmb-fb{TAG}"
+    na, nb = f"fa{TAG}", f"fb{TAG}"
+    child = subprocess.Popen([sys.executable, __file__, "--serve-forwarder", na, nb],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        with namespaces(a, b):
+            for ns, dev, mine, peer in ((a, na, "198.51.100.5", "198.51.100.6"),
+                                        (b, nb, "198.51.100.6", "198.51.100.5")):
+                sh("ip", "link", "set", dev, "netns", ns)
+                sh("ip", "-n", ns, "addr", "add", mine, "peer", peer, "dev", dev)
+                sh("ip", "-n", ns, "link", "set", dev, "up")
+            return iperf_many([(a, b, "198.51.100.6")], seconds)[0]
+    finally:
+        child.kill()
+        child.wait()
+
+
+# ---- the data path ----------------------------------------------------------------------------
+
+
+def serve_datapath(base: str, gw_ns: str, mux_mode: str) -> None:
+    """Child process: LinkManager (8 links) + MUX + Gateway in the gateway netns. Commands on
+    stdin, one JSON line per answer: "show" -> the links, "rss" -> VmRSS in kB."""
+    from iosm_cuse.link.loopback import LoopbackMux
+    from iosm_cuse.link.manager import LinkManager
+    from iosm_cuse.sim.config import ModemConfig
+    from iosm_cuse.sim.gateway import Gateway
+
+    async def main() -> None:
+        config = ModemConfig()
+        gateway = Gateway(config, f"netns:{gw_ns}", tun_name=f"g{base}")
+        mux = LoopbackMux(uplink=gateway.uplink)
+        gateway.downlink = mux.downlink
+        links = LinkManager(mux, base, poll_interval=0.2)
+        await gateway.start()
+        await links.start()
+        for n in range(1, 8):
+            await links.add(f"{base}-{n}", n)
+        for n in range(8):
+            gateway.session_changed(n, config.session_ip(n))
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        print(json.dumps({"ready": True, "mux": "loopback"}), flush=True)
+        try:
+            while line := (await reader.readline()).decode().strip():
+                if line == "show":
+                    print(json.dumps([i.as_dict() for i in links.show()]), flush=True)
+                elif line == "rss":
+                    rss = next(int(x.split()[1]) for x in open("/proc/self/status")
+                               if x.startswith("VmRSS:"))
+                    print(json.dumps({"rss_kb": rss}), flush=True)
+        finally:
+            await links.stop()
+            await gateway.close()
+
+    asyncio.run(main())
+
+
+class DatapathChild:
+    def __init__(self, mux_mode: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-datapath", BASE, GW_NS,
+                                      mux_mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        hello = json.loads(self.proc.stdout.readline())
+        self.mux = hello["mux"]
+        self.clients: dict[int, str] = {}
+
+    def ask(self, what: str) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def setup_clients(self) -> None:
+        from iosm_cuse.sim.config import ModemConfig
+
+        config = ModemConfig()
+        for n in range(8):
+            ns = self.clients[n] = f"iosmb-c{n}-{TAG}"
+            dev = BASE if n == 0 else f"{BASE}-{n}"
+            ip = config.session_ip(n)
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "link", "set", dev, "netns", ns)
+            sh("ip", "-n", ns, "addr", "add", str(ip.ipv4), "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        deadline = time.monotonic() + 10
+        while any(ln["session"] != "open" for ln in self.ask("show")):
+            if time.monotonic() > deadline:
+                raise RuntimeError("sessions did not open")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for ns in self.clients.values():
+            sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "netns", "del", GW_NS, check=False)
+
+
+def bench_datapath(mux_mode: str, seconds: float, eight: bool) -> dict[str, Any]:
+    child = DatapathChild(mux_mode)
+    try:
+        child.setup_clients()
+        gw = "10.99.{}.1"
+        one = iperf_many([(child.clients[1], GW_NS, gw.format(1))], seconds)[0]
+        out: dict[str, Any] = {"gbps": one, "mux": child.mux}
+        if eight:
+            each = iperf_many([(child.clients[n], GW_NS, gw.format(n)) for n in range(8)],
+                              seconds)
+            out["eight"] = each
+            out["rss_kb"] = child.ask("rss")["rss_kb"]
+        return out
+    finally:
+        child.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--serve-forwarder", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--serve-datapath", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_forwarder:
+        serve_forwarder(*args.serve_forwarder)
+        return
+    if args.serve_datapath:
+        serve_datapath(*args.serve_datapath)
+        return
+    if os.geteuid() != 0:
+        sys.exit("bench/data.py: needs root (TUN devices, network namespaces)")
+    t = args.seconds
+    veth = bench_veth(t)
+    fwd = bench_forwarder(t)
+    lite = bench_datapath("lite", t, eight=True)
+    aggr = bench_datapath("aggregation", t, eight=False)
+    eight = lite["eight"]
+    res = {
+        "veth_gbps": round(veth, 3),
+        "forwarder_gbps": round(fwd, 3),
+        "lite_gbps": round(lite["gbps"], 3),
+        "aggregation_gbps": round(aggr["gbps"], 3),
+        "eight_sessions_gbps": round(sum(eight), 3),
+        "eight_sessions_each_gbps": [round(x, 3) for x in eight],
+        "eight_sessions_spread": round((max(eight) - min(eight)) / max(max(eight), 1e-9), 3),
+        "lite_vs_forwarder": round(lite["gbps"] / fwd, 3),
+        "lite_vs_veth": round(lite["gbps"] / veth, 4),
+        "forwarder_vs_veth": round(fwd / veth, 4),
+        "eight_vs_one": round(sum(eight) / lite["gbps"], 3),
+        "rss_mb": round(lite["rss_kb"] / 1024, 1),
+        "mux": lite["mux"],
+        "seconds": t,
+        "loadavg": open("/proc/loadavg").read().split()[:3],
+    }
+    if args.json:
+        print(json.dumps(res))
+        return
+    print(f"veth (kernel limit)      {veth:7.3f} Gbit/s")
+    print(f"bare Python forwarder    {fwd:7.3f} Gbit/s   {fwd / veth:6.1%} of veth")
+    print(f"wwan-1 Lite ({res['mux']})  {lite['gbps']:7.3f} Gbit/s   "
+          f"{res['lite_vs_forwarder']:6.1%} of the forwarder (target >= 80 %, >= 1 Gbit/s)")
+    print(f"wwan-1 Aggregation       {aggr['gbps']:7.3f} Gbit/s")
+    print(f"8 sessions at once       {sum(eight):7.3f} Gbit/s   {res['eight_vs_one']:.2f}x one;"
+          f" spread {res['eight_sessions_spread']:.0%} (target <= 10 %)")
+    print(f"datapath process RSS     {res['rss_mb']:7.1f} MB with 8 sessions up (target < 60)")
+    print(f"load average during run  {' '.join(res['loadavg'])}")
+
+
+if __name__ == "__main__":
+    main()
