@@ -33,7 +33,12 @@ from iosm_cuse.mbim.message import (
 )
 from iosm_cuse.mbim.uuids import ContextType, Service
 from iosm_cuse.sim.config import ModemConfig
-from iosm_cuse.sim.mbim_function import MbimChannelFunction, MbimFunction, SessionState
+from iosm_cuse.sim.mbim_function import (
+    MbimChannelFunction,
+    MbimFunction,
+    PacketStatistics,
+    SessionState,
+)
 
 BC = Service.BASIC_CONNECT.value
 Q, S = CommandType.QUERY, CommandType.SET
@@ -547,3 +552,12 @@ def test_without_a_sim() -> None:
     assert h.attach()[0] == Status.SIM_NOT_INSERTED
     assert h.connect()[0] == Status.SIM_NOT_INSERTED
     assert h.command(B.HOME_PROVIDER, Q) == (Status.SIM_NOT_INSERTED, None)
+
+
+def test_statistics_from_a_source(host: Host) -> None:
+    counters = PacketStatistics(in_octets=2**64 + 5, out_packets=9, in_discards=2**32 + 1)
+    host.fn.statistics_source = lambda: counters
+    _, st = host.command(B.PACKET_STATISTICS, Q)
+    assert st and (st["InOctets"], st["OutPackets"], st["InDiscards"]) == (5, 9, 1)
+    counters.out_packets = 10
+    assert host.command(B.PACKET_STATISTICS, Q)[1]["OutPackets"] == 10  # type: ignore[index]

@@ -89,6 +89,7 @@ MAX_ACCESS_STRING = 100            # characters, MBIM 1.0
 MAX_USER_OR_PASSWORD = 255
 MAX_QUEUED_INDICATIONS = 256       # nobody reading: keep the newest ones only
 BC = Service.BASIC_CONNECT
+_U64_MASK = 0xFFFFFFFFFFFFFFFF      # counters wrap as the wire fields do
 _PIN_OPERATIONS = frozenset(int(v) for v in PinOperation)
 _AUTH_PROTOCOLS = frozenset(int(v) for v in AuthProtocol)
 _IP_TYPES = frozenset(int(v) for v in IpType)
@@ -146,6 +147,9 @@ class MbimFunction:
         self.session_listener: Callable[[int, SessionState | None], None] | None = None
         # Called when an indication is queued outside receive() (e.g. set_signal()).
         self.wakeup: Callable[[], None] | None = None
+        # Where PACKET_STATISTICS reads its counters (e.g. the packet gateway's); when None,
+        # the counters fed through add_traffic().
+        self.statistics_source: Callable[[], PacketStatistics] | None = None
         self.internal_errors = 0           # handler bugs caught and answered with FAILURE
         self.opened = False
         self.max_transfer = self.config.max_control_transfer
@@ -775,12 +779,12 @@ class MbimFunction:
                                         for k, v in subs.items()]}
 
     def _packet_statistics(self, ct: int, req: Values) -> Reply:
-        s = self.stats
+        s = self.statistics_source() if self.statistics_source is not None else self.stats
         return Status.NONE, {
             "InDiscards": s.in_discards & 0xFFFFFFFF, "InErrors": s.in_errors & 0xFFFFFFFF,
-            "InOctets": s.in_octets, "InPackets": s.in_packets, "OutOctets": s.out_octets,
-            "OutPackets": s.out_packets, "OutErrors": s.out_errors & 0xFFFFFFFF,
-            "OutDiscards": s.out_discards & 0xFFFFFFFF}
+            "InOctets": s.in_octets & _U64_MASK, "InPackets": s.in_packets & _U64_MASK,
+            "OutOctets": s.out_octets & _U64_MASK, "OutPackets": s.out_packets & _U64_MASK,
+            "OutErrors": s.out_errors & 0xFFFFFFFF, "OutDiscards": s.out_discards & 0xFFFFFFFF}
 
     def _proxy_configuration(self, ct: int, req: Values) -> Reply:
         # Answered so that this function can sit behind a stand-in for mbim-proxy.
