@@ -355,26 +355,38 @@ def test_queue_limit_without_flow_control_is_256(mode: MuxMode) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_credit_mode_sends_only_on_fcth_grants(mode: MuxMode) -> None:
+def test_credit_mode_sends_only_what_fcth_grants_cover(mode: MuxMode) -> None:
     async def main() -> None:
         p = Pair(mode, ul_credit=True)
         await p.mux.open_session(2)
-        assert p.flow.stopped[2]  # no credit yet
-        for i in range(10):
-            assert p.mux.transmit(2, packet(UP, 2, i))
+        assert not p.flow.stopped[2]  # no credit is no flow control: the queue takes packets
+        pkts = [packet(UP, 2, i) for i in range(10)]
+        for pkt in pkts:
+            assert p.mux.transmit(2, pkt)
         await asyncio.sleep(0.02)
         assert p.up.next[2] == 0
-        assert p.dev.grant_credits(2, 1)  # one byte of credit lets one packet go
-        await until(lambda: p.up.next[2] == 1, 2, "one packet on credit")
+        assert p.dev.grant_credits(2, len(pkts[0]) - 1)  # not enough for the first packet
         await asyncio.sleep(0.02)
-        assert p.up.next[2] == 1 and p.flow.stopped[2]
+        assert p.up.next[2] == 0
+        assert p.dev.grant_credits(2, 1 + len(pkts[1]) + len(pkts[2]))  # exactly three
+        await until(lambda: p.up.next[2] == 3, 2, "three packets on credit")
+        await asyncio.sleep(0.02)
+        assert p.up.next[2] == 3 and p.mux.status()["sessions"][2]["credits"] == 0
         assert p.dev.grant_credits(2, 100_000)
         await until(lambda: p.up.next[2] == 10, 2, "the rest")
-        assert not p.flow.stopped[2] and not p.up.bad
-        if mode is MuxMode.LITE:  # credit mode: queue levels reported per session
+        assert not p.up.bad and p.mux.status()["ul_stops"] == 0
+        if mode is MuxMode.LITE:  # credit mode: queue levels reported after data
             assert p.dev.counters["qlth"] >= 1 and 2 in p.dev.queue_levels
         else:
             assert 2 in p.dev.queue_levels
+        # a session without credit fills its queue to 256, then reports stopped
+        await p.mux.open_session(3)
+        ok = 0
+        while p.mux.transmit(3, packet(UP, 3, ok)):
+            ok += 1
+        assert ok == QUEUE_LIMIT and p.flow.stopped[3] and not p.flow.stopped[2]
+        await asyncio.sleep(0.02)
+        assert p.up.next[3] == 0
 
     run(main())
 

@@ -18,7 +18,8 @@ What the kernel driver does (iosm-protocol.md §4), kept here:
   10 KiB; per-session queue limit 256 packets, 64 while the session is flow-controlled; packets
   beyond are dropped and counted (never blocking the other sessions). The device's FLOW_CTL
   command stops (mask all ones) or allows (mask 0) one session. With UL credits (capability bit
-  21) a session sends only while FCTH grants leave it credit.
+  21) there is no pending-byte limit: a packet goes only if the session's credit (granted by
+  FCTH) covers it; a session without credit just fills its queue.
 
 Pending UL bytes: the channel reports how many UL transfers the device has not consumed yet
 (`pending`, engine Contract 1's IpcChannel has it); the MUX keeps the sizes of the transfers it
@@ -309,7 +310,9 @@ class MuxHost:
         self._seq = (seq + 1) & 0xFFFF
         return seq
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, counted: bool = False) -> None:
+        """One UL transfer. `counted`: data (ADGH/ADB) that the pending-byte counter tracks;
+        commands and queue-level tables take no part in it, as in the kernel."""
         ch = self._channel
         if ch is None:
             raise MuxError(errno.ENOTCONN, "the MUX channel is not open")
@@ -318,8 +321,9 @@ class MuxHost:
         except OSError as exc:
             self._channel_failed(str(exc))
             raise MuxError(errno.EIO, f"MUX channel: {exc}") from None
-        self._inflight.append(len(data))
-        self.pending_bytes += len(data)
+        n = len(data) if counted else 0
+        self._inflight.append(n)
+        self.pending_bytes += n
         self.ul_transfers += 1
 
     # ---- uplink
@@ -338,8 +342,7 @@ class MuxHost:
             s.drop_too_big += 1
             return False
         q = s.queue
-        stopped = s.device_stop or self.global_stop or (self.ul_credit and s.credits <= 0)
-        if len(q) >= (QUEUE_LIMIT_FC if stopped else QUEUE_LIMIT):
+        if len(q) >= (QUEUE_LIMIT_FC if s.device_stop or self.global_stop else QUEUE_LIMIT):
             s.drop_queue += 1
             self._update_flow(s)
             return False
@@ -381,13 +384,25 @@ class MuxHost:
             self._poll_later()
         self._update_flows()
 
-    def _sendable(self) -> list[_Session]:
-        credit = self.ul_credit
-        return [s for s in self._sessions if s is not None and s.open and s.queue and
-                not s.device_stop and not (credit and s.credits <= 0)]
+    def _may_send(self, s: _Session) -> bool:
+        """Something queued, not flow-controlled, and (credit mode) credit for the head packet:
+        the kernel never lets credits go below zero."""
+        q = s.queue
+        return bool(q) and s.open and not s.device_stop and \
+            (not self.ul_credit or s.credits >= len(q[0]))
+
+    def _over_high(self) -> bool:
+        """MUX_UL mode: pending UL bytes reached 110 KiB (credit mode has no such limit)."""
+        if self.ul_credit or self.pending_bytes < UL_HIGH:
+            return False
+        if not self.global_stop:
+            self.global_stop = True
+            self.global_stops += 1
+        return True
 
     def _send_qlth(self) -> None:
-        """Lite: queue levels per active, not flow-controlled session (§4.2)."""
+        """Lite: after data went out, queue levels of every active, not flow-controlled
+        session, in credit mode or once 10 KiB are pending (§4.2; once per batch here)."""
         if not (self.ul_credit or self.pending_bytes >= UL_LOW):
             return
         for s in self._sessions:
@@ -395,76 +410,68 @@ class MuxHost:
                 self._send(encode_table(Sig.QLTH, s.if_id, len(s.queue)))
 
     def _drain_lite(self) -> None:
-        self._send_qlth()
         credit, pack, sig = self.ul_credit, ADGH_S.pack, int(Sig.ADGH)
-        sessions = self._sendable()
+        sessions = [s for s in self._sessions if s is not None and self._may_send(s)]
+        sent = 0
         while sessions and not self.global_stop:
-            later = []
             for s in sessions:
                 q, if_id, pad = s.queue, s.if_id, bytes(s.pad)
                 for _ in range(min(len(q), LITE_ROUND)):
+                    n = len(q[0])
+                    if credit:
+                        if s.credits < n:
+                            break
+                        s.credits -= n
                     pkt = q.popleft()
-                    n = len(pkt)
                     left = len(q)
                     self._send(pack(sig, HEADER + len(pad) + n, if_id, 0, 0,
-                                    left if left < 255 else 255) + pad + pkt)
+                                    left if left < 255 else 255) + pad + pkt, True)
                     s.tx_packets += 1
                     s.tx_bytes += n
-                    if credit:
-                        s.credits -= n
-                        if s.credits <= 0:
-                            break
-                    if self.pending_bytes >= UL_HIGH:
-                        self._stop_all()
+                    sent += 1
+                    if self._over_high():
                         break
-                if q and not s.device_stop and not (credit and s.credits <= 0):
-                    later.append(s)
-            sessions = later
+                if self.global_stop:
+                    break
+            sessions = [s for s in sessions if self._may_send(s)]
+        if sent:
+            self._send_qlth()
 
     def _drain_aggr(self) -> None:
         credit, adb = self.ul_credit, self._adb
-        sessions = self._sendable()
+        sessions = [s for s in self._sessions if s is not None and self._may_send(s)]
         while sessions and not self.global_stop:
-            later = []
             for s in sessions:
                 q = s.queue
                 for _ in range(min(len(q), AGGR_DG_PER_SESSION)):
                     pkt = q[0]
+                    n = len(pkt)
+                    if credit and s.credits < n:
+                        break
                     if not adb.add(s.if_id, pkt, 0, s.pad):
                         if adb.empty:  # cannot happen below max_ip_packet; never loop on it
                             q.popleft()
                             s.drop_too_big += 1
                             continue
                         self._finish_adb()
-                        if self.pending_bytes >= UL_HIGH:
-                            self._stop_all()
+                        if self._over_high():
                             break
                         continue
                     q.popleft()
                     s.tx_packets += 1
-                    s.tx_bytes += len(pkt)
+                    s.tx_bytes += n
                     if credit:
-                        s.credits -= len(pkt)
-                        if s.credits <= 0:
-                            break
+                        s.credits -= n
                 if self.global_stop:
                     break
-                if q and not s.device_stop and not (credit and s.credits <= 0):
-                    later.append(s)
-            sessions = later
+            sessions = [s for s in sessions if self._may_send(s)]
         if not adb.empty:
             self._finish_adb()
-            if self.pending_bytes >= UL_HIGH:
-                self._stop_all()
+            self._over_high()
 
     def _finish_adb(self) -> None:
         levels = {s.if_id: len(s.queue) for s in self._sessions if s is not None}
-        self._send(self._adb.finish(self._next_seq(), levels))
-
-    def _stop_all(self) -> None:
-        if not self.global_stop:
-            self.global_stop = True
-            self.global_stops += 1
+        self._send(self._adb.finish(self._next_seq(), levels), True)
 
     def _poll_later(self) -> None:
         if self._poll is None and self._loop is not None:
@@ -488,9 +495,10 @@ class MuxHost:
                 self._update_flow(s)
 
     def _update_flow(self, s: _Session) -> None:
-        stopped = s.device_stop or self.global_stop or (self.ul_credit and s.credits <= 0)
-        full = len(s.queue) >= (QUEUE_LIMIT_FC if stopped else QUEUE_LIMIT)
-        want = stopped or full
+        # stopped: flow control (device or pending bytes), or a full queue (which is all that
+        # lack of credit leads to, as in the kernel)
+        stopped = s.device_stop or self.global_stop
+        want = stopped or len(s.queue) >= (QUEUE_LIMIT_FC if stopped else QUEUE_LIMIT)
         if want is not s.reported:
             s.reported = want
             cb = self.on_flow
