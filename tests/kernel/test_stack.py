@@ -64,6 +64,8 @@ def test_device_caps_through_cuse(stack: subprocess.Popen[str]) -> None:
 
 
 def test_connect_and_mbim_network(stack: subprocess.Popen[str], tmp_path: Path) -> None:
+    res = _run("mbimcli", "-d", PORT, "--attach-packet-service")
+    assert res.returncode == 0, res.stderr
     res = _run("mbimcli", "-d", PORT, "--connect=session-id=0,access-string=internet")
     assert res.returncode == 0 and "activated" in res.stdout, res.stderr + res.stdout
     res = _run("mbimcli", "-d", PORT, "--disconnect=0")
