@@ -22,8 +22,11 @@ import pytest
 from iosm_cuse.hw.channels import MuxMode
 from iosm_cuse.hw.mux.codec import (
     COMMANDS,
+    FLOW_MASK_STOP,
     Command,
     Sig,
+    decode_acb,
+    decode_lite_cmd,
     encode_acb,
     encode_adgh,
     encode_lite_cmd,
@@ -533,5 +536,59 @@ def test_host_counts_dl_for_sessions_not_open_and_bad_dl(mode: MuxMode) -> None:
         assert sum(p.mux.rejects.counters.values()) == 2
         assert p.dev.downlink(0, packet(DOWN, 0, 0))
         await until(lambda: p.down.next[0] == 1, 2, "good DL after bad")
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_flow_ctl_mask_decides_as_in_the_kernel(mode: MuxMode) -> None:
+    """All ones stops, 0 allows, other masks change nothing; each command is acknowledged with
+    its transaction id; a command too short for the mask implies it from its type."""
+    c = COMMANDS[mode]
+
+    def cmd_bytes(code: int, tid: int, mask: int | None) -> bytes:
+        params = {} if mask is None else {"mask": mask}
+        cmd = Command(code, 3, tid, params)
+        if mode is MuxMode.LITE:
+            raw = bytearray(encode_lite_cmd(cmd) if mask is not None else
+                            encode_lite_cmd(Command(code, 3, tid, {"mask": 0})))
+            if mask is None:  # cmd_len without the mask
+                raw[4:6] = (16).to_bytes(2, "little")
+                raw = raw[:16]
+            return bytes(raw)
+        if mask is None:
+            raw = bytearray(encode_acb([Command(code, 3, tid, {"mask": 0})]))
+            raw[20:22] = (20).to_bytes(2, "little")  # cmd_len: header only
+            raw[8:12] = (36).to_bytes(4, "little")  # block_length
+            return bytes(raw[:36])
+        return encode_acb([cmd])
+
+    async def main() -> None:
+        p = Pair(mode)
+        await p.mux.open_session(3)
+        acks: list[bytes] = []
+        real_receive = p.dev.receive
+
+        def spy(data: bytes) -> None:
+            acks.append(data)
+            real_receive(data)
+
+        p.dev.receive = spy  # type: ignore[method-assign]
+        ch = p.link.ch
+        disable = c.flow_ctl_disable if c.flow_ctl_disable is not None else c.flow_ctl_enable
+        steps = [(c.flow_ctl_enable, 0x1234, False),  # odd mask: nothing changes
+                 (disable, FLOW_MASK_STOP, True),  # the mask, not the type, decides
+                 (c.flow_ctl_enable, 0, False),
+                 (c.flow_ctl_enable, None, True)]  # short: ENABLE / FLOW_CTL implies stop
+        if c.flow_ctl_disable is not None:
+            steps.append((c.flow_ctl_disable, None, False))
+        for n, (code, mask, stopped) in enumerate(steps):
+            acks.clear()
+            ch.dl_send(cmd_bytes(code, 100 + n, mask))
+            await until(lambda: len(acks) == 1, 2, f"the ACK of step {n}")
+            ack = decode_lite_cmd(acks[0]) if mode is MuxMode.LITE else decode_acb(acks[0])[0]
+            assert (ack.code, ack.transaction_id, ack.if_id) == (c.flow_ctl_ack, 100 + n, 3)
+            assert p.flow.stopped[3] is stopped, f"step {n}"
+        assert p.mux.rejects.counters == {"flow_ctl_mask": 1}
 
     run(main())

@@ -583,23 +583,27 @@ class MuxHost:
             log.warning("could not answer MUX command %d: %s", code, exc.strerror)
 
     def _on_flow_ctl(self, cmd: Command, enable: bool, mode: MuxMode) -> None:
-        # cmd_len not exactly header + mask: the mask is implied (kernel: backward compatibility)
-        if cmd.param_len == 4 and "mask" in cmd.params:
-            mask = cmd.params["mask"]
-        else:
+        """The mask decides, whatever the command type (as in the kernel): all ones stops the
+        session, 0 allows it, anything else changes nothing. A command too short to hold the
+        mask implies it from its type (ENABLE / Lite FLOW_CTL: stop; DISABLE: allow)."""
+        mask = cmd.params.get("mask")
+        if mask is None:
             mask = FLOW_MASK_STOP if enable else 0
         s = self._sessions[cmd.if_id]
         if s is None:
             return
-        stop = mask != 0
-        if stop:
+        if mask == FLOW_MASK_STOP:
             s.flow_on += 1
-        else:
+            s.device_stop = True
+        elif mask == 0:
             s.flow_off += 1
-        s.device_stop = stop
-        self._update_flow(s)
-        if not stop:
+            s.device_stop = False
             self._schedule_drain()
+        else:
+            self.rejects("flow_ctl_mask", f"FLOW_CTL for session {cmd.if_id} with mask "
+                         f"{mask:#010x}: ignored")
+            return
+        self._update_flow(s)
 
     def _on_credit(self, if_id: int, value: int) -> None:
         if not self.ul_credit:
