@@ -183,6 +183,19 @@ def test_admin_down_closes_the_session_and_up_reopens_it() -> None:
     run(body)
 
 
+def test_deleting_a_client_namespace_removes_its_link_and_closes_the_session() -> None:
+    async def body() -> None:
+        async with datapath(links=range(3)) as dp:
+            connect(dp, 1, 2)
+            ns = dp.client_ns.pop(2)
+            await ok("ip", "netns", "del", ns)
+            await wait_for(lambda: [i.linkid for i in dp.links.show()] == [0, 1], 5,
+                           "link 2 to go with its namespace")
+            assert 2 not in dp.mux.sessions
+            assert await dp.ping(1, count=3) == 3
+    run(body)
+
+
 def test_bad_input_is_dropped_counted_logged_once_and_others_unaffected(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)

@@ -57,11 +57,8 @@ class FakeTun:
     def set_mtu(self, mtu: int) -> None:
         self._mtu = mtu
 
-    def netns_key(self) -> int | None:
-        return None
-
-    def event_socket(self) -> socket.socket | None:
-        return None
+    def alive(self) -> bool:
+        return not self.closed
 
     def close(self) -> None:
         self.closed = True
@@ -83,7 +80,8 @@ class Env:
         self.uplinked: list[tuple[int, bytes]] = []
         self.tuns: dict[str, FakeTun] = {}
         mux.uplink = lambda i, p: self.uplinked.append((i, p))
-        self.mgr = LinkManager(mux, "wwan0", tun_factory=self.factory, poll_interval=3600)
+        self.mgr = LinkManager(mux, "wwan0", tun_factory=self.factory, poll_interval=3600,
+                               event_socket=None)
 
     def factory(self, name: str, mtu: int) -> FakeTun:
         tun = FakeTun(name, mtu)
@@ -300,3 +298,17 @@ async def test_control_operations(env: Env) -> None:
     with pytest.raises(LinkError) as info:
         await env.mgr.handle("link.del", {"dev": "wwan0-3"})
     assert info.value.errno == errno.ENODEV
+
+
+@with_env
+async def test_a_link_whose_device_vanished_is_removed_and_its_session_closed(env: Env) -> None:
+    await env.mgr.add("wwan0-4", 4)
+    await env.up("wwan0-4")
+    assert 4 in env.mux.sessions
+    tun = env.tuns["wwan0-4"]
+    tun.peer.close()                   # the reader sees end of file, as a destroyed TUN fails
+    tun.closed = True
+    await asyncio.sleep(0.05)
+    assert [i.name for i in env.mgr.show()] == ["wwan0"]
+    assert 4 not in env.mux.sessions
+    await env.mgr.add("wwan0-4", 4)    # the link id is free again

@@ -75,6 +75,7 @@ class SessionBridge:
         self.running = False        # session open: uplink is read
         self.stopped = False        # flow-controlled by the modem
         self._log_once = log_once or LogOnce()
+        self.on_dead: Callable[[SessionBridge], None] | None = None
 
     # -- control
 
@@ -116,8 +117,14 @@ class SessionBridge:
                 n = os.readv(fd, bufs)
             except BlockingIOError:
                 break
+            except InterruptedError:
+                continue
             except OSError as exc:
-                self._log_once("read", "%s: TUN read failed: %s", self.name, exc)
+                # EBADFD: the device is gone (e.g. its namespace was deleted).
+                self._dead(f"TUN read failed: {exc}")
+                break
+            if n == 0:
+                self._dead("end of file on the TUN fd")
                 break
             if n > limit:
                 c.tx_dropped_too_big += 1
@@ -139,6 +146,15 @@ class SessionBridge:
                 break           # on_flow/close ran inside transmit
         c.tx_packets += packets
         c.tx_bytes += nbytes
+
+    def _dead(self, why: str) -> None:
+        """Stop reading a fd that will never work again (the level-triggered reader would spin)
+        and tell the owner, who removes the link."""
+        self._log_once("read", "%s: %s", self.name, why)
+        self.running = False
+        self._update_reader()
+        if self.on_dead is not None:
+            self.on_dead(self)
 
     # -- downlink: MUX -> TUN
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from iosm_cuse.link.args import LinkError, check_ifname
 from iosm_cuse.link.bridge import Counters, LogOnce, SessionBridge
-from iosm_cuse.link.tun import IFF_UP, Tun, TunDevice, flag_names, forget_netns
+from iosm_cuse.link.tun import IFF_UP, Tun, TunDevice, flag_names, link_event_socket
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ class _Link:
 class LinkManager:
     def __init__(self, mux: MuxHostLike, base_name: str = "wwan0", *,
                  tun_factory: TunFactory = default_tun_factory, mtu: int = DEFAULT_MTU,
-                 poll_interval: float = POLL_INTERVAL) -> None:
+                 poll_interval: float = POLL_INTERVAL,
+                 event_socket: Callable[[], socket.socket] | None = link_event_socket) -> None:
         check_ifname(base_name)
         self.mux = mux
         self.base_name = base_name
@@ -94,7 +95,8 @@ class LinkManager:
         self._by_id: list[_Link | None] = [None] * MAX_LINKS
         self._log_once = LogOnce()
         self.dl_unknown_link = 0                     # DL packets for an if_id with no link
-        self._event_socks: dict[int, socket.socket] = {}
+        self._events: socket.socket | None = None
+        self._event_source = event_socket
         self._poller: asyncio.Task[None] | None = None
         self._refresh_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -106,6 +108,12 @@ class LinkManager:
     async def start(self) -> None:
         """Create the base link (session 0) and follow admin state changes."""
         self._loop = asyncio.get_running_loop()
+        if self._event_source is not None:
+            try:
+                self._events = self._event_source()
+                self._loop.add_reader(self._events.fileno(), self._on_link_event, self._events)
+            except OSError as exc:  # polling alone still works
+                log.warning("no link events (%s): following admin state by polling", exc)
         await self.add(self.base_name, 0)
         self._poller = self._loop.create_task(self._poll())
 
@@ -119,7 +127,11 @@ class LinkManager:
         for name in list(self._links):
             with contextlib.suppress(LinkError):
                 await self.delete(name)
-        self._watch_sockets()
+        if self._events is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(self._events.fileno())
+            self._events.close()
+            self._events = None
 
     # -- requests
 
@@ -137,9 +149,9 @@ class LinkManager:
         bridge = SessionBridge(link_id, tun.fd, name, self.mux.transmit, max_mtu,
                                self._log_once)
         link = _Link(link_id, tun, bridge)
+        bridge.on_dead = lambda _b: self._schedule_gone_check()
         self._links[name] = link
         self._by_id[link_id] = link
-        self._watch_sockets()
         self.refresh()
         log.info("link %s: link id %d, mtu %d", name, link_id, want_mtu)
         return self._info(name, link)
@@ -174,7 +186,6 @@ class LinkManager:
         if link.session in ("open", "opening", "closing"):
             await self._close_session(link)
         link.tun.close()
-        self._watch_sockets()
         log.info("link %s (link id %d) deleted", name, link.link_id)
 
     def show(self, name: str | None = None) -> list[LinkInfo]:
@@ -243,6 +254,25 @@ class LinkManager:
 
     # -- admin state -> sessions
 
+    def _schedule_gone_check(self) -> None:
+        if not self._refresh_pending and self._loop is not None:
+            self._refresh_pending = True
+            self._loop.call_soon(self._after_event)
+
+    def _reap(self) -> None:
+        """Links whose device was destroyed behind our back (its namespace deleted, `ip link
+        del`) are removed, their sessions closed: what the kernel's dellink does."""
+        assert self._loop is not None
+        for key, link in list(self._links.items()):
+            if not link.tun.alive():
+                log.warning("link %s (link id %d): the device is gone; removing the link",
+                            key, link.link_id)
+                self._loop.create_task(self._delete_quietly(key))
+
+    async def _delete_quietly(self, key: str) -> None:
+        with contextlib.suppress(LinkError):
+            await self.delete(key)
+
     def refresh(self) -> None:
         """Look at every link's admin state now and open/close sessions to match."""
         self._refresh_pending = False
@@ -303,41 +333,16 @@ class LinkManager:
 
     # -- events
 
-    def _watch_sockets(self) -> None:
-        """One link-event socket per namespace our links live in."""
-        if self._loop is None:
-            return
-        want: dict[int, socket.socket] = {}
-        for link in self._links.values():
-            try:
-                key, sock = link.tun.netns_key(), link.tun.event_socket()
-            except OSError:
-                continue
-            if key is not None and sock is not None:
-                want[key] = sock
-        for key, sock in list(self._event_socks.items()):
-            if key not in want:
-                with contextlib.suppress(ValueError, OSError):
-                    self._loop.remove_reader(sock.fileno())
-                del self._event_socks[key]
-        for key, sock in want.items():
-            if key not in self._event_socks:
-                self._loop.add_reader(sock.fileno(), self._on_link_event, sock)
-                self._event_socks[key] = sock
-        forget_netns(set(want))
-
     def _on_link_event(self, sock: socket.socket) -> None:
         # The content does not matter: any link change means "look again" (cheap ioctls).
         with contextlib.suppress(OSError):
             while sock.recv(65536):
                 pass
-        if not self._refresh_pending and self._loop is not None:
-            self._refresh_pending = True
-            self._loop.call_soon(self._after_event)
+        self._schedule_gone_check()
 
     def _after_event(self) -> None:
+        self._reap()
         self.refresh()
-        self._watch_sockets()        # a link may have moved to another namespace
 
     async def _poll(self) -> None:
         while True:

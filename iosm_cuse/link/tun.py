@@ -9,18 +9,20 @@ Why ioctls instead of (Async)IPRoute for MTU, flags and admin state: users move 
 network namespaces (a link per client namespace is the common test and routing set-up); an
 rtnetlink socket in the daemon's namespace no longer sees such a link, whereas TUNGETDEVNETNS on
 the TUN fd always names the namespace the device lives in now, and a socket made there answers
-SIOCGIFFLAGS for it. Each namespace also gets a NETLINK_ROUTE socket subscribed to link events,
-so admin up/down is noticed when it happens, not by polling alone.
+SIOCGIFFLAGS for it. One NETLINK_ROUTE socket hears link events of our namespace and of the
+ones links were moved to, so admin up/down is noticed when it happens, not by polling alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import os
 import socket
 import struct
+from collections.abc import Iterator
 from typing import Protocol
 
 TUN_PATH = "/dev/net/tun"
@@ -61,8 +63,7 @@ class TunDevice(Protocol):
     def set_up(self, up: bool) -> None: ...
     def mtu(self) -> int: ...
     def set_mtu(self, mtu: int) -> None: ...
-    def netns_key(self) -> int | None: ...
-    def event_socket(self) -> socket.socket | None: ...
+    def alive(self) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -100,55 +101,50 @@ def socket_in_netns(netns_fd: int | None, family: int, kind: int,
         os.close(own)
 
 
-class _Netns:
-    """One namespace's sockets: an ioctl socket and a link-event socket."""
-
-    def __init__(self, netns_fd: int | None, key: int) -> None:
-        self.key = key
-        self.ctl = socket_in_netns(netns_fd, socket.AF_INET, socket.SOCK_DGRAM)
-        self.events: socket.socket | None = None
-        try:
-            ev = socket_in_netns(netns_fd, socket.AF_NETLINK, socket.SOCK_RAW,
-                                 0)  # NETLINK_ROUTE
-            ev.bind((0, RTMGRP_LINK))
-            ev.setblocking(False)
-            self.events = ev
-        except OSError:
-            self.events = None
-
-    def close(self) -> None:
-        self.ctl.close()
-        if self.events is not None:
-            self.events.close()
-
-
-_NETNS: dict[int, _Netns] = {}
 _OWN_KEY = os.stat("/proc/self/ns/net").st_ino
+_own_ctl: socket.socket | None = None
+SOL_NETLINK = 270
+NETLINK_LISTEN_ALL_NSID = 8
 
 
-def _netns_for(tun_fd: int) -> _Netns:
-    """The sockets of the namespace the TUN device is in now (it may have been moved)."""
+def link_event_socket() -> socket.socket:
+    """A NETLINK_ROUTE socket in our namespace that also hears link events of the namespaces
+    our links were moved to (NETLINK_LISTEN_ALL_NSID): holding no socket inside those
+    namespaces keeps `ip netns del` working, which destroys the links in them as it does the
+    kernel's."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+    try:
+        sock.bind((0, RTMGRP_LINK))
+        sock.setsockopt(SOL_NETLINK, NETLINK_LISTEN_ALL_NSID, 1)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@contextlib.contextmanager
+def _ctl_socket(tun_fd: int) -> Iterator[socket.socket]:
+    """An ioctl socket in the namespace the TUN device is in now (it may have been moved).
+    One in a foreign namespace is made per use and closed: a socket kept there would keep that
+    namespace alive after `ip netns del`."""
+    global _own_ctl
     try:
         ns_fd = fcntl.ioctl(tun_fd, TUNGETDEVNETNS)
     except OSError:
         ns_fd = -1
     try:
-        key = os.fstat(ns_fd).st_ino if ns_fd >= 0 else _OWN_KEY
-        ns = _NETNS.get(key)
-        if ns is None:
-            ns = _Netns(ns_fd if ns_fd >= 0 and key != _OWN_KEY else None, key)
-            _NETNS[key] = ns
-        return ns
+        if ns_fd < 0 or os.fstat(ns_fd).st_ino == _OWN_KEY:
+            if _own_ctl is None:
+                _own_ctl = socket_in_netns(None, socket.AF_INET, socket.SOCK_DGRAM)
+            yield _own_ctl
+            return
+        sock = socket_in_netns(ns_fd, socket.AF_INET, socket.SOCK_DGRAM)
     finally:
         if ns_fd >= 0:
             os.close(ns_fd)
-
-
-def forget_netns(keep: set[int]) -> None:
-    """Close the sockets of namespaces no link lives in any more."""
-    for key in list(_NETNS):
-        if key not in keep:
-            _NETNS.pop(key).close()
+    with sock:
+        yield sock
 
 
 class Tun:
@@ -192,8 +188,8 @@ class Tun:
         return self._name
 
     def _ioctl(self, request: int, data: bytes = b"") -> bytes:
-        ns = _netns_for(self.fd)
-        out: bytes = fcntl.ioctl(ns.ctl.fileno(), request, bytes(_ifreq(self.name(), data)))
+        with _ctl_socket(self.fd) as ctl:
+            out: bytes = fcntl.ioctl(ctl.fileno(), request, bytes(_ifreq(self.name(), data)))
         return out
 
     def ifindex(self) -> int:
@@ -220,11 +216,14 @@ class Tun:
         value: int = struct.unpack_from("i", self._ioctl(SIOCGIFTXQLEN), 16)[0]
         return value
 
-    def netns_key(self) -> int | None:
-        return _netns_for(self.fd).key
-
-    def event_socket(self) -> socket.socket | None:
-        return _netns_for(self.fd).events
+    def alive(self) -> bool:
+        """False once the device is gone while we hold its fd (deleted with its namespace,
+        or by `ip link del`): the fd then answers EBADFD."""
+        try:
+            fcntl.ioctl(self.fd, TUNGETIFF, bytes(_IFREQ))
+        except OSError as exc:
+            return exc.errno != errno.EBADFD
+        return True
 
     def close(self) -> None:
         """Closing the only fd removes the (non-persistent) device."""
