@@ -175,10 +175,13 @@ mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
-# The work tree is cached (Python imports from .venv are ~11x slower under TCG); the run
-# directory under it is not, so files the host writes during the run are seen at once.
-mount -t 9p -o $opts,cache=loose work /newroot{work} || die "mount work tree {work} failed"
-mount -t 9p -o $opts vmrun /newroot{work}/.vmrun || die "mount {work}/.vmrun failed"
+# The work tree is not cached, so edits made on the host while the guest runs (and files the
+# host writes into the run directory) are seen whole; .venv is cached (imports of pytest & co.
+# are ~11x slower under TCG and it does not change during a run).
+mount -t 9p -o $opts work /newroot{work} || die "mount work tree {work} failed"
+if [ -d /newroot{work}/.venv ]; then
+    mount -t 9p -o $opts,ro,cache=loose venv /newroot{work}/.venv || die "mount .venv failed"
+fi
 exec switch_root /newroot /bin/sh {work}/tests/vm/guest.sh {run_dir}
 """
 
