@@ -228,7 +228,6 @@ class Daemon:
         self.chardev: Any = None  # CUSE server or PTY transport
         self.links: Any = None  # link.manager.LinkManager
         self.control: control.ControlServer | None = None
-        self._no_cuse: str | None = None
         self._stop = asyncio.Event()
         self._recovering: asyncio.Task[None] | None = None
 
@@ -241,7 +240,7 @@ class Daemon:
         opening = asyncio.ensure_future(open_device(self.spec, self.opts))
         await asyncio.sleep(0)
         try:
-            _import_layers(self.opts.transport)
+            _import_layers()
             self._mark("imports")
         finally:
             self.device = await opening
@@ -321,37 +320,26 @@ class Daemon:
 
         return MbimPort(open_channel)
 
-    async def _start_chardev(self) -> Any:
-        """CUSE when /dev/cuse can be opened (after `modprobe cuse`); for `auto`, else the PTY."""
-        if self.opts.transport in ("auto", "cuse"):
-            from iosm_cuse.chardev.server import CuseServer, CuseUnavailable
+    async def _start_chardev(self, transport: str | None = None) -> Any:
+        """CUSE when /dev/cuse can be opened (after `modprobe cuse`), else for `auto` the PTY
+        with its symlink in the run directory."""
+        from iosm_cuse.chardev import CuseUnavailable, start_transport
 
-            cuse = CuseServer(self.port, self.port_name)
-            try:
-                await cuse.start()
-                self.transport = "cuse"
-                return cuse
-            except CuseUnavailable as exc:
-                if self.opts.transport == "cuse":
-                    raise UpError(f"--transport cuse: {exc}") from exc
-                self._no_cuse = str(exc)  # PtyTransport logs it, once
-        return await self._start_pty()
-
-    async def _start_pty(self) -> Any:
-        from iosm_cuse.chardev.pty import PtyTransport
-
-        pty = PtyTransport(self.port, control.run_dir() / self.port_name, reason=self._no_cuse)
-        await pty.start()
-        self.transport = "pty"
-        return pty
+        try:
+            chardev = await start_transport(
+                self.port, transport=transport or self.opts.transport, devname=self.port_name,
+                link=control.run_dir() / self.port_name)
+        except CuseUnavailable as exc:
+            raise UpError(f"--transport cuse: {exc}") from exc
+        self.transport = chardev.transport
+        return chardev
 
     async def _reopen_pty(self) -> None:
         """The PTY transport holds one port handle for its lifetime, and a hangup kills it for
         good; after a modem restart a new transport takes over the same symlink."""
         old, self.chardev = self.chardev, None
         await old.close()
-        self._no_cuse = None  # said once at start is enough
-        self.chardev = await self._start_pty()
+        self.chardev = await self._start_chardev("pty")
 
     async def _start_links(self) -> Any:
         from iosm_cuse.link.manager import LinkManager
@@ -450,13 +438,10 @@ def _since_process_start() -> float:
 _IMPORTED_AT = time.monotonic()
 
 
-def _import_layers(transport: str) -> None:
+def _import_layers() -> None:
     import importlib
 
-    names = ["hw.engine", "hw.mux.host", "chardev.port", "link.manager"]
-    names += [f"chardev.{m}" for m, t in (("server", "cuse"), ("pty", "pty")) if transport
-              in (t, "auto")]
-    for name in names:
+    for name in ("hw.engine", "hw.mux.host", "chardev", "link.manager"):
         importlib.import_module(f"iosm_cuse.{name}")
 
 
@@ -552,11 +537,24 @@ def model_functions(model: Any, options: dict[str, Any]) -> None:
     mux = MuxDevice(gateway.uplink, options.get("mux"))
     gateway.downlink = mux.downlink
     mbim.session_listener = gateway.session_changed
+    mbim.statistics_source = lambda: gateway_statistics(gateway.counters)
     model.attach(MBIM_CHANNEL, MbimChannelFunction(mbim))
     model.attach(MUX_CHANNEL, mux)
     task = asyncio.get_running_loop().create_task(gateway.start())
     task.add_done_callback(_log_gateway_failure)
     model.gateway = gateway  # kept alive with the model
+
+
+def gateway_statistics(c: dict[str, int]) -> Any:
+    """The gateway's counters as MBIM PACKET_STATISTICS ("in" is towards the host)."""
+    from iosm_cuse.sim.mbim_function import PacketStatistics
+
+    return PacketStatistics(
+        in_discards=c["drop_downlink"] + c["drop_no_session"],
+        in_octets=c["dl_bytes"], in_packets=c["dl_packets"],
+        out_octets=c["ul_bytes"], out_packets=c["ul_packets"], out_errors=c["drop_malformed"],
+        out_discards=c["drop_not_connected"] + c["drop_source"] + c["drop_not_echo"]
+        + c["drop_tun_write"])
 
 
 def _log_gateway_failure(task: asyncio.Task[None]) -> None:

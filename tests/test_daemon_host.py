@@ -166,9 +166,17 @@ def test_up_serves_mbimcli_links_status_and_cleans_up(up: Up) -> None:
 
     # Data: connect session 1, address wwan0-1, ping the model's gateway through the MUX.
     _connect_and_ping(up, "wwan0-1", 1)
+    stats = up.mbimcli("--query-packet-statistics")
+    assert stats.returncode == 0, stats.stderr
+    pkts_in = re.search(r"Packets \(in\): '(\d+)'", stats.stdout)
+    pkts_out = re.search(r"Packets \(out\): '(\d+)'", stats.stdout)
+    assert pkts_in and pkts_out, stats.stdout
+    assert int(pkts_in.group(1)) >= 2 and int(pkts_out.group(1)) >= 2  # the echo replies
     st = up.status()
     wwan01 = next(ln for ln in st["links"] if ln["name"] == "wwan0-1")
-    assert wwan01["linkid"] == 1
+    assert wwan01["linkid"] == 1 and wwan01["session"] == "open"
+    assert wwan01["counters"]["rx_packets"] >= 2 and wwan01["counters"]["tx_packets"] >= 2
+    assert st["mux"]["sessions"]["1"]["rx_packets"] >= 2  # JSON turned the if_id into a key
 
     # A second `up` for the same device refuses, and does not disturb the first.
     second = up.cli("up", "--device", "sim", "--transport", "pty")
