@@ -393,7 +393,7 @@ def test_fuzz_host_decoders_with_100k_device_buffers() -> None:
     async def main() -> tuple[int, int]:
         sink = _Sink()
 
-        async def open_channel(_rx: Any) -> _Sink:
+        async def open_channel(_ch: int, _rx: Any) -> _Sink:
             return sink
 
         hosts = []

@@ -215,7 +215,8 @@ class MemLink:
         self.limit = BUF[mode]
         self.channels: list[MemChannel] = []
 
-    async def open_channel(self, on_receive: Callable[[bytes], None]) -> MemChannel:
+    async def open_channel(self, ch_id: int, on_receive: Callable[[bytes], None]) -> MemChannel:
+        assert ch_id == 0
         ch = MemChannel(self.device, on_receive, self.limit)
         self.channels.append(ch)
         return ch

@@ -1,6 +1,7 @@
 """The host MUX: IP sessions over channel 0 (Contract 2 of docs/architecture.md).
 
-    mux = MuxHost(engine)                  # or MuxHost(open_channel, MuxMode.LITE) in tests
+    mux = MuxHost(engine)                  # or MuxHost(open_channel, MuxMode.LITE) in tests,
+                                           # open_channel(0, on_receive) -> channel
     mux.on_receive = cb                    # cb(if_id, ip_packet)
     mux.on_flow = cb                       # cb(if_id, stopped)
     await mux.open_session(if_id)          # channel 0 is opened with the first session
@@ -35,7 +36,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from iosm_cuse.hw.channels import MuxMode
+from iosm_cuse.hw.channels import IP_MUX_CHANNEL, MuxMode
 from iosm_cuse.hw.mux.codec import (
     ADGH_S,
     COMMANDS,
@@ -83,7 +84,7 @@ class ChannelLike(Protocol):
     def close(self) -> Awaitable[None]: ...
 
 
-OpenChannel = Callable[[Receiver], Awaitable[ChannelLike]]
+OpenChannel = Callable[[int, Receiver], Awaitable[ChannelLike]]  # (0, on_receive)
 
 
 class MuxError(OSError):
@@ -126,7 +127,8 @@ class MuxHost:
     def __init__(self, source: Any, mode: MuxMode | None = None, *,
                  ul_credit: bool | None = None, cmd_timeout: float = CMD_TIMEOUT) -> None:
         """`source` is the IPC engine (mode, credits and channel 0 come from it, and it is told
-        `engine.mux = self`) or an `open_channel(on_receive)` coroutine function."""
+        `engine.mux = self`) or a coroutine function `open_channel(0, on_receive)` returning a
+        channel with send(bytes) and close() (the engine's own open_channel fits)."""
         self.on_receive: Callable[[int, bytes], None] | None = None
         self.on_flow: Callable[[int, bool], None] | None = None
         self.cmd_timeout = cmd_timeout
@@ -145,7 +147,6 @@ class MuxHost:
         self._max_ip = max_ip_packet(self.mode)
         self._sessions: list[_Session | None] = [None] * MAX_SESSIONS
         self._channel: ChannelLike | None = None
-        self._channel_lock = asyncio.Lock()
         self._cmd_lock = asyncio.Lock()
         self._waiting: dict[int, asyncio.Future[Command]] = {}
         self._tid = 0
@@ -182,8 +183,9 @@ class MuxHost:
     def max_ip_packet(self) -> int:
         return self._max_ip
 
-    async def _open_engine_channel(self, on_receive: Receiver) -> ChannelLike:
-        ch: ChannelLike = await self.engine.open_channel(0, on_receive, self._on_channel_error)
+    async def _open_engine_channel(self, ch_id: int, on_receive: Receiver) -> ChannelLike:
+        ch: ChannelLike = await self.engine.open_channel(ch_id, on_receive,
+                                                         self._on_channel_error)
         return ch
 
     # ---- sessions
@@ -251,7 +253,7 @@ class MuxHost:
             self._loop = asyncio.get_running_loop()
             self._reset_ul()
             try:
-                self._channel = await self._open(self._on_dl)
+                self._channel = await self._open(IP_MUX_CHANNEL, self._on_dl)
             except OSError as exc:
                 raise MuxError(exc.errno or errno.ENODEV,
                                f"opening the MUX channel: {exc.strerror or exc}") from None
