@@ -68,7 +68,7 @@ async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
 @dataclass
 class Datapath:
     config: ModemConfig
-    mux: LoopbackMux
+    mux: Any
     gateway: Gateway
     links: LinkManager
     gw_ns: str
@@ -95,24 +95,57 @@ class Datapath:
 
 
 @contextlib.asynccontextmanager
-async def datapath(links: range = range(8), poll_interval: float = 30.0) -> AsyncIterator[
-        Datapath]:
+async def datapath(links: range = range(8), poll_interval: float = 30.0,
+                   stack: str = "loopback") -> AsyncIterator[Datapath]:
     """Build the data path; links are moved into client namespaces, addressed and set up.
-    A long poll interval means only netlink events can have noticed the admin state."""
+    A long poll interval means only netlink events can have noticed the admin state.
+
+    stack "loopback": LinkManager -> LoopbackMux -> Gateway, all in this process.
+    stack "lite" / "aggregation": LinkManager -> MuxHost -> IpcEngine -> shared memory ->
+    the modem model in its own process (device MUX -> Gateway there, sessions of `links`
+    connected as an MBIM connect would announce them)."""
     config = ModemConfig()
     gw_ns = f"iosmt-gw{TAG}"
-    gateway = Gateway(config, f"netns:{gw_ns}", tun_name=f"gw{TAG}")
-    mux = LoopbackMux(uplink=gateway.uplink)
-    gateway.downlink = mux.downlink
-    mgr = LinkManager(mux, BASE, poll_interval=poll_interval)
-    dp = Datapath(config, mux, gateway, mgr, gw_ns)
+    gw_tun = f"gw{TAG}"
+    gateway = Gateway(config, f"netns:{gw_ns}", tun_name=gw_tun)
+    model: Any = None
+    engine: Any = None
+    if stack == "loopback":
+        mux: Any = LoopbackMux(uplink=gateway.uplink)
+        gateway.downlink = mux.downlink
+    else:
+        from dataclasses import asdict
+
+        from iosm_cuse.hw.engine import IpcEngine
+        from iosm_cuse.hw.mux.host import MuxHost
+        from iosm_cuse.sim.device import DeviceConfig
+        from iosm_cuse.sim.process import ModelProcess
+
+        model = await ModelProcess.spawn(
+            functions="iosm_cuse.sim.gateway:data_functions",
+            config=asdict(DeviceConfig.for_mux(stack)),
+            options={"gateway": f"netns:{gw_ns}", "tun_name": gw_tun, "mux": stack,
+                     "connect": list(links)})
+    mgr: LinkManager | None = None
+    dp: Datapath | None = None
+    client_ns: dict[int, str] = {}
     try:
-        await gateway.start()
+        if model is None:
+            await gateway.start()
+        else:
+            engine = IpcEngine(model.bus)
+            await engine.start()
+            mux = MuxHost(engine)
+            await wait_for(lambda: subprocess.run(
+                ["ip", "-n", gw_ns, "link", "show", gw_tun], capture_output=True).returncode
+                == 0, 10, "the model's gateway TUN")
+        mgr = LinkManager(mux, BASE, poll_interval=poll_interval)
+        dp = Datapath(config, mux, gateway, mgr, gw_ns, client_ns)
         await mgr.start()
         for n in links:
             if n:
                 await mgr.add(dp.name(n), n, parent=BASE)
-            ns = dp.client_ns[n] = f"iosmt-c{n}-{TAG}"
+            ns = client_ns[n] = f"iosmt-c{n}-{TAG}"
             ip = config.session_ip(n)
             await ok("ip", "netns", "add", ns)
             await ok("ip", "link", "set", dp.name(n), "netns", ns)
@@ -121,14 +154,20 @@ async def datapath(links: range = range(8), poll_interval: float = 30.0) -> Asyn
             await ok("ip", "-n", ns, "addr", "add", str(ip.ipv6), "dev", dp.name(n), "nodad")
             await ok("ip", "-n", ns, "link", "set", dp.name(n), "up")
         for n in links:
-            await wait_for(lambda n=n: mgr.show(dp.name(n))[0].session == "open", 5,  # type: ignore[misc]
+            await wait_for(lambda n=n: mgr.show(dp.name(n))[0].session == "open", 5,  # type: ignore[misc, union-attr]
                            f"session {n} to open on admin up")
         yield dp
     finally:
-        await mgr.stop()
+        if mgr is not None:
+            await mgr.stop()
+        if engine is not None:
+            await engine.stop()
+        if model is not None:
+            await model.close()
         await gateway.close()
-        for ns in dp.client_ns.values():
+        for ns in client_ns.values():
             await sh("ip", "netns", "del", ns)
+        await sh("ip", "netns", "del", gw_ns)
 
 
 def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
@@ -141,11 +180,15 @@ def connect(dp: Datapath, *sessions: int) -> None:
         dp.gateway.session_changed(n, dp.config.session_ip(n))
 
 
-def test_ping_over_every_link_and_traffic_stays_on_its_link() -> None:
+STACKS = ["loopback", "lite", "aggregation"]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_ping_over_every_link_and_traffic_stays_on_its_link(stack: str) -> None:
     SIZE = 1000  # bigger than any packet the kernel sends by itself
 
     async def body() -> None:
-        async with datapath() as dp:
+        async with datapath(stack=stack) as dp:
             connect(dp, *range(8))
             for n in range(8):
                 before = {m: dp.counters(m) for m in range(8)}
@@ -251,9 +294,10 @@ def iperf(dp: Datapath, n: int, *extra: str, seconds: int = 3) -> Awaitable[dict
 
 
 @pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 not installed")
-def test_iperf3_tcp_and_udp_over_link_1() -> None:
+@pytest.mark.parametrize("stack", ["lite", "loopback"])
+def test_iperf3_tcp_and_udp_over_link_1(stack: str) -> None:
     async def body() -> None:
-        async with datapath(links=range(2)) as dp:
+        async with datapath(links=range(2), stack=stack) as dp:
             connect(dp, 1)
             tcp = await iperf(dp, 1, seconds=10)
             bps = tcp["end"]["sum_received"]["bits_per_second"]
