@@ -18,6 +18,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from iosm_cuse.hw.channels import MuxMode
 from iosm_cuse.hw.mux.codec import (
@@ -593,3 +595,69 @@ def test_flow_ctl_mask_decides_as_in_the_kernel(mode: MuxMode) -> None:
         assert p.mux.rejects.counters == {"flow_ctl_mask": 1}
 
     run(main())
+
+
+# ---- property: whatever happens, accepted packets arrive once, in order, on their session ----
+
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("tx"), st.integers(0, 7), st.integers(1, 80)),
+    st.tuples(st.just("fc"), st.integers(0, 7), st.booleans()),
+    st.tuples(st.just("hold"), st.booleans(), st.just(0)),
+    st.tuples(st.just("credit"), st.integers(0, 7), st.integers(0, 20_000)),
+    st.tuples(st.just("run"), st.integers(0, 3), st.just(0)),
+), min_size=1, max_size=40)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("credit", [False, True])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_ops)
+def test_property_accepted_packets_arrive_once_in_order(mode: MuxMode, credit: bool,
+                                                        ops: list[tuple[str, Any, Any]]) -> None:
+    async def main() -> None:
+        got: dict[int, list[int]] = {i: [] for i in SESSIONS}
+        p = Pair(mode, gateway=lambda i, b: got[i].append(_HEAD.unpack_from(b)[2]),
+                 ul_credit=credit)
+        await p.open_all()
+        accepted: dict[int, list[int]] = {i: [] for i in SESSIONS}
+        refused = [0] * 8
+        seq = 0
+        for op, a, b in ops:
+            if op == "tx":
+                for _ in range(b):
+                    seq += 1
+                    q = p.mux._sessions[a].queue  # type: ignore[union-attr]
+                    before = len(q)
+                    if p.mux.transmit(a, packet(UP, a, seq)):
+                        accepted[a].append(seq)
+                    else:
+                        refused[a] += 1
+                        assert before >= QUEUE_LIMIT_FC  # never refused below the limits
+                    assert len(q) <= QUEUE_LIMIT
+            elif op == "fc":
+                p.dev.assert_flow_control(a, b)
+            elif op == "hold":
+                p.link.ch.hold = a
+                if not a:
+                    p.link.ch.release()
+            elif op == "credit":
+                p.dev.grant_credits(a, b)
+            else:
+                for _ in range(a + 1):
+                    await asyncio.sleep(0)
+        # release everything: flow control off, the device consumes, unlimited credit
+        for i in SESSIONS:
+            p.dev.assert_flow_control(i, False)
+            if credit:
+                p.dev.grant_credits(i, 10_000_000)
+        p.link.ch.release()
+        await until(lambda: all(len(got[i]) == len(accepted[i]) for i in SESSIONS), 5,
+                    "every accepted packet")
+        assert got == accepted
+        st_ = p.mux.status()["sessions"]
+        assert [st_[i]["tx_dropped_queue_full"] for i in SESSIONS] == refused
+        assert [st_[i]["tx_packets"] for i in SESSIONS] == [len(accepted[i]) for i in SESSIONS]
+        assert not p.dev.rejects.counters and not p.mux.rejects.counters
+        await until(lambda: not any(p.flow.stopped), 5, "every session allowed again")
+
+    run(main(), timeout=30)
