@@ -87,13 +87,13 @@ def _pci_address(text: str) -> str:
         return text.removeprefix("uio:")
 
 
-def find_default_device() -> DeviceSpec:
+def find_default_device(sysfs: Path | None = None) -> DeviceSpec:
     """A modem bound to UIO if there is one, else the built-in model. Unbound modems are
     pointed out, since `up` cannot use them."""
     from iosm_cuse.hw import pci
 
     try:
-        devices = pci.find_iosm_devices()
+        devices = pci.find_iosm_devices(sysfs or pci.SYSFS)
     except (OSError, pci.PciError):
         devices = []
     for dev in devices:

@@ -197,3 +197,17 @@ def test_link_del_and_show(server: FakeDaemonSide) -> None:
     assert res.exit_code == 0 and json.loads(res.stdout) == []
     assert server.requests == [("link.del", {"dev": "wwan0-1", "linkid": None}),
                                ("link.show", {"dev": "wwan0"})]
+
+
+def test_auto_device_prefers_a_uio_bound_modem(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    from uio_fakesys import FakeSysfs
+
+    fs = FakeSysfs(tmp_path / "sys")
+    fs.add_pci("0000:00:03.0", 0x1AF4, 0x1110, {0: 0x100, 2: 0x400000})  # ivshmem: not a modem
+    fs.add_pci("0000:03:00.0", 0x8086, 0x7560, {0: 0x1000, 2: 0x1000})
+    assert daemon.find_default_device(fs.root) == daemon.DeviceSpec("sim")
+    assert "0000:03:00.0 is not bound to UIO" in caplog.text
+    fs.add_pci("0000:04:00.0", 0x8086, 0x7360, {0: 0x1000, 2: 0x1000})
+    fs.bind("0000:04:00.0", "uio_pci_generic", uio="uio0")
+    assert daemon.find_default_device(fs.root) == daemon.DeviceSpec("uio", "0000:04:00.0")
