@@ -224,3 +224,27 @@ def test_model_crash_is_recovered_and_links_kept(up: Up) -> None:
     assert "modem down" in err and "Traceback" not in err
     assert up.links() == {}
     assert not Path(f"/proc/{new_pid}").exists(), "model process left behind"
+
+
+def test_aggregation_mux_and_a_gateway_namespace(netns: str, tmp_path: Path) -> None:
+    """--mux reaches the model (the engine then reads Aggregation from its capabilities) and
+    --gateway netns:NAME puts the model's gateway TUN into that namespace, where the kernel,
+    not the model, answers the ping."""
+    gw_ns = f"{netns}gw"
+    _ip("netns", "add", gw_ns)
+    up = Up(netns, tmp_path / "run", "--mux", "aggregation", "--gateway", f"netns:{gw_ns}")
+    try:
+        assert up.ready_line.endswith("MUX aggregation")
+        assert up.status()["modem"]["mux_mode"] == "aggregation"
+        _connect_and_ping(up, "wwan0", 0)
+        gw_links = json.loads(_ip("-n", gw_ns, "-j", "link", "show").stdout)
+        assert "iosmgw0" in [ln["ifname"] for ln in gw_links]
+        code, err = up.terminate()
+        assert code == 0, err
+        gw_links = json.loads(_ip("-n", gw_ns, "-j", "link", "show").stdout)
+        assert "iosmgw0" not in [ln["ifname"] for ln in gw_links], "gateway TUN left behind"
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
+            up.proc.wait(10)
+        _ip("netns", "del", gw_ns, check=False)
