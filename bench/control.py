@@ -118,17 +118,29 @@ def transactions(link: Path, seconds: float, echo: bool) -> list[float]:
         os.close(fd)
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process: CPU cost, much less disturbed by other load than latency."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summary(lat: list[float], server_cpu: float) -> dict[str, float]:
+    q = statistics.quantiles(lat, n=100)
+    return {"tps": len(lat) / sum(lat), "p50_us": q[49] * 1e6, "p99_us": q[98] * 1e6,
+            "n": len(lat), "server_cpu_us": server_cpu / len(lat) * 1e6}
+
+
 def measure(argv: list[str], link: Path, seconds: float, echo: bool) -> dict[str, float]:
     proc = start(argv)
     try:
         transactions(link, min(0.3, seconds), echo)  # warm-up
+        cpu0 = cpu_seconds(proc.pid)
         lat = transactions(link, seconds, echo)
+        cpu = cpu_seconds(proc.pid) - cpu0
     finally:
         stop(proc)
         link.unlink(missing_ok=True)
-    q = statistics.quantiles(lat, n=100)
-    return {"tps": len(lat) / sum(lat), "p50_us": q[49] * 1e6, "p99_us": q[98] * 1e6,
-            "n": len(lat)}
+    return summary(lat, cpu)
 
 
 def cuse_round_trips(seconds: float) -> dict[str, float]:
@@ -167,6 +179,7 @@ def cuse_round_trips(seconds: float) -> dict[str, float]:
         call(cuse.Op.READ, {"fh": fh, "size": 4096})
         tid = 2
         end = time.perf_counter() + seconds
+        cpu0 = cpu_seconds(proc.pid)
         while True:
             t0 = time.perf_counter()
             if decode_message(one(tid)).tid != tid:
@@ -176,11 +189,11 @@ def cuse_round_trips(seconds: float) -> dict[str, float]:
             tid += 1
             if t1 > end:
                 break
+        cpu = cpu_seconds(proc.pid) - cpu0
     finally:
         kernel.close()
         stop(proc)
-    q = statistics.quantiles(lat, n=100)
-    return {"tps": len(lat) / sum(lat), "p50_us": q[49] * 1e6, "p99_us": q[98] * 1e6}
+    return summary(lat, cpu)
 
 
 def startup() -> tuple[float | None, str | None]:
@@ -222,6 +235,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     ports: list[dict[str, float]] = []
+    minimal: list[dict[str, float]] = []
     echoes: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="iosm-bench-") as tmp:
         port_link, echo_link = Path(tmp, "wwan9mbim0"), Path(tmp, "echo")
@@ -229,33 +243,49 @@ def main() -> int:
             ports.append(measure([sys.executable, "-m", "iosm_cuse.chardev", "--transport",
                                   "pty", "--link", str(port_link)], port_link, args.seconds,
                                  echo=False))
+            # The same port with a trivial responder: what the port + PTY cost without the model.
+            minimal.append(measure([sys.executable, "-m", "iosm_cuse.chardev", "--transport",
+                                    "pty", "--minimal", "--link", str(port_link)], port_link,
+                                   args.seconds, echo=False))
             echoes.append(measure([sys.executable, "-c", ECHO_SERVER, str(echo_link)],
                                   echo_link, args.seconds, echo=True))
-    port, echo = median_of(ports), median_of(echoes)
+    port, echo, bare = median_of(ports), median_of(echoes), median_of(minimal)
     fake = median_of([cuse_round_trips(args.seconds) for _ in range(args.rounds)])
     startup_s, startup_error = startup()
     result: dict[str, Any] = {
         "tps": round(port["tps"]), "p50_us": round(port["p50_us"], 1),
         "p99_us": round(port["p99_us"], 1), "transactions": round(port["n"]),
+        "server_cpu_us": round(port["server_cpu_us"], 1),
         "pty_echo_tps": round(echo["tps"]), "pty_echo_p50_us": round(echo["p50_us"], 1),
         "pty_echo_p99_us": round(echo["p99_us"], 1),
         "ratio_to_pty_echo": round(port["tps"] / echo["tps"], 3),
         "startup_s": None if startup_s is None else round(startup_s, 3),
         "startup_error": startup_error, "transport": "pty", "command": "DEVICE_CAPS query",
+        "no_model_tps": round(bare["tps"]), "no_model_p50_us": round(bare["p50_us"], 1),
+        "no_model_p99_us": round(bare["p99_us"], 1),
+        "no_model_server_cpu_us": round(bare["server_cpu_us"], 1),
+        "pty_echo_server_cpu_us": round(echo["server_cpu_us"], 1),
         "cuse_fake_kernel_tps": round(fake["tps"]), "cuse_fake_kernel_p50_us":
         round(fake["p50_us"], 1), "cuse_fake_kernel_p99_us": round(fake["p99_us"], 1),
+        "cuse_fake_kernel_server_cpu_us": round(fake["server_cpu_us"], 1),
         "rounds": args.rounds, "load_avg_1m": os.getloadavg()[0],
     }
     if args.json:
         print(json.dumps(result))
     else:
         print(f"MBIM port (pty): {result['tps']} transactions/s, p50 {result['p50_us']} us, "
-              f"p99 {result['p99_us']} us (median of {args.rounds} rounds)")
+              f"p99 {result['p99_us']} us, server CPU {result['server_cpu_us']} us/transaction "
+              f"(median of {args.rounds} rounds)")
+        print(f"same, no model:  {result['no_model_tps']} transactions/s, "
+              f"p50 {result['no_model_p50_us']} us, p99 {result['no_model_p99_us']} us, "
+              f"server CPU {result['no_model_server_cpu_us']} us")
         print(f"bare PTY echo:   {result['pty_echo_tps']} round trips/s, "
-              f"p50 {result['pty_echo_p50_us']} us, p99 {result['pty_echo_p99_us']} us")
+              f"p50 {result['pty_echo_p50_us']} us, p99 {result['pty_echo_p99_us']} us, "
+              f"server CPU {result['pty_echo_server_cpu_us']} us")
         print(f"CUSE server behind a fake kernel: {result['cuse_fake_kernel_tps']} "
               f"transactions/s, p50 {result['cuse_fake_kernel_p50_us']} us, "
-              f"p99 {result['cuse_fake_kernel_p99_us']} us")
+              f"p99 {result['cuse_fake_kernel_p99_us']} us, "
+              f"server CPU {result['cuse_fake_kernel_server_cpu_us']} us")
         print(f"ratio port/echo: {result['ratio_to_pty_echo']}  "
               f"(load average {result['load_avg_1m']:.1f} on {os.cpu_count()} CPUs)")
         print(f"iosm-cuse up -> ready: "

@@ -66,18 +66,22 @@ class Layout:
         # "x" codes are pad bytes: no value at all; "_" fields are packed as 0, not returned.
         self._all = tuple(f for f, code in fields if not code.endswith("x"))
         self.fields = tuple(f for f in self._all if not f.startswith("_"))
+        self._field_set = frozenset(self.fields)
+        self._keep = tuple(i for i, f in enumerate(self._all) if not f.startswith("_"))
         self.struct = struct.Struct("<" + "".join(code for _, code in fields))
         self.size = self.struct.size
 
     def pack(self, **values: int) -> bytes:
-        unknown = set(values) - set(self.fields)
-        if unknown:
+        if not values.keys() <= self._field_set:
+            unknown = set(values) - self._field_set
             raise TypeError(f"{self.name}: unknown fields {sorted(unknown)}")
-        return self.struct.pack(*(values.get(f, 0) for f in self._all))
+        return self.struct.pack(*[values.get(f, 0) for f in self._all])
 
     def unpack(self, data: bytes, offset: int = 0) -> dict[str, int]:
         raw = self.struct.unpack_from(data, offset)
-        return {f: v for f, v in zip(self._all, raw, strict=True) if not f.startswith("_")}
+        if len(self._keep) == len(raw):
+            return dict(zip(self.fields, raw, strict=True))
+        return {f: raw[i] for f, i in zip(self.fields, self._keep, strict=True)}
 
 
 def _layout(name: str, *fields: tuple[str, str]) -> Layout:
