@@ -418,16 +418,16 @@ class MuxHost:
         while sessions and not self.global_stop:
             for s in sessions:
                 q, if_id, pad = s.queue, s.if_id, bytes(s.pad)
-                for _ in range(min(len(q), LITE_ROUND)):
+                burst = min(len(q), LITE_ROUND)
+                for k in range(burst - 1, -1, -1):  # k: packets after this one in the burst
                     n = len(q[0])
                     if credit:
                         if s.credits < n:
                             break
                         s.credits -= n
                     pkt = q.popleft()
-                    left = len(q)
-                    self._send(pack(sig, HEADER + len(pad) + n, if_id, 0, 0,
-                                    left if left < 255 else 255) + pad + pkt, True)
+                    self._send(pack(sig, HEADER + len(pad) + n, if_id, 0, 0, k) + pad + pkt,
+                               True)
                     s.tx_packets += 1
                     s.tx_bytes += n
                     sent += 1
