@@ -191,14 +191,21 @@ def test_up_serves_mbimcli_links_status_and_cleans_up(up: Up) -> None:
     assert list(up.run_dir.iterdir()) == [], "socket or lock files left behind"
 
 
-def test_model_crash_is_recovered_and_links_kept(up: Up) -> None:
+@pytest.mark.parametrize("how", ["crash", "hang"])
+def test_model_crash_is_recovered_and_links_kept(up: Up, how: str) -> None:
+    """crash: the model process dies (SIGKILL); hang: it stops answering (SIGSTOP), which the
+    engine sees as an UL pipe making no progress while packets wait."""
     add = up.cli("link", "add", "dev", "wwan0-1", "parentdev-name", "wwan0", "type", "wwan",
                  "linkid", "1")
     assert add.returncode == 0, add.stderr
     _connect_and_ping(up, "wwan0-1", 1)
     before = up.links()
     model_pid = up.status()["modem"]["pid"]
-    os.kill(model_pid, signal.SIGKILL)
+    if how == "crash":
+        os.kill(model_pid, signal.SIGKILL)
+    else:
+        os.kill(model_pid, signal.SIGSTOP)
+        up.run("ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", "wwan0-1", "10.99.1.1")
 
     deadline = time.monotonic() + 20
     while True:
@@ -208,6 +215,8 @@ def test_model_crash_is_recovered_and_links_kept(up: Up) -> None:
         assert time.monotonic() < deadline, st
         time.sleep(0.2)
     assert st["modem"]["pid"] != model_pid
+    assert not Path(f"/proc/{model_pid}").exists() or \
+        Path(f"/proc/{model_pid}/stat").read_text().split()[2] == "Z", "old model left running"
     assert up.links() == before, "links must survive a modem restart"
     # The MUX session of the link that was up is open again by itself.
     deadline = time.monotonic() + 10
