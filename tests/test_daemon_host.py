@@ -257,3 +257,28 @@ def test_aggregation_mux_and_a_gateway_namespace(netns: str, tmp_path: Path) -> 
             up.proc.kill()
             up.proc.wait(10)
         _ip("netns", "del", gw_ns, check=False)
+
+
+def test_a_killed_daemon_leaves_nothing_that_blocks_the_next(netns: str, tmp_path: Path) -> None:
+    """SIGKILL: no cleanup code runs. The kernel drops the locks and the TUN devices, the model
+    sees its socket close and exits; the next `up` takes over the stale socket and symlink."""
+    first = Up(netns, tmp_path / "run")
+    model_pid = first.status()["modem"]["pid"]
+    first.proc.kill()
+    first.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{model_pid}").exists():
+        assert time.monotonic() < deadline, "model outlived its daemon"
+        time.sleep(0.1)
+    assert first.links() == {}
+    second = Up(netns, tmp_path / "run")
+    try:
+        assert second.mbimcli("--query-device-caps").returncode == 0
+        assert [ln["name"] for ln in second.status()["links"]] == ["wwan0"]
+        code, err = second.terminate()
+        assert code == 0, err
+        assert list(second.run_dir.iterdir()) == []
+    finally:
+        if second.proc.poll() is None:
+            second.proc.kill()
+            second.proc.wait(10)
