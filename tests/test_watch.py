@@ -229,13 +229,13 @@ def test_monitor_source(tmp_path: Path) -> None:
 CHILD = """
 import os, signal, sys, time
 log = sys.argv[1]
-with open(log, "a") as f:
-    f.write(f"start {sys.argv[2]} {os.getpid()}\\n")
 def bye(*_):
     with open(log, "a") as f:
         f.write(f"term {sys.argv[2]} {os.getpid()}\\n")
     sys.exit(0)
-signal.signal(signal.SIGTERM, bye)
+signal.signal(signal.SIGTERM, bye)  # before "start": the test may stop us right after it
+with open(log, "a") as f:
+    f.write(f"start {sys.argv[2]} {os.getpid()} {sys.argv[3]}\\n")
 if sys.argv[3] == "crash":
     sys.exit(3)
 time.sleep(60)
@@ -246,10 +246,10 @@ def _lines(log: Path) -> list[str]:
     return log.read_text().split("\n")[:-1] if log.exists() else []
 
 
-async def _until(cond: object, timeout: float = 30.0) -> None:
+async def _until(cond: object, timeout: float = 30.0, what: object = None) -> None:
     deadline = time.monotonic() + timeout
     while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, f"timed out: {what() if what else ''}"  # type: ignore[operator]
         await asyncio.sleep(0.02)
 
 
@@ -270,14 +270,15 @@ def test_watcher_starts_stops_and_restarts_children(sysfs: FakeSysfs, tmp_path: 
                      "DEVPATH": f"/devices/pci0000:00/{A}"})
         await _until(lambda: sum(x.startswith("start") for x in _lines(log)) >= 2)
         mode.write_text("run")  # crashes twice at least, then stays up
+        # a child that read "run" (earlier ones may still crash once more)
         await _until(lambda: A in w.children and w.children[A].returncode is None
                      and core.started_at.get(A) is not None
-                     and _lines(log)[-1].endswith(f" {w.children[A].pid}"))
+                     and _lines(log)[-1] == f"start {A} {w.children[A].pid} run")
         pid = w.children[A].pid
         sysfs.unbind(A)
         w.on_uevent({"ACTION": "unbind", "SUBSYSTEM": "pci",
                      "DEVPATH": f"/devices/pci0000:00/{A}"})
-        await _until(lambda: f"term {A} {pid}" in _lines(log))
+        await _until(lambda: f"term {A} {pid}" in _lines(log), what=lambda: _lines(log))
         await w.shutdown()
         assert A not in w.children
 

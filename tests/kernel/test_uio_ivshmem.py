@@ -151,8 +151,8 @@ def test_udev_rules_bind_and_pull_in_the_unit(ivshmem_dev: PciDevice) -> None:
 
 
 CHILD = ("import signal, sys, time; log = open(sys.argv[1], 'a', buffering=1); "
-         "log.write('start ' + sys.argv[2] + '\\n'); "
          "signal.signal(signal.SIGTERM, lambda *a: (log.write('term\\n'), sys.exit(0))); "
+         "log.write('start ' + sys.argv[2] + '\\n'); "
          "time.sleep(600)")
 
 
