@@ -31,6 +31,7 @@ from test_mux_pair import (
 
 from iosm_cuse.hw.channels import MuxMode
 from iosm_cuse.hw.engine import EngineState, IpcEngine
+from iosm_cuse.hw.layout import CAP_DL_AGGR, CAP_UL_AGGR, CAP_UL_FLOW_CREDIT
 from iosm_cuse.hw.mux.host import QUEUE_LIMIT_FC, MuxHost
 from iosm_cuse.sim.device import DeviceConfig, DeviceModel
 from iosm_cuse.sim.mux import MuxDevice
@@ -77,7 +78,7 @@ class ModelGateway:
 
 def attach_mux(model: DeviceModel, options: dict[str, Any]) -> None:
     gw = ModelGateway()
-    gw.mux = MuxDevice(gw)
+    gw.mux = MuxDevice(gw, credit_window=int(options.get("credit_window", 0)))
     model.attach(0, gw.mux)
     model.mux_gateway = gw  # type: ignore[attr-defined]  # kept alive with the model
 
@@ -212,3 +213,39 @@ def test_sessions_come_back_by_themselves_after_a_modem_restart() -> None:
             await mp.close()
 
     run(main(), timeout=60)
+
+
+@pytest.mark.parametrize("mode", [MuxMode.LITE, MuxMode.AGGREGATION])
+def test_two_processes_credit_mode_from_the_capability_register(mode: MuxMode) -> None:
+    """Capability bit 21: the host sends on credits only; the model grants a 32 KiB window
+    per session and gives back what arrives."""
+
+    async def main() -> None:
+        caps = CAP_UL_FLOW_CREDIT | (CAP_UL_AGGR | CAP_DL_AGGR if mode is MuxMode.AGGREGATION
+                                     else 0)
+        mp = await ModelProcess.spawn(functions=FACTORY,
+                                      config=asdict(DeviceConfig(capabilities=caps)),
+                                      options={"credit_window": 32 * 1024})
+        eng = IpcEngine(mp.bus)
+        try:
+            await eng.start()
+            mux = MuxHost(eng)
+            assert mux.mode is mode and mux.ul_credit
+            h = Host(mux)
+            await asyncio.gather(*(mux.open_session(i) for i in range(8)))
+            await until(lambda: all(c["credits"] > 0 for c in mux.status()["sessions"].values()),
+                        5, "the first grants")
+            h.control("START 2000")
+            await host_send(mux, h.flow, 2000)
+            await until(lambda: h.down.total == 8 * 2000, 60, "DL packets")
+            r = await h.report_when(lambda r: sum(r["next"]) >= 8 * 2000, 60, "UL packets")
+            assert r["next"] == [2000] * 8 and not r["bad"] and not h.down.bad
+            assert r["counters"]["credit_grants"] > 8 and not r["rejects"]
+            st = mux.status()
+            assert st["ul_stops"] == 0 and not st["rejects"]  # credits, not pending bytes
+            assert all(c["tx_dropped_queue_full"] == 0 for c in st["sessions"].values())
+        finally:
+            await eng.stop()
+            await mp.close()
+
+    run(main(), timeout=120)

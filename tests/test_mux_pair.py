@@ -111,6 +111,8 @@ async def host_send(mux: MuxHost, flow: FlowWatch, n: int, sessions: range = SES
                     f"session {if_id} refused packet {seqs[if_id]}: {mux.status()}"
                 seqs[if_id] += 1
                 sent = True
+                if flow.stopped[if_id]:  # e.g. the queue just became full
+                    break
         if sent:
             await asyncio.sleep(0)
         else:
@@ -661,3 +663,24 @@ def test_property_accepted_packets_arrive_once_in_order(mode: MuxMode, credit: b
         await until(lambda: not any(p.flow.stopped), 5, "every session allowed again")
 
     run(main(), timeout=30)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_model_credit_window_carries_a_stream_in_credit_mode(mode: MuxMode) -> None:
+    """A model that grants a credit window (and gives back what was used) lets a host in
+    credit mode stream without the pending-byte stop, never beyond the window."""
+
+    async def main() -> None:
+        p = Pair(mode, ul_credit=True)
+        p.dev.credit_window = 16 * 1024
+        await p.open_all()
+        await until(lambda: all(p.mux.status()["sessions"][i]["credits"] == 16 * 1024
+                                for i in SESSIONS), 2, "the initial grants")
+        await host_send(p.mux, p.flow, 1000)
+        await until(lambda: p.up.total == 8000, 10, f"all packets ({p.up.total})")
+        assert not p.up.bad and p.mux.status()["ul_stops"] == 0
+        assert p.dev.counters["credit_grants"] > 8
+        for i in SESSIONS:
+            assert -1 < p.mux.status()["sessions"][i]["credits"] <= 16 * 1024
+
+    run(main())

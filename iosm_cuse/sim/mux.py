@@ -76,7 +76,11 @@ class CountingSink:
 
 
 class MuxDevice:
-    def __init__(self, gateway: Uplink | Any = None, mode: MuxMode | str | None = None) -> None:
+    def __init__(self, gateway: Uplink | Any = None, mode: MuxMode | str | None = None, *,
+                 credit_window: int = 0) -> None:
+        """`credit_window` > 0: play a modem that announces UL flow on credits (capability
+        bit 21): each opened session gets that many bytes of credit (FCTH), and the bytes it
+        sends are granted again once half a window was used."""
         if gateway is None:
             gateway = CountingSink()
         self.gateway = gateway
@@ -88,6 +92,8 @@ class MuxDevice:
         self.queue_levels: dict[int, int] = {}
         self.sessions: set[int] = set()
         self.flow_asserted: set[int] = set()
+        self.credit_window = credit_window
+        self._used: dict[int, int] = {}
         self._dl_pad: dict[int, int] = {}
         self._send: Send | None = None
         self._tid = 0
@@ -117,6 +123,7 @@ class MuxDevice:
         self.sessions.clear()
         self.flow_asserted.clear()
         self.queue_levels.clear()
+        self._used.clear()
         self._dl_pad.clear()
         self._adb = AdbBuilder(AGGR_BUF, pad=DL_HEAD_PAD)
         self._blocks.clear()
@@ -193,6 +200,8 @@ class MuxDevice:
             c["ul_while_flow_ctl"] += 1  # in flight before the host saw FLOW_CTL
         c["ul_packets"] += 1
         c["ul_bytes"] += len(pkt)
+        if self.credit_window > 0:
+            self._give_back(if_id, len(pkt))
         try:
             self._uplink(if_id, pkt)
         except Exception:
@@ -213,6 +222,9 @@ class MuxDevice:
             self.counters["sessions_opened"] += 1
             self._reply(Command(c.open_session_resp, if_id, cmd.transaction_id,
                                 {"response": RESP_SUCCESS, "ul_head_pad_len": 0}))
+            if self.credit_window > 0:
+                self._used[if_id] = 0
+                self.grant_credits(if_id, self.credit_window)
         elif code == c.close_session:
             self._close_session(if_id)
             self._reply(Command(c.close_session_resp, if_id, cmd.transaction_id,
@@ -286,7 +298,29 @@ class MuxDevice:
         """FCTH: `nbytes` more UL credit for session `if_id`."""
         if self._send is None:
             return False
-        return self._send(encode_table(Sig.FCTH, if_id, nbytes & 0xFFFFFFFF))
+        if not self._send(encode_table(Sig.FCTH, if_id, nbytes & 0xFFFFFFFF)):
+            self.counters["control_refused"] += 1
+            return False
+        self.counters["credit_grants"] += 1
+        return True
+
+    def _give_back(self, if_id: int, n: int) -> None:
+        used = self._used.get(if_id, 0) + n
+        self._used[if_id] = used
+        if used * 2 >= self.credit_window:
+            if self.grant_credits(if_id, used):
+                self._used[if_id] = 0
+            elif self._loop is not None:  # the DL backlog is full: the host would starve
+                self._loop.call_later(RETRY, self._regrant)
+
+    def _regrant(self) -> None:
+        for if_id, used in list(self._used.items()):
+            if used and if_id in self.sessions:
+                if not self.grant_credits(if_id, used):
+                    if self._loop is not None:
+                        self._loop.call_later(RETRY, self._regrant)
+                    return
+                self._used[if_id] = 0
 
     # ---- downlink
 

@@ -344,11 +344,14 @@ class MuxHost:
             s.drop_too_big += 1
             return False
         q = s.queue
-        if len(q) >= (QUEUE_LIMIT_FC if s.device_stop or self.global_stop else QUEUE_LIMIT):
+        limit = QUEUE_LIMIT_FC if s.device_stop or self.global_stop else QUEUE_LIMIT
+        if len(q) >= limit:
             s.drop_queue += 1
             self._update_flow(s)
             return False
         q.append(ip_packet)
+        if len(q) >= limit:  # full now: say so before a packet has to be dropped
+            self._update_flow(s)
         if not self._drain_pending:
             self._drain_pending = True
             loop = self._loop or asyncio.get_running_loop()
