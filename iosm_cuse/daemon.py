@@ -330,7 +330,7 @@ class Daemon:
                 self.port, transport=transport or self.opts.transport, devname=self.port_name,
                 link=control.run_dir() / self.port_name)
         except CuseUnavailable as exc:
-            raise UpError(f"--transport cuse: {exc}") from exc
+            raise UpError(f"--transport cuse: {exc.strerror or exc}") from exc
         self.transport = chardev.transport
         return chardev
 
