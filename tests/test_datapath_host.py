@@ -274,6 +274,12 @@ def test_bad_input_is_dropped_counted_logged_once_and_others_unaffected(
     run(body)
 
 
+async def rcvbuf_errors(ns: str) -> int:
+    out = await ok(*nsexec(ns, "nstat", "-asz", "UdpRcvbufErrors"))
+    return sum(int(line.split()[1]) for line in out.splitlines()
+               if line.startswith("UdpRcvbufErrors"))
+
+
 def iperf(dp: Datapath, n: int, *extra: str, seconds: int = 3) -> Awaitable[dict[str, Any]]:
     async def go() -> dict[str, Any]:
         gw = str(dp.config.session_ip(n).ipv4_gateway)
@@ -307,11 +313,19 @@ def test_iperf3_tcp_and_udp_over_link_1(stack: str) -> None:
             udp = await iperf(dp, 1, "-u", "-b", "300M", "-l", "1400")
             s = udp["end"]["sum"]
             assert "lost_percent" in s and s["packets"] > 0
-            # A sustainable rate, sequence-checked by iperf3: nothing lost, nothing reordered.
+            # A sustainable rate, sequence-checked by iperf3: the data path loses nothing and
+            # reorders nothing. On this shared 2-core machine the iperf3 server itself may be
+            # descheduled long enough for its socket buffer to overflow; such losses are
+            # counted by the receiving kernel (UdpRcvbufErrors), outside the data path, and
+            # must be all there is.
+            before = await rcvbuf_errors(dp.gw_ns)
             calm = await iperf(dp, 1, "-u", "-b", "10M", "-l", "1200")
+            at_receiver = await rcvbuf_errors(dp.gw_ns) - before
             s = calm["end"]["sum"]
-            assert s["packets"] > 2000 and s["lost_packets"] == 0, s
+            assert s["packets"] > 2000 and s["lost_packets"] == at_receiver, (s, at_receiver)
             assert calm["end"]["sum"].get("out_of_order", 0) == 0
+            c = dp.counters(1)
+            assert c["tx_dropped_mux"] == c["tx_dropped_too_big"] == 0, c
             print(f"TCP {bps / 1e9:.2f} Gbit/s; UDP 300M loss "
                   f"{udp['end']['sum']['lost_percent']:.2f} %")
     run(body)
