@@ -211,3 +211,36 @@ def test_auto_device_prefers_a_uio_bound_modem(tmp_path: Path,
     fs.add_pci("0000:04:00.0", 0x8086, 0x7360, {0: 0x1000, 2: 0x1000})
     fs.bind("0000:04:00.0", "uio_pci_generic", uio="uio0")
     assert daemon.find_default_device(fs.root) == daemon.DeviceSpec("uio", "0000:04:00.0")
+
+
+def test_up_refuses_a_bad_config_before_starting_anything(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setenv(control.RUN_DIR_ENV, str(tmp_path / "run"))
+    bad = tmp_path / "modem.json"
+    bad.write_text('{"bogus": 1}')
+    res = CliRunner().invoke(main, ["up", "--device", "sim", "--config", str(bad)])
+    assert res.exit_code == 1
+    assert res.stderr.startswith(f"iosm-cuse: --config {bad}: ")
+    assert "bogus" in res.stderr and "Traceback" not in res.output
+    assert list((tmp_path / "run").iterdir()) == []  # locks released
+
+
+def test_up_transport_cuse_without_cuse_is_refused_cleanly(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    try:
+        os.close(os.open("/dev/cuse", os.O_RDWR))
+        pytest.skip("this kernel has CUSE: the refusal cannot happen here")
+    except OSError:
+        pass
+    env = {**os.environ, control.RUN_DIR_ENV: str(tmp_path / "run")}
+    res = subprocess.run([str(Path(sys.executable).parent / "iosm-cuse"), "up", "--device", "sim",
+                          "--transport", "cuse"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert res.returncode == 1 and res.stdout == ""
+    assert "iosm-cuse: --transport cuse: /dev/cuse: " in res.stderr
+    assert "Traceback" not in res.stderr
+    assert list((tmp_path / "run").iterdir()) == []
