@@ -96,7 +96,7 @@ class Datapath:
 
 @contextlib.asynccontextmanager
 async def datapath(links: range = range(8), poll_interval: float = 30.0,
-                   stack: str = "loopback") -> AsyncIterator[Datapath]:
+                   stack: str = "loopback", echo: bool = False) -> AsyncIterator[Datapath]:
     """Build the data path; links are moved into client namespaces, addressed and set up.
     A long poll interval means only netlink events can have noticed the admin state.
 
@@ -107,7 +107,8 @@ async def datapath(links: range = range(8), poll_interval: float = 30.0,
     config = ModemConfig()
     gw_ns = f"iosmt-gw{TAG}"
     gw_tun = f"gw{TAG}"
-    gateway = Gateway(config, f"netns:{gw_ns}", tun_name=gw_tun)
+    mode = "echo" if echo else f"netns:{gw_ns}"
+    gateway = Gateway(config, mode, tun_name=gw_tun)
     model: Any = None
     engine: Any = None
     if stack == "loopback":
@@ -124,7 +125,7 @@ async def datapath(links: range = range(8), poll_interval: float = 30.0,
         model = await ModelProcess.spawn(
             functions="iosm_cuse.sim.gateway:data_functions",
             config=asdict(DeviceConfig.for_mux(stack)),
-            options={"gateway": f"netns:{gw_ns}", "tun_name": gw_tun, "mux": stack,
+            options={"gateway": mode, "tun_name": gw_tun, "mux": stack,
                      "connect": list(links)})
     mgr: LinkManager | None = None
     dp: Datapath | None = None
@@ -136,7 +137,7 @@ async def datapath(links: range = range(8), poll_interval: float = 30.0,
             engine = IpcEngine(model.bus)
             await engine.start()
             mux = MuxHost(engine)
-            await wait_for(lambda: subprocess.run(
+            await wait_for(lambda: echo or subprocess.run(
                 ["ip", "-n", gw_ns, "link", "show", gw_tun], capture_output=True).returncode
                 == 0, 10, "the model's gateway TUN")
         mgr = LinkManager(mux, BASE, poll_interval=poll_interval)
@@ -205,6 +206,21 @@ def test_ping_over_every_link_and_traffic_stays_on_its_link(stack: str) -> None:
                         # may leave any link that is up; none of the pings may, and nothing
                         # comes down a link that did not ask for it.
                         assert dtx < SIZE and drx == 0, f"link {m} saw link {n}'s traffic"
+    run(body)
+
+
+@pytest.mark.parametrize("stack", ["loopback", "lite"])
+def test_echo_mode_answers_ping_with_no_gateway_tun(stack: str) -> None:
+    """The self-contained demo: `ping 10.99.N.1` through wwan0-N answered by the model."""
+    async def body() -> None:
+        async with datapath(links=range(3), stack=stack, echo=True) as dp:
+            if stack == "loopback":
+                connect(dp, 0, 1, 2)
+            for n in range(3):
+                assert await dp.ping(n, count=3) == 3, f"IPv4 echo over link {n}"
+                assert await dp.ping(n, count=2, v6=True) == 2, f"IPv6 echo over link {n}"
+            if stack == "loopback":
+                assert dp.gateway.counters["echo_replies"] == 15
     run(body)
 
 
