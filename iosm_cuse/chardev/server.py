@@ -351,10 +351,18 @@ class CuseServer:
         self.session.on_init = lambda: self._set_ready(None)
         self.session.on_destroy = self._destroyed
         try:
+            if self.wait_for_node and os.path.exists(self.path):
+                raise OSError(errno.EEXIST, f"{self.path} already exists (another server?)")
             self.fd = open_cuse() if self._given_fd is None else self._given_fd
             os.set_blocking(self.fd, False)
             self._loop.add_reader(self.fd, self._on_readable)
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+            # The kernel checks our CUSE_INIT reply while we write it and aborts the connection
+            # if it refuses it; the reader sees ENODEV on the next loop iteration or so.
+            for _ in range(3):
+                await asyncio.sleep(0)
+            if self._dead is not None:
+                raise OSError(errno.ENODEV, f"CUSE refused {self.devname} ({self._dead})")
             if self.wait_for_node:
                 await self._wait_node(time.monotonic() + timeout)
         except BaseException:
@@ -364,10 +372,17 @@ class CuseServer:
 
     async def _wait_node(self, deadline: float) -> None:
         node = Path(self.path)
+        sysfs = Path("/sys/class/cuse") / self.devname
         while not node.exists():
             if self._dead is not None:
-                raise OSError(errno.ENODEV, f"CUSE: {self._dead}")
+                # The kernel checks the reply after accepting the write and aborts the
+                # connection: a duplicate DEVNAME is the usual cause.
+                raise OSError(errno.ENODEV, f"CUSE refused {self.devname} ({self._dead}); "
+                              f"is {node} already taken?")
             if time.monotonic() > deadline:
+                if sysfs.exists():  # registered, but nothing makes nodes here (no devtmpfs)
+                    log.warning("CUSE: %s registered but %s did not appear", sysfs, node)
+                    return
                 raise OSError(errno.ETIMEDOUT, f"{node} did not appear")
             await asyncio.sleep(0.01)
 

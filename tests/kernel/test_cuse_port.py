@@ -116,6 +116,29 @@ def test_blocked_read_interrupted_by_a_signal(server: subprocess.Popen[str]) -> 
         os.close(fd)
 
 
+def test_a_second_server_for_the_same_name_is_refused(server: subprocess.Popen[str]) -> None:
+    import asyncio
+
+    from iosm_cuse.chardev.loopback import LoopbackOpener, answer_open
+    from iosm_cuse.chardev.port import MbimPort
+    from iosm_cuse.chardev.server import CuseServer
+
+    async def start(check_first: bool) -> None:
+        await CuseServer(MbimPort(LoopbackOpener(answer_open)), NAME,
+                         wait_for_node=check_first).start(timeout=60)
+
+    with pytest.raises(OSError) as e:
+        asyncio.run(start(True))  # the node is there: refused before talking to the kernel
+    assert e.value.errno == errno.EEXIST, e.value
+    with pytest.raises(OSError) as e:
+        asyncio.run(start(False))  # the kernel itself refuses the duplicate DEVNAME
+    assert e.value.errno == errno.ENODEV, e.value
+    assert NODE.is_char_device()  # the first server's device is untouched
+    res = subprocess.run(["mbimcli", "-d", str(NODE), "--query-device-caps"],
+                         capture_output=True, text=True, timeout=STEP_TIMEOUT)
+    assert res.returncode == 0, res.stderr
+
+
 def test_killed_server_releases_blocked_readers(server: subprocess.Popen[str]) -> None:
     fd = os.open(NODE, os.O_RDWR)
     result: list[tuple[int, int]] = []
