@@ -345,3 +345,24 @@ def test_iperf3_tcp_and_udp_over_link_1(stack: str) -> None:
             print(f"TCP {bps / 1e9:.2f} Gbit/s; UDP 300M loss "
                   f"{udp['end']['sum']['lost_percent']:.2f} %")
     run(body)
+
+
+def test_overload_on_one_session_is_held_by_flow_control_not_dropped_by_the_mux() -> None:
+    """1 Gbit/s of UDP offered on link 1 over the real MUX: the host MUX stops the session
+    (110 KiB pending), the bridge stops reading that TUN so the kernel's queue holds (and
+    beyond its length drops) the packets; the MUX itself drops nothing and session 2 still
+    answers while link 1 is flooded."""
+    async def body() -> None:
+        async with datapath(links=range(3), stack="lite") as dp:
+            flood = asyncio.ensure_future(iperf(dp, 1, "-u", "-b", "1G", "-l", "1400"))
+            await asyncio.sleep(1.0)
+            replies = await dp.ping(2, count=5)
+            udp = await flood
+            c1 = dp.counters(1)
+            assert udp["end"]["sum"]["packets"] > 0
+            assert c1["flow_stops"] >= 1, c1
+            assert c1["tx_dropped_mux"] == 0, c1
+            assert dp.mux.status()["sessions"][1]["tx_dropped_queue_full"] == 0
+            assert replies == 5
+            assert await dp.ping(1, count=3) == 3      # and link 1 works once the flood ends
+    run(body)
