@@ -230,3 +230,43 @@ def test_reads_never_merge_transfers(ops: list[bytes | int]) -> None:
     for chunk in got:
         start, pos = pos, pos + len(chunk)
         assert not any(start < b < pos for b in bounds), (start, pos, bounds)
+
+
+def test_reopen_waits_for_the_previous_close() -> None:
+    """A client closing and the next one opening at once (mbim-network chaining mbimcli runs):
+    the new channel is opened only after the old one is closed, as the engine refuses a second
+    open of channel 6 with EBUSY."""
+    events: list[str] = []
+
+    class SlowClose:
+        def __init__(self) -> None:
+            self.open = True
+
+        def send(self, data: bytes) -> None:
+            pass
+
+        async def close(self) -> None:
+            events.append("close start")
+            await asyncio.sleep(0.05)
+            self.open = False
+            events.append("close end")
+
+    channels: list[SlowClose] = []
+
+    async def opener(on_receive: Callable[[bytes], None]) -> SlowClose:
+        if any(c.open for c in channels):
+            raise OSError(errno.EBUSY, "channel 6 already open")
+        events.append("open")
+        channels.append(SlowClose())
+        return channels[-1]
+
+    async def body() -> None:
+        port = MbimPort(opener)
+        h = await port.open()
+        closing = asyncio.ensure_future(h.close())
+        await asyncio.sleep(0)
+        h2 = await port.open()
+        await closing
+        assert events == ["open", "close start", "close end", "open"]
+        assert h2.poll() & select.POLLOUT
+    run(body)

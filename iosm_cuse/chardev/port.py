@@ -120,6 +120,12 @@ class MbimPort:
         return handle
 
     async def _ensure_channel(self) -> None:
+        while self._closing:
+            # A close still under way (the last opener just left, or a hangup): the engine
+            # would refuse a second open of the same channel with EBUSY.
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._channel is not None:
+            return
         if self._opening is None:
             self._opening = asyncio.ensure_future(self._do_open(self.generation))
             # Retrieved here even when every opener left while it was opening.
@@ -154,12 +160,13 @@ class MbimPort:
         channel, self._channel = self._channel, None
         self._purge()
         if channel is not None:
-            await _close_quietly(channel)
+            await self._spawn_close(channel)
 
-    def _spawn_close(self, channel: Channel) -> None:
+    def _spawn_close(self, channel: Channel) -> asyncio.Task[None]:
         task = asyncio.ensure_future(_close_quietly(channel))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        return task
 
     # -- the modem going away and coming back (the daemon's engine listener calls these)
 
