@@ -12,8 +12,13 @@ for m in cuse tun uio uio_pci_generic; do
     modprobe "$m" || echo "iosm-vm: modprobe $m failed"
 done
 cd "$IOSM_VM_WORK" || echo "iosm-vm: no work tree $IOSM_VM_WORK"
-sh "$RUN/cmd" </dev/null
-echo $? > "$RUN/status.tmp" && mv "$RUN/status.tmp" "$RUN/status"
+# Through a pipe, not the serial tty: pytest then prints a log, not live progress redraws.
+mkfifo /tmp/iosm-vm-out
+cat /tmp/iosm-vm-out &
+sh "$RUN/cmd" </dev/null >/tmp/iosm-vm-out 2>&1
+status=$?
+wait
+echo $status > "$RUN/status.tmp" && mv "$RUN/status.tmp" "$RUN/status"
 sync
 busybox poweroff -f
 echo o > /proc/sysrq-trigger
