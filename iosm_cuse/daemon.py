@@ -540,9 +540,39 @@ def model_functions(model: Any, options: dict[str, Any]) -> None:
     mbim.statistics_source = lambda: gateway_statistics(gateway.counters)
     model.attach(MBIM_CHANNEL, MbimChannelFunction(mbim))
     model.attach(MUX_CHANNEL, mux)
-    task = asyncio.get_running_loop().create_task(gateway.start())
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(gateway.start())
     task.add_done_callback(_log_gateway_failure)
     model.gateway = gateway  # kept alive with the model
+    # The model process is ended by a signal (SIGTERM from ModelProcess, SIGINT for `modem`):
+    # close the gateway first, which removes its TUN and a namespace it created. Not with
+    # loop.add_signal_handler: its wakeup fd is inherited by processes pyroute2 forks for
+    # namespaces, and their signals would then reach this loop and end the model.
+    me = os.getpid()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if os.getpid() != me:  # a forked helper: behave as if we were never there
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        loop.call_soon_threadsafe(_close_and_exit, gateway, loop)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
+def _close_and_exit(gateway: Any, loop: asyncio.AbstractEventLoop) -> None:
+    async def close() -> None:
+        try:
+            await asyncio.wait_for(gateway.close(), 2.5)  # ModelProcess kills after 3 s
+        except Exception as exc:
+            log.warning("closing the packet gateway: %s", exc)
+        os._exit(0)  # the model owns nothing else that outlives the process
+
+    _closing.add(loop.create_task(close()))
+
+
+_closing: set[asyncio.Task[None]] = set()  # a task only weakly held by the loop may vanish
 
 
 def gateway_statistics(c: dict[str, int]) -> Any:

@@ -282,3 +282,28 @@ def test_a_killed_daemon_leaves_nothing_that_blocks_the_next(netns: str, tmp_pat
         if second.proc.poll() is None:
             second.proc.kill()
             second.proc.wait(10)
+
+
+def test_modem_gateway_namespace_is_removed_on_sigint(tmp_path: Path) -> None:
+    """`iosm-cuse modem --gateway netns:NAME` creates the namespace with the gateway TUN in it,
+    and removes both when interrupted."""
+    gw_ns = f"iosmgw{os.getpid()}"
+    assert gw_ns not in _ip("netns", "list").stdout
+    proc = subprocess.Popen([*IOSM_CUSE, "modem", "--shm", str(tmp_path / "shm"), "--gateway",
+                             f"netns:{gw_ns}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 20
+        # Up is the gateway's last configuration step.
+        while ",UP" not in _ip("-n", gw_ns, "link", "show", "iosmgw0", check=False).stdout:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no gateway TUN in the namespace"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0, proc.communicate()
+        assert gw_ns not in _ip("netns", "list").stdout, "gateway namespace left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _ip("netns", "del", gw_ns, check=False)
