@@ -29,7 +29,6 @@ main.add_command(install_udev_command)
 main.add_command(watch_command)
 
 
-
 # ---- the daemon, its status, the links (iosm_cuse.daemon; iosm_cuse.control for the socket) ----
 # Imports of the layers stay inside the commands: `up` must be ready in well under a second and
 # `status` should not pay for TUN or MBIM code it never runs.
@@ -117,6 +116,12 @@ def link_show(sock: Path | None, args: tuple[str, ...]) -> None:
         click.echo(json.dumps(res.get("links", [])))
     else:
         _print_links(res)
+
+
+# iproute2's other spellings of the verbs
+link.add_command(link_del, "delete")
+link.add_command(link_show, "list")
+link.add_command(link_show, "lst")
 
 
 @main.command()

@@ -193,10 +193,13 @@ def test_bad_link_command_lines_exit_255_without_asking_the_daemon(
 
 def test_link_del_and_show(server: FakeDaemonSide) -> None:
     assert CliRunner().invoke(main, ["link", "del", "wwan0-1"]).exit_code == 0
+    assert CliRunner().invoke(main, ["link", "delete", "dev", "wwan0-2"]).exit_code == 0
     res = CliRunner().invoke(main, ["link", "show", "dev", "wwan0", "-j"])
     assert res.exit_code == 0 and json.loads(res.stdout) == []
+    assert CliRunner().invoke(main, ["link", "list"]).exit_code == 0
     assert server.requests == [("link.del", {"dev": "wwan0-1", "linkid": None}),
-                               ("link.show", {"dev": "wwan0"})]
+                               ("link.del", {"dev": "wwan0-2", "linkid": None}),
+                               ("link.show", {"dev": "wwan0"}), ("link.show", {"dev": None})]
 
 
 def test_auto_device_prefers_a_uio_bound_modem(tmp_path: Path,
