@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from iosm_cuse.link import manager as manager_module
 from iosm_cuse.link.args import LinkError
 from iosm_cuse.link.loopback import LoopbackMux
 from iosm_cuse.link.manager import LinkManager
@@ -312,3 +313,22 @@ async def test_a_link_whose_device_vanished_is_removed_and_its_session_closed(en
     assert [i.name for i in env.mgr.show()] == ["wwan0"]
     assert 4 not in env.mux.sessions
     await env.mgr.add("wwan0-4", 4)    # the link id is free again
+
+
+@run_async
+async def test_stop_is_bounded_when_the_modem_never_answers_close(
+        ) -> None:
+    e = Env(LoopbackMux(hang_close=True))
+    await e.mgr.start()
+    for n in range(1, 8):
+        await e.mgr.add(f"wwan0-{n}", n)
+    for name in e.tuns:
+        e.tuns[name].set_up(True)
+    await e.mgr.settle()
+    assert e.mux.sessions == set(range(8))
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await asyncio.wait_for(e.mgr.stop(), 10)
+    # All eight closes waited at once: about one CLOSE_TIMEOUT, not eight.
+    assert loop.time() - t0 < 2 * manager_module.CLOSE_TIMEOUT
+    assert e.mgr.show() == [] and all(t.closed for t in e.tuns.values())

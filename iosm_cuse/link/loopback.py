@@ -8,6 +8,7 @@ benchmarked without shared memory; the real engine and model replace it when pre
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from collections.abc import Callable
 
@@ -16,7 +17,8 @@ LITE_MAX_IP = 2032
 
 class LoopbackMux:
     def __init__(self, uplink: Callable[[int, bytes], None] | None = None,
-                 max_ip_packet: int = LITE_MAX_IP, fail_open: set[int] | None = None) -> None:
+                 max_ip_packet: int = LITE_MAX_IP, fail_open: set[int] | None = None,
+                 hang_close: bool = False) -> None:
         self.on_receive: Callable[[int, bytes], None] | None = None
         self.on_flow: Callable[[int, bool], None] | None = None
         self.max_ip_packet = max_ip_packet
@@ -24,6 +26,7 @@ class LoopbackMux:
         self.sessions: set[int] = set()
         self.channel_open = False
         self.fail_open = fail_open or set()
+        self.hang_close = hang_close          # a modem that never answers CLOSE_SESSION
         self.opens: list[int] = []
         self.closes: list[int] = []
         self.ul_dropped = 0
@@ -37,6 +40,8 @@ class LoopbackMux:
         self.opens.append(if_id)
 
     async def close_session(self, if_id: int) -> None:
+        if self.hang_close:
+            await asyncio.Event().wait()
         self.sessions.discard(if_id)
         self.closes.append(if_id)
         if not self.sessions:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 MAX_LINKS = 8
 DEFAULT_MTU = 1500
 MIN_MTU = 68
+CLOSE_TIMEOUT = 2.0     # a modem that does not answer CLOSE_SESSION does not hold us up
 POLL_INTERVAL = 1.0     # safety net beside the netlink events (e.g. a link moved to a new netns)
 
 
@@ -124,9 +125,9 @@ class LinkManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
-        for name in list(self._links):
-            with contextlib.suppress(LinkError):
-                await self.delete(name)
+        # Concurrently: each close waits for the modem's answer, and a dead modem must not
+        # make shutdown take a command timeout per link.
+        await asyncio.gather(*(self._delete_quietly(name) for name in list(self._links)))
         if self._events is not None:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self._events.fileno())
@@ -325,7 +326,7 @@ class LinkManager:
     async def _close_session(self, link: _Link) -> None:
         link.session = "closing"
         try:
-            await self.mux.close_session(link.link_id)
+            await asyncio.wait_for(self.mux.close_session(link.link_id), CLOSE_TIMEOUT)
         except Exception as exc:  # the session is gone for us either way
             log.warning("%s: closing MUX session %d: %s", link.bridge.name, link.link_id,
                         exc or type(exc).__name__)
