@@ -316,8 +316,7 @@ async def test_a_link_whose_device_vanished_is_removed_and_its_session_closed(en
 
 
 @run_async
-async def test_stop_is_bounded_when_the_modem_never_answers_close(
-        ) -> None:
+async def test_stop_is_bounded_when_the_modem_never_answers_close() -> None:
     e = Env(LoopbackMux(hang_close=True))
     await e.mgr.start()
     for n in range(1, 8):
