@@ -1,6 +1,6 @@
 """Data-path throughput, with its baselines measured in the same run (DESIGN.md §7).
 
-    sudo .venv/bin/python bench/data.py [--seconds 3] [--json]
+    sudo .venv/bin/python bench/data.py [--seconds 3] [--rounds 3] [--json]
 
 Figures (iperf3 TCP, one stream unless said otherwise, client netns -> server netns):
 - veth:        a veth pair between two namespaces: the kernel's limit.
@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -304,6 +305,7 @@ def bench_datapath(mux_mode: str, seconds: float, eight: bool) -> dict[str, Any]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--serve-forwarder", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--serve-datapath", nargs=3, help=argparse.SUPPRESS)
@@ -317,11 +319,20 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench/data.py: needs root (TUN devices, network namespaces)")
     t = args.seconds
-    veth = bench_veth(t)
-    fwd = bench_forwarder(t)
-    lite = bench_datapath("lite", t, eight=True)
-    aggr = bench_datapath("aggregation", t, eight=False)
-    loop = bench_datapath("loopback", t, eight=False)
+    # Rounds interleave every figure, and each figure is the median of its rounds: on a shared
+    # machine the load changes from one minute to the next, and ratios of runs made minutes
+    # apart would measure that instead.
+    runs: dict[str, list[Any]] = {"veth": [], "fwd": [], "lite": [], "aggr": [], "loop": []}
+    for r in range(args.rounds):
+        runs["veth"].append(bench_veth(t))
+        runs["fwd"].append(bench_forwarder(t))
+        runs["lite"].append(bench_datapath("lite", t, eight=(r == 0)))
+        runs["aggr"].append(bench_datapath("aggregation", t, eight=False))
+        runs["loop"].append(bench_datapath("loopback", t, eight=False))
+    veth, fwd = statistics.median(runs["veth"]), statistics.median(runs["fwd"])
+    lite = dict(runs["lite"][0], gbps=statistics.median(x["gbps"] for x in runs["lite"]))
+    aggr = {"gbps": statistics.median(x["gbps"] for x in runs["aggr"])}
+    loop = {"gbps": statistics.median(x["gbps"] for x in runs["loop"])}
     eight = lite["eight"]
     res = {
         "veth_gbps": round(veth, 3),
@@ -340,6 +351,9 @@ def main() -> None:
         "rss_mb": round(lite["rss_kb"] / 1024, 1),
         "model_rss_mb": round(lite.get("model_rss_kb", 0) / 1024, 1),
         "seconds": t,
+        "rounds": args.rounds,
+        "forwarder_runs_gbps": [round(x, 3) for x in runs["fwd"]],
+        "lite_runs_gbps": [round(x["gbps"], 3) for x in runs["lite"]],
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
     }
     if args.json:
@@ -347,9 +361,9 @@ def main() -> None:
         return
     print(f"veth (kernel limit)          {veth:7.3f} Gbit/s")
     print(f"bare Python forwarder        {fwd:7.3f} Gbit/s   {fwd / veth:6.1%} of veth")
-    for name, r in (("Lite", lite), ("Aggregation", aggr)):
-        print(f"wwan-1 {name:12s} (engine) {r['gbps']:7.3f} Gbit/s   "
-              f"{r['gbps'] / fwd:6.1%} of the forwarder (targets >= 80 %, >= 1 Gbit/s)")
+    for name, fig in (("Lite", lite), ("Aggregation", aggr)):
+        print(f"wwan-1 {name:12s} (engine) {fig['gbps']:7.3f} Gbit/s   "
+              f"{fig['gbps'] / fwd:6.1%} of the forwarder (targets >= 80 %, >= 1 Gbit/s)")
     print(f"wwan-1 loopback MUX          {loop['gbps']:7.3f} Gbit/s   "
           f"{loop['gbps'] / fwd:6.1%} of the forwarder (link layer + gateway only)")
     print(f"8 sessions at once (Lite)    {sum(eight):7.3f} Gbit/s   {res['eight_vs_one']:.2f}x "
