@@ -228,6 +228,7 @@ class Daemon:
         self.chardev: Any = None  # CUSE server or PTY transport
         self.links: Any = None  # link.manager.LinkManager
         self.control: control.ControlServer | None = None
+        self.failure: str | None = None  # why the daemon stops by itself (exit status 1)
         self._stop = asyncio.Event()
         self._recovering: asyncio.Task[None] | None = None
 
@@ -373,7 +374,8 @@ class Daemon:
                     log.warning("modem restart %d failed: %s", attempt, exc)
                     await asyncio.sleep(0.5 * attempt)
             else:
-                log.error("modem did not come back after 3 restarts; stopping")
+                self.failure = "modem did not come back after 3 restarts"
+                log.error("%s; stopping", self.failure)
                 self._stop.set()
                 return
             self.restarts += 1
@@ -621,7 +623,7 @@ async def _serve(daemon: Daemon) -> int:
                   daemon.startup_ms)
         print(line, flush=True)
         await daemon.serve_forever()
-        return 0
+        return 0 if daemon.failure is None else 1
     finally:
         await daemon.close()
 
