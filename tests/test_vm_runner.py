@@ -23,8 +23,10 @@ from tests.vm.agent import HostAgent  # noqa: E402
 
 
 def _runner(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The runner's command line, with only the IOSM_VM_* settings given here."""
+    base = {key: value for key, value in os.environ.items() if not key.startswith("IOSM_VM_")}
     return subprocess.run([sys.executable, "-m", "tests.vm", *args], cwd=ROOT,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+                          env={**base, **env}, capture_output=True, text=True, timeout=120)
 
 
 def test_wrong_kernel_path_fails_naming_the_cause() -> None:
@@ -100,7 +102,10 @@ def test_cpio_newc_entries_read_back() -> None:
                        ("odd-name", 0o100644, b"12345")]
 
 
-def test_initramfs_loads_9p_modules_in_dependency_order(tmp_path: Path) -> None:
+def test_initramfs_loads_9p_modules_in_dependency_order(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IOSM_VM_KERNEL", raising=False)
+    monkeypatch.delenv("IOSM_VM_KVER", raising=False)
     try:
         kernel = image.find_kernel()
     except image.VmError as exc:
