@@ -6,6 +6,7 @@ One daemon start for the whole module: Python is about 11x slower under TCG.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import selectors
@@ -61,6 +62,10 @@ def test_device_caps_through_cuse(stack: subprocess.Popen[str]) -> None:
     res = _run("mbimcli", "-d", PORT, "--query-device-caps")
     assert res.returncode == 0, res.stderr
     assert "Max sessions: '8'" in res.stdout
+    st = _run(IOSM_CUSE, "status", "--json")
+    assert st.returncode == 0, st.stderr
+    port = json.loads(st.stdout)["port"]
+    assert (port["path"], port["transport"], port["openers"]) == (PORT, "cuse", 0)
 
 
 def test_connect_and_mbim_network(stack: subprocess.Popen[str], tmp_path: Path) -> None:
