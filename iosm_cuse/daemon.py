@@ -629,7 +629,9 @@ async def _serve(daemon: Daemon) -> int:
 
 
 DEFAULT_SHM = Path("/dev/shm/iosm-cuse-modem")
-DEFAULT_SHM_SIZE = 4 * 1024 * 1024  # ivshmem wants a power of two
+# ivshmem wants a power of two, and the file holds two register pages plus the DMA pool that
+# Lite channel 0 and MBIM channel 6 need at once (hw.channels.dma_bytes_needed: about 4.2 MiB).
+DEFAULT_SHM_SIZE = 8 * 1024 * 1024
 
 
 def run_modem(opts: UpOptions, shm: Path | None, size: int = DEFAULT_SHM_SIZE) -> int:
