@@ -178,6 +178,7 @@ mount --move /sys /newroot/sys
 # The work tree is not cached, so edits made on the host while the guest runs (and files the
 # host writes into the run directory) are seen whole; .venv is cached (imports of pytest & co.
 # are ~11x slower under TCG and it does not change during a run).
+mkdir -p /newroot{work} 2>/dev/null  # a work tree under /tmp needs its mount point on the tmpfs
 mount -t 9p -o $opts work /newroot{work} || die "mount work tree {work} failed"
 if [ -d /newroot{work}/.venv ]; then
     mount -t 9p -o $opts,ro,cache=loose venv /newroot{work}/.venv || die "mount .venv failed"
