@@ -8,6 +8,7 @@ Run it from the repository root, as root. Stdlib only. Environment:
     IOSM_VM_KVER     its /lib/modules directory name, if it cannot be read from the image
     IOSM_VM_ACCEL    auto (default) | tcg | kvm
     IOSM_VM_TIMEOUT  seconds before the guest is declared dead (default 1200)
+    IOSM_VM_IVSHMEM_SIZE  bytes of the ivshmem device's BAR2 / host file (default 8 MiB)
 
 The exit status is the command's (pytest's), or VM_FAILED when the guest could not be prepared,
 died, or timed out; the last line then starts with "iosm-vm: FAIL:" and names the cause.
@@ -38,7 +39,9 @@ WORK = Path(__file__).resolve().parents[2]
 CACHE = WORK / ".vmcache"
 RUNS = WORK / ".vmrun"
 VENV = WORK / ".venv"
-IVSHMEM_SIZE = 4 * 1024 * 1024
+# The engine's DMA pool for MBIM + Lite channel 0 needs ~4.2 MiB of the file (iosm_cuse.daemon's
+# DEFAULT_SHM_SIZE); QEMU wants a power of two.
+IVSHMEM_SIZE = int(os.environ.get("IOSM_VM_IVSHMEM_SIZE", 8 * 1024 * 1024))
 HOST_TOKEN_OFFSET = 0
 GUEST_TOKEN_OFFSET = 4096
 STALE_RUN_SECONDS = 6 * 3600
@@ -75,6 +78,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def _run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     kernel = image.find_kernel()
+    if IVSHMEM_SIZE < 4096 or IVSHMEM_SIZE & (IVSHMEM_SIZE - 1):
+        raise VmError(f"IOSM_VM_IVSHMEM_SIZE={IVSHMEM_SIZE}: ivshmem needs a power of two")
     if os.geteuid() != 0:
         raise VmError("must run as root (9p export of / and /dev/shm)")
     qemu = shutil.which("qemu-system-x86_64")
