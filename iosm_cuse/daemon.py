@@ -488,7 +488,7 @@ async def spawn_model(opts: UpOptions) -> Any:
 
     from iosm_cuse.sim.config import ConfigError, ModemConfig
     from iosm_cuse.sim.device import DeviceConfig
-    from iosm_cuse.sim.process import ModelError
+    from iosm_cuse.sim.process import ModelError, ModelProcess
 
     if opts.config is not None:  # fail here, with the reason, not in the child
         try:
@@ -498,30 +498,15 @@ async def spawn_model(opts: UpOptions) -> Any:
     options = {"config": str(opts.config) if opts.config else None, "gateway": opts.gateway,
                "mux": opts.mux}
     try:
-        return await _model_class().spawn(
+        return await ModelProcess.spawn(
             functions=MODEL_FUNCTIONS, config=asdict(DeviceConfig.for_mux(opts.mux or "lite")),
-            options=options)
+            options=options, start_timeout=MODEL_START_TIMEOUT)
     except ModelError as exc:
         raise UpError(f"modem model: {exc}") from exc
 
 
-def _model_class() -> Any:
-    from iosm_cuse.sim.process import ModelProcess
-
-    class PatientModel(ModelProcess):
-        """ModelProcess waits 10 s for a new child's first answer; under TCG (the kernel-tier
-        guest, Python 11x slower) importing the model takes longer. Waiting longer costs
-        nothing when the child is quick, as the answer ends the wait."""
-
-        async def command(self, op: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
-            if op == "ping":
-                timeout = max(timeout, MODEL_START_TIMEOUT)
-            result: dict[str, Any] = await super().command(op, timeout, **args)
-            return result
-
-    return PatientModel
-
-
+# A new model process's first answer: under TCG (the kernel-tier guest, Python ~11x slower)
+# importing the model takes far longer than ModelProcess's default allows.
 MODEL_START_TIMEOUT = 120.0
 
 

@@ -8,19 +8,23 @@ channel 0 (MUX sessions), which only the model process can show.
 from __future__ import annotations
 
 import asyncio
+import os
 import selectors
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from iosm_cuse import daemon
 from iosm_cuse.hw.engine import IpcEngine
 from iosm_cuse.hw.mux.host import MuxHost
 from iosm_cuse.hw.shm import HOST, ShmBus
 from iosm_cuse.mbim.message import Open, OpenDone, decode_message, encode_message
+from iosm_cuse.sim.process import ModelError, ModelProcess
 
 IOSM_CUSE = str(Path(sys.executable).parent / "iosm-cuse")
 
@@ -84,3 +88,54 @@ def test_modem_refuses_an_unusable_file(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 1
     assert "No such file or directory" in res.stderr and "Traceback" not in res.stderr
+
+
+# ---- the model process: start timeout, own session ----------------------------------------------
+
+
+def slow_functions(model: object, options: dict[str, float]) -> None:
+    """A factory that takes its time, as importing the model does in the TCG guest."""
+    time.sleep(options["sleep"])
+
+
+def test_model_start_timeout_is_a_parameter() -> None:
+    async def main() -> None:
+        t0 = time.monotonic()
+        with pytest.raises(ModelError, match=r"'ping' in 0\.5 s"):
+            await ModelProcess.spawn(functions=f"{__name__}:slow_functions",
+                                     options={"sleep": 4.0}, start_timeout=0.5)
+        assert time.monotonic() - t0 < 3.5  # gave up at its own timeout, not the default
+        mp = await ModelProcess.spawn(functions=f"{__name__}:slow_functions",
+                                      options={"sleep": 0.2}, start_timeout=30)
+        try:
+            assert mp.start_timeout == 30 and (await mp.command("ping"))["ok"]
+        finally:
+            await mp.close()
+
+    asyncio.run(main())
+
+
+def test_model_runs_in_its_own_session_so_ctrl_c_reaches_only_the_daemon() -> None:
+    async def main() -> None:
+        mp = await ModelProcess.spawn()
+        try:
+            assert mp.pid is not None
+            assert os.getsid(mp.pid) == mp.pid != os.getsid(0)
+            assert os.getpgid(mp.pid) != os.getpgid(0)
+        finally:
+            await mp.close()
+        assert not mp.alive
+
+    asyncio.run(main())
+
+
+def test_daemon_spawns_the_plain_model_process_with_a_long_start_timeout() -> None:
+    async def main() -> None:
+        dev = await daemon.spawn_model(daemon.UpOptions(device="sim"))
+        try:
+            assert type(dev) is ModelProcess
+            assert dev.start_timeout == daemon.MODEL_START_TIMEOUT >= 60
+        finally:
+            await dev.close()
+
+    asyncio.run(main())

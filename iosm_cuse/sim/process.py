@@ -9,6 +9,10 @@ spec. After that the socket carries JSON-line commands (crash, hang, reset, stat
 attaches the channel functions (the daemon attaches the MBIM function and the MUX this way).
 The child's sys.path is the parent's, so a factory defined in a test module is importable.
 
+The child runs in a session of its own, so a terminal's Ctrl-C reaches only the parent, which
+then stops the child in order. The child notices a parent that died without doing so: its
+control socket reads EOF, and PR_SET_PDEATHSIG sends it SIGTERM.
+
 If the child dies, the parent writes exec stage 0xFFFFFFFF into BAR2 (what a host reads from a
 device that fell off the bus): the engine's watchdog reports DOWN. `recover()` resets a live
 model or starts a new child on the same shared memory.
@@ -21,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -37,14 +42,21 @@ class ModelError(Exception):
     """The model process could not be started or did not answer."""
 
 
+START_TIMEOUT = 10.0  # a new child's first answer; the kernel-tier guest (TCG) needs ~120 s
+
+
 class ModelProcess:
-    """The parent's handle on a model process: `bus` is the host's view of the device."""
+    """The parent's handle on a model process: `bus` is the host's view of the device.
+
+    `start_timeout` bounds the wait for a new child's first answer (imports and the factory
+    included); waiting longer costs nothing when the child is quick, as the answer ends it."""
 
     description = 'modem model "XMM7560 (simulated)"'
 
     def __init__(self, bus: ShmBus, functions: str | None, config: dict[str, Any],
-                 options: dict[str, Any]) -> None:
+                 options: dict[str, Any], start_timeout: float = START_TIMEOUT) -> None:
         self.bus = bus
+        self.start_timeout = start_timeout
         self.functions = functions
         self.config = config
         self.options = options
@@ -57,10 +69,11 @@ class ModelProcess:
     @classmethod
     async def spawn(cls, *, functions: str | None = None, config: dict[str, Any] | None = None,
                     options: dict[str, Any] | None = None,
-                    layout: ShmLayout | None = None) -> ModelProcess:
+                    layout: ShmLayout | None = None,
+                    start_timeout: float = START_TIMEOUT) -> ModelProcess:
         """Create the shared memory, start the child, wait until its model is up."""
         bus = ShmBus.create(layout)
-        self = cls(bus, functions, dict(config or {}), dict(options or {}))
+        self = cls(bus, functions, dict(config or {}), dict(options or {}), start_timeout)
         try:
             await self._start_child()
         except BaseException:
@@ -83,14 +96,15 @@ class ModelProcess:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "iosm_cuse.sim", "--sock-fd", str(child.fileno()),
-                pass_fds=(child.fileno(),), env=env, stdin=asyncio.subprocess.DEVNULL)
+                pass_fds=(child.fileno(),), env=env, stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True)
         finally:
             child.close()
         send_bus_fds(parent, self.bus, {"functions": self.functions, "config": self.config,
                                         "options": self.options})
         self._reader, self._writer = await asyncio.open_unix_connection(sock=parent)
         self._watch = asyncio.ensure_future(self._watch_child(self.proc))
-        reply = await self.command("ping", timeout=10.0)
+        reply = await self.command("ping", timeout=self.start_timeout)
         if not reply.get("ok"):
             raise ModelError(f"model did not start: {reply.get('error')}")
 
@@ -180,6 +194,7 @@ async def child_main(sock_fd: int) -> int:
     from iosm_cuse.hw.shm import recv_bus_fds
     from iosm_cuse.sim.device import DeviceConfig, DeviceModel
 
+    _die_with_parent()
     sock = socket.socket(fileno=sock_fd)
     bus, extra = recv_bus_fds(sock)
     model = DeviceModel(bus, DeviceConfig(**extra.get("config", {})))
@@ -196,6 +211,21 @@ async def child_main(sock_fd: int) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     return 0
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """SIGTERM when the parent dies (a crash included): the model then stops as if told to.
+    Best effort; the control socket's EOF says the same a moment later."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError) as exc:
+        log.debug("prctl(PR_SET_PDEATHSIG): %s", exc)
 
 
 def _command(model: Any, line: bytes) -> dict[str, Any]:
