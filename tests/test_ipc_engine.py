@@ -177,11 +177,9 @@ def test_ten_thousand_each_way_on_channels_0_and_6() -> None:
                     await ch.drain(timeout=10)
             await ch.drain(timeout=10)
 
-        t0 = time.monotonic()
         await asyncio.gather(*(upload(ch) for ch in chans.values()))
         for c in chans:
             await until(lambda c=c: len(got[c]) > N, 30, f"channel {c} DL stream + report")
-        elapsed = time.monotonic() - t0
 
         for c, ch in chans.items():
             expect = Stream(_seeds(c)[1], LIMITS[c])
@@ -204,7 +202,6 @@ def test_ten_thousand_each_way_on_channels_0_and_6() -> None:
         assert stats["rejects"] == {} and stats["dropped_dl"] == 0
         await eng.stop()
         assert eng.state is EngineState.STOPPED and stats["ipc_state"] == 2
-        assert elapsed < 30
 
     run(with_model(body, FACTORY, options={"n": N}))
 

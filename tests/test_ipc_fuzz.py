@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import random
 import struct
-import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -69,7 +68,6 @@ def test_fuzz_device_structures() -> None:
     rng = random.Random(0x10517)
     pool, area, dl, ul, rej = _setup()
     fed = 0
-    t0 = time.monotonic()
     delivered: list[bytes] = []
 
     # 1. single TDs through the decoder
@@ -156,7 +154,6 @@ def test_fuzz_device_structures() -> None:
         assert 0 <= area.msg_tail < MSG_RING_ENTRIES
 
     assert fed >= 100_000, fed
-    assert time.monotonic() - t0 < 30
     # every kind of bad input was met and counted
     for kind in ("dl_td_size", "dl_td_address", "dl_td_abort", "dl_td_status", "tail_range",
                  "tail_beyond_head", "ul_td_address", "msg_tail_range", "msg_type"):

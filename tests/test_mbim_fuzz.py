@@ -213,7 +213,6 @@ def test_fuzz_receive_100k() -> None:
     assert len(sessions_seen) >= 3, sessions_seen   # connects got through, too
     print(f"\nfuzz: {sent} transfers, {answers} answers, {commands_done} COMMAND_DONE "
           f"in {elapsed:.1f} s")
-    assert elapsed < 30
 
 
 @settings(max_examples=300, deadline=None)

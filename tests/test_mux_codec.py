@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
-import time
 from typing import Any
 
 import pytest
@@ -406,7 +405,6 @@ def test_fuzz_host_decoders_with_100k_device_buffers() -> None:
             h.on_receive = lambda i, p: None
             hosts.append(h)
         ok = errors = 0
-        t0 = time.monotonic()
         for n in range(FUZZ_N):
             if n % 10 == 0:
                 raw = rng.randbytes(rng.randrange(0, 80))
@@ -420,7 +418,6 @@ def test_fuzz_host_decoders_with_100k_device_buffers() -> None:
             except MuxDecodeError:
                 errors += 1
             hosts[n & 1]._on_dl(raw)  # the dispatcher: never raises
-        assert time.monotonic() - t0 < 30
         return ok, errors
 
     ok, errors = asyncio.run(main())
