@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -510,9 +511,10 @@ async def spawn_model(opts: UpOptions) -> Any:
 MODEL_START_TIMEOUT = 120.0
 
 
-def model_functions(model: Any, options: dict[str, Any]) -> None:
+def model_functions(model: Any, options: dict[str, Any]) -> Callable[[], Awaitable[None]]:
     """Runs in the model process: MBIM on channel 6, the MUX on channel 0, the packet gateway
-    behind the MUX and told of MBIM sessions (Contract 3)."""
+    behind the MUX and told of MBIM sessions (Contract 3). Returns the cleanup the model
+    process runs on every way out: closing the gateway (its TUN, a namespace it created)."""
     from iosm_cuse.sim.config import ModemConfig
     from iosm_cuse.sim.gateway import Gateway
     from iosm_cuse.sim.mbim_function import MbimChannelFunction, MbimFunction
@@ -531,35 +533,16 @@ def model_functions(model: Any, options: dict[str, Any]) -> None:
     task = loop.create_task(gateway.start())
     task.add_done_callback(_log_gateway_failure)
     model.gateway = gateway  # kept alive with the model
-    # The model process is ended by a signal (SIGTERM from ModelProcess, SIGINT for `modem`):
-    # close the gateway first, which removes its TUN and a namespace it created. Not with
-    # loop.add_signal_handler: its wakeup fd is inherited by processes pyroute2 forks for
-    # namespaces, and their signals would then reach this loop and end the model.
-    me = os.getpid()
 
-    def on_signal(signum: int, frame: object) -> None:
-        if os.getpid() != me:  # a forked helper: behave as if we were never there
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        loop.call_soon_threadsafe(_close_and_exit, gateway, loop)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-
-
-def _close_and_exit(gateway: Any, loop: asyncio.AbstractEventLoop) -> None:
     async def close() -> None:
-        try:
-            await asyncio.wait_for(gateway.close(), 2.5)  # ModelProcess kills after 3 s
-        except Exception as exc:
-            log.warning("closing the packet gateway: %s", exc)
-        os._exit(0)  # the model owns nothing else that outlives the process
+        # sim.process awaits this when the model stops (EOF, SIGTERM, SIGINT). A start still
+        # configuring may be about to create the namespace: let it finish, then remove it.
+        if not task.done():
+            with contextlib.suppress(Exception):
+                await task
+        await gateway.close()
 
-    _closing.add(loop.create_task(close()))
-
-
-_closing: set[asyncio.Task[None]] = set()  # a task only weakly held by the loop may vanish
+    return close
 
 
 def gateway_statistics(c: dict[str, int]) -> Any:

@@ -46,15 +46,19 @@ def netns() -> Iterator[str]:
 class Up:
     """A running `iosm-cuse up`; every command runs in its namespace with its run directory."""
 
-    def __init__(self, ns: str, run_dir: Path, *extra: str) -> None:
+    def __init__(self, ns: str, run_dir: Path, *extra: str, mount_ns: bool = True) -> None:
         self.ns = ns
         self.run_dir = run_dir
         self.env = {**os.environ, "IOSM_CUSE_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
         self.env.pop("IOSM_CUSE_SOCKET", None)
         t0 = time.monotonic()
+        # `ip netns exec` also gives a mount namespace of its own: a namespace the model creates
+        # there is invisible outside. nsenter switches the network namespace only.
+        enter = ["ip", "netns", "exec", ns] if mount_ns else ["nsenter", f"--net=/run/netns/{ns}"]
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *IOSM_CUSE, "up", "--device", "sim", "--transport", "pty",
-             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env)
+            [*enter, *IOSM_CUSE, "up", "--device", "sim", "--transport", "pty",
+             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
+            start_new_session=not mount_ns)  # a process group of its own, as under a shell
         self.ready_line = self._read_ready(timeout=15)
         self.startup_s = time.monotonic() - t0
         m = READY.match(self.ready_line)
@@ -312,4 +316,37 @@ def test_modem_gateway_namespace_is_removed_on_sigint(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        _ip("netns", "del", gw_ns, check=False)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_up_removes_the_gateway_namespace_it_created(netns: str, tmp_path: Path,
+                                                     how: str) -> None:
+    """`up --gateway netns:NAME` with no such namespace: the model creates it, and removes it
+    when the daemon stops the model - on SIGTERM, and on a terminal's Ctrl-C, which reaches
+    the whole foreground process group but only the daemon acts on it (the model is in a
+    session of its own and is stopped by the daemon, not by the signal)."""
+    gw_ns = f"iosmug{os.getpid()}"
+    assert gw_ns not in _ip("netns", "list").stdout
+    up = Up(netns, tmp_path / "run", "--gateway", f"netns:{gw_ns}", mount_ns=False)
+    try:
+        deadline = time.monotonic() + 20
+        while ",UP" not in _ip("-n", gw_ns, "link", "show", "iosmgw0", check=False).stdout:
+            assert up.proc.poll() is None
+            assert time.monotonic() < deadline, "no gateway TUN in the namespace"
+            time.sleep(0.2)
+        model_pid = up.status()["modem"]["pid"]
+        if how == "sigterm":
+            code, err = up.terminate()
+        else:  # the terminal signals the daemon's whole process group
+            os.killpg(up.proc.pid, signal.SIGINT)
+            code, err = up.terminate(0)  # signal 0: just wait
+        assert code == 0, err
+        assert "exited with" not in err, err  # the daemon stopped the model, not a signal
+        assert not Path(f"/proc/{model_pid}").exists(), "model process left behind"
+        assert gw_ns not in _ip("netns", "list").stdout, "gateway namespace left behind"
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
+            up.proc.wait(10)
         _ip("netns", "del", gw_ns, check=False)

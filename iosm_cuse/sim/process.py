@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,8 @@ def load_factory(spec: str) -> Any:
 
 
 async def child_main(sock_fd: int) -> int:
-    """The model process: receive the bus, build the model, serve commands until EOF."""
+    """The model process: receive the bus, build the model, serve commands until EOF (the
+    parent closed the socket or died) or SIGTERM/SIGINT; then close what the factory opened."""
     from iosm_cuse.hw.shm import recv_bus_fds
     from iosm_cuse.sim.device import DeviceConfig, DeviceModel
 
@@ -198,19 +200,74 @@ async def child_main(sock_fd: int) -> int:
     sock = socket.socket(fileno=sock_fd)
     bus, extra = recv_bus_fds(sock)
     model = DeviceModel(bus, DeviceConfig(**extra.get("config", {})))
-    if extra.get("functions"):
-        load_factory(extra["functions"])(model, extra.get("options", {}))
+    cleanup = attach_functions(model, extra.get("functions"), extra.get("options", {}))
+    # Only now: until here a signal's default action is right (nothing to clean up yet, and a
+    # slow start is not prolonged by waiting for it to finish).
+    stop = _stop_on_signals(asyncio.get_running_loop())
     task = asyncio.ensure_future(model.run())
     reader, writer = await asyncio.open_unix_connection(sock=sock)
+    serving = asyncio.ensure_future(_serve_commands(model, reader, writer))
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        while line := await reader.readline():
-            writer.write(json.dumps(_command(model, line)).encode() + b"\n")
-            await writer.drain()
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await _cancel(serving, stopping, task)
+        await run_cleanup(cleanup)
     return 0
+
+
+async def _serve_commands(model: Any, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+    while line := await reader.readline():
+        writer.write(json.dumps(_command(model, line)).encode() + b"\n")
+        await writer.drain()
+
+
+async def _cancel(*tasks: asyncio.Future[Any]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+Cleanup = Callable[[], Awaitable[None]]
+CLEANUP_TIMEOUT = 2.5  # ModelProcess kills a child that has not exited 3 s after SIGTERM
+
+
+def attach_functions(model: Any, spec: str | None, options: dict[str, Any]) -> Cleanup | None:
+    """Run the factory; what it returns, if callable, is awaited when the model stops (the
+    daemon's closes the packet gateway: its TUN and a namespace it created)."""
+    if not spec:
+        return None
+    result = load_factory(spec)(model, options)
+    return result if callable(result) else None
+
+
+async def run_cleanup(cleanup: Cleanup | None) -> None:
+    if cleanup is None:
+        return
+    try:
+        await asyncio.wait_for(cleanup(), CLEANUP_TIMEOUT)
+    except Exception as exc:  # the process ends anyway; say what stays behind
+        log.warning("closing the model's functions: %s", exc or type(exc).__name__)
+
+
+def _stop_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+    """An event set by SIGTERM (the parent's stop, or its death via PDEATHSIG) or SIGINT.
+    Plain signal handlers, not loop.add_signal_handler: its wakeup fd is inherited by the
+    processes pyroute2 forks for namespaces, whose signals would then stop this model."""
+    stop = asyncio.Event()
+    me = os.getpid()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if os.getpid() != me:  # a forked helper: behave as if we were never there
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        loop.call_soon_threadsafe(stop.set)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    return stop
 
 
 PR_SET_PDEATHSIG = 1
@@ -253,11 +310,19 @@ async def serve_file(path: Path, functions: str | None, mux: str = "lite",
     from iosm_cuse.sim.device import DeviceConfig, DeviceModel
 
     bus = ShmBus.open_file(path, DEVICE)
-    model = DeviceModel(bus, DeviceConfig.for_mux(mux))
-    if functions:
-        load_factory(functions)(model, options or {})
     try:
-        await model.run()
+        model = DeviceModel(bus, DeviceConfig.for_mux(mux))
+        cleanup = attach_functions(model, functions, options or {})
+        stop = _stop_on_signals(asyncio.get_running_loop())
+        running = asyncio.ensure_future(model.run())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if running.done():
+                running.result()  # the model's own failure, after the cleanup below
+        finally:
+            await _cancel(running, stopping)
+            await run_cleanup(cleanup)
     finally:
         bus.close()
     return 0
