@@ -523,7 +523,7 @@ def model_functions(model: Any, options: dict[str, Any]) -> Callable[[], Awaitab
     config = ModemConfig.load(options["config"]) if options.get("config") else ModemConfig()
     mbim = MbimFunction(config)
     gateway = Gateway(config, options.get("gateway") or "echo")
-    mux = MuxDevice(gateway.uplink, options.get("mux"))
+    mux = MuxDevice(gateway.uplink, options.get("mux"), credit_window=_credit_window(model))
     gateway.downlink = mux.downlink
     mbim.session_listener = gateway.session_changed
     mbim.statistics_source = lambda: gateway_statistics(gateway.counters)
@@ -543,6 +543,20 @@ def model_functions(model: Any, options: dict[str, Any]) -> Callable[[], Awaitab
         await gateway.close()
 
     return close
+
+
+# UL credit granted per session by a model announcing credit flow control (capability bit 21);
+# re-granted after half of it was used, so a stream never waits on a round trip at this size.
+MODEL_CREDIT_WINDOW = 64 * 1024
+
+
+def _credit_window(model: Any) -> int:
+    """A model whose capabilities announce UL flow on credits must grant them, or the host
+    would never send a packet."""
+    from iosm_cuse.hw.layout import CAP_UL_FLOW_CREDIT
+
+    caps = int(getattr(getattr(model, "config", None), "capabilities", 0))
+    return MODEL_CREDIT_WINDOW if caps & CAP_UL_FLOW_CREDIT else 0
 
 
 def gateway_statistics(c: dict[str, int]) -> Any:

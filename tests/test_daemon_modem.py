@@ -15,15 +15,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from iosm_cuse import daemon
 from iosm_cuse.hw.engine import IpcEngine
+from iosm_cuse.hw.layout import CAP_UL_FLOW_CREDIT
 from iosm_cuse.hw.mux.host import MuxHost
 from iosm_cuse.hw.shm import HOST, ShmBus
 from iosm_cuse.mbim.message import Open, OpenDone, decode_message, encode_message
+from iosm_cuse.sim.device import DeviceConfig
 from iosm_cuse.sim.process import ModelError, ModelProcess
 
 IOSM_CUSE = str(Path(sys.executable).parent / "iosm-cuse")
@@ -137,5 +140,31 @@ def test_daemon_spawns_the_plain_model_process_with_a_long_start_timeout() -> No
             assert dev.start_timeout == daemon.MODEL_START_TIMEOUT >= 60
         finally:
             await dev.close()
+
+    asyncio.run(main())
+
+
+def test_daemon_model_grants_ul_credit_when_its_capabilities_say_so() -> None:
+    """Capability bit 21 makes the host send on credits only: the daemon's model must then
+    grant them, or no UL packet would ever leave."""
+
+    async def main() -> None:
+        mp = await ModelProcess.spawn(
+            functions=daemon.MODEL_FUNCTIONS,
+            config=asdict(DeviceConfig(capabilities=CAP_UL_FLOW_CREDIT)))
+        engine = IpcEngine(mp.bus)
+        try:
+            await engine.start()
+            mux = MuxHost(engine)
+            assert mux.ul_credit
+            await asyncio.wait_for(mux.open_session(0), 10)
+            deadline = time.monotonic() + 5
+            while mux.status()["sessions"][0]["credits"] <= 0:
+                assert time.monotonic() < deadline, "no UL credit granted"
+                await asyncio.sleep(0.05)
+            assert mux.status()["sessions"][0]["credits"] == daemon.MODEL_CREDIT_WINDOW
+        finally:
+            await engine.stop()
+            await mp.close()
 
     asyncio.run(main())
