@@ -336,13 +336,6 @@ class Daemon:
         self.transport = chardev.transport
         return chardev
 
-    async def _reopen_pty(self) -> None:
-        """The PTY transport holds one port handle for its lifetime, and a hangup kills it for
-        good; after a modem restart a new transport takes over the same symlink."""
-        old, self.chardev = self.chardev, None
-        await old.close()
-        self.chardev = await self._start_chardev("pty")
-
     async def _start_links(self) -> Any:
         from iosm_cuse.link.manager import LinkManager
 
@@ -380,8 +373,6 @@ class Daemon:
                 self._stop.set()
                 return
             self.restarts += 1
-            if self.transport == "pty":
-                await self._reopen_pty()
             log.info("modem running again (restart %d)", self.restarts)
         finally:
             self._recovering = None

@@ -94,6 +94,40 @@ def test_pty_transport_round_trip(tmp_path: Path) -> None:
     asyncio.run(asyncio.wait_for(body(), 10))
 
 
+def test_pty_transport_reopens_after_a_modem_restart(tmp_path: Path) -> None:
+    """hangup() kills the transport's port handle; after revive() the client that kept the
+    PTY open writes again and is answered, on the same PTY behind the same symlink."""
+    link = tmp_path / "wwan0mbim0"
+
+    async def body() -> None:
+        opener = LoopbackOpener(answer_open)
+        port = MbimPort(opener)
+        t = PtyTransport(port, link)
+        await t.start()
+        slave = os.readlink(link)
+        fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+        loop = asyncio.get_running_loop()
+        try:
+            os.write(fd, encode_message(Open(1, 4096)))
+            reply = await loop.run_in_executor(None, _read_exact, fd, 16)
+            assert decode_message(reply).tid == 1
+            port.hangup("modem crashed")
+            os.write(fd, encode_message(Open(2, 4096)))  # modem gone: dropped
+            await asyncio.sleep(0.05)
+            assert t.dropped_writes == 1
+            port.revive()
+            os.write(fd, encode_message(Open(3, 4096)))
+            reply = await loop.run_in_executor(None, _read_exact, fd, 16)
+            assert decode_message(reply).tid == 3
+            assert len(opener.channels) == 2 and not opener.current.closed
+            assert os.readlink(link) == slave and port.openers == 1
+        finally:
+            os.close(fd)
+            await t.close()
+        assert not link.exists() and opener.current.closed and port.openers == 0
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
 # ------------------------------------------------------------------------------ tier 2
 
 

@@ -13,9 +13,11 @@ we, answers the client's system calls:
 - ioctls are the tty's: IOCTL_WDM_MAX_COMMAND gives ENOTTY (libmbim falls back to 4096, as on
   the real wwan port), FIONREAD counts bytes in the tty buffer, not whole messages;
 - a read may return more than one message, or part of one (libmbim reassembles both);
-- there are no per-client opens: the port is opened once for the transport's lifetime, so
-  DL messages nobody reads wait in the tty buffer for the next client, and the modem going away
-  is only logged (no POLLHUP);
+- there are no per-client opens: the transport holds one port handle, so DL messages nobody
+  reads wait in the tty buffer for the next client, and the modem going away shows no POLLHUP
+  (host messages meanwhile are dropped). After `port.revive()` the next host message reopens
+  the handle, on the same PTY and symlink, so a client that kept the path open carries on;
+
 - O_NONBLOCK / poll / blocking reads are the tty's own, and behave as expected.
 """
 
@@ -103,6 +105,8 @@ class PtyTransport:
         self.framer = MbimFramer()
         self.dropped_writes = 0
         self._handle: PortHandle | None = None
+        self._reopening: asyncio.Task[None] | None = None
+        self._held: list[bytes] = []  # host messages waiting for the reopened handle
         self._out: collections.deque[memoryview] = collections.deque()
         self._writing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -161,14 +165,49 @@ class PtyTransport:
             self._send(msg)
 
     def _send(self, msg: bytes) -> None:
-        if self._handle is None:
+        h = self._handle
+        if h is None:
+            return
+        if h.stale and self.port.gone is None:  # the modem is back: a new handle first
+            self._held.append(msg)
+            self._reopen()
             return
         try:
-            self._handle.write(msg)
+            h.write(msg)
         except OSError as exc:
-            self.dropped_writes += 1
-            log.warning("MBIM over PTY: host message of %d bytes dropped: %s", len(msg),
-                        os.strerror(exc.errno) if exc.errno else exc)
+            self._dropped(msg, exc)
+
+    def _dropped(self, msg: bytes, exc: OSError) -> None:
+        self.dropped_writes += 1
+        log.warning("MBIM over PTY: host message of %d bytes dropped: %s", len(msg),
+                    os.strerror(exc.errno) if exc.errno else exc)
+
+    def _reopen(self) -> None:
+        if self._reopening is None and self._loop is not None:
+            self._reopening = self._loop.create_task(self._do_reopen())
+
+    async def _do_reopen(self) -> None:
+        """Replace the handle a hangup killed; the PTY, its settings and the symlink stay."""
+        old = self._handle
+        try:
+            handle = await self.port.open()
+        except OSError as exc:
+            held, self._held = self._held, []
+            for msg in held:
+                self._dropped(msg, exc)
+            return
+        finally:
+            self._reopening = None
+        if self._handle is not old or old is None:  # closed meanwhile
+            await handle.close()
+            return
+        self._handle = handle
+        await old.close()
+        log.debug("MBIM over PTY: port reopened after the modem came back")
+        held, self._held = self._held, []
+        for msg in held:
+            self._send(msg)
+        self._pump()
 
     # -- DL: port -> one write per message
 
@@ -177,8 +216,9 @@ class PtyTransport:
         if h is None or self.master < 0:
             return
         if h.stale:
-            if self.port.gone is not None:
-                log.warning("MBIM over PTY: modem gone (%s)", self.port.gone)
+            if self.port.gone is None:
+                self._reopen()
+            # The daemon says that the modem went away; the port logs it too.
             return
         while h.readable:
             try:
@@ -213,6 +253,9 @@ class PtyTransport:
 
     async def close(self) -> None:
         self.port.remove_listener(self._pump)
+        if self._reopening is not None:
+            self._reopening.cancel()
+            self._reopening = None
         if self._loop is not None and self.master >= 0:
             self._loop.remove_reader(self.master)
             if self._writing:
