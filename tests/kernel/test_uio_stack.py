@@ -89,6 +89,12 @@ def test_up_over_uio_with_the_model_on_the_host(ivshmem: Any,
                              capture_output=True, text=True, timeout=STEP, check=False)
         assert res.returncode == 0, res.stderr
         assert "Max sessions: '8'" in res.stdout
+        # a connect: MBIM on channel 6 across the VM boundary, and the model's session state
+        for args, expect in (("--attach-packet-service", "'attached'"),
+                             ("--connect=apn=internet", "Activation state: 'activated'")):
+            res = subprocess.run(["mbimcli", "-d", f"/dev/{PORT_NAME}", args],
+                                 capture_output=True, text=True, timeout=STEP, check=False)
+            assert res.returncode == 0 and expect in res.stdout, (args, res.stdout, res.stderr)
         up.send_signal(signal.SIGTERM)
         assert up.wait(STEP) == 0, up.stderr.read()
         assert not Path(f"/dev/{PORT_NAME}").exists()
