@@ -334,7 +334,17 @@ class Daemon:
         except CuseUnavailable as exc:
             raise UpError(f"--transport cuse: {exc.strerror or exc}") from exc
         self.transport = chardev.transport
+        if hasattr(chardev, "on_dead"):  # CUSE: the node can vanish under us
+            chardev.on_dead = self._port_lost
         return chardev
+
+    def _port_lost(self, why: str) -> None:
+        """The CUSE connection died: no port any more. Exit 1 rather than re-create the node
+        here: clients hold fds on the dead one anyway, and systemd's Restart=on-failure
+        starts a clean daemon (with `modprobe cuse` again if the module went away)."""
+        self.failure = f"MBIM port {self.port_path()} lost: {why}"
+        log.error("%s; stopping", self.failure)
+        self._stop.set()
 
     async def _start_links(self) -> Any:
         from iosm_cuse.link.manager import LinkManager

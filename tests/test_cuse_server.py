@@ -37,10 +37,10 @@ class FakeKernel:
         self.next_unique = 2  # ordinary ids are even and step by 2
 
     async def send(self, opcode: int, body: dict[str, int] | None = None, data: bytes = b"",
-                   unique: int | None = None) -> int:
+                   unique: int | None = None, pid: int = 0) -> int:
         if unique is None:
             unique, self.next_unique = self.next_unique, self.next_unique + 2
-        await self.send_raw(cuse.encode_request(opcode, unique, body, data))
+        await self.send_raw(cuse.encode_request(opcode, unique, body, data, pid=pid))
         return unique
 
     async def send_raw(self, raw: bytes) -> None:
@@ -59,14 +59,14 @@ class FakeKernel:
         raise AssertionError(f"unexpected reply {got}")
 
     async def call(self, opcode: int, body: dict[str, int] | None = None,
-                   data: bytes = b"") -> cuse.Reply:
-        unique = await self.send(opcode, body, data)
+                   data: bytes = b"", pid: int = 0) -> cuse.Reply:
+        unique = await self.send(opcode, body, data, pid=pid)
         r = await self.recv()
         assert r.unique == unique, (r, unique)
         return r
 
-    async def open(self, flags: int = os.O_RDWR) -> int:
-        r = await self.call(Op.OPEN, {"flags": flags})
+    async def open(self, flags: int = os.O_RDWR, pid: int = 0) -> int:
+        r = await self.call(Op.OPEN, {"flags": flags}, pid=pid)
         assert r.error == 0, r
         out = cuse.LAYOUTS["open_out"].unpack(r.body)
         assert out["open_flags"] == cuse.FOPEN_DIRECT_IO | cuse.FOPEN_NONSEEKABLE
@@ -357,4 +357,43 @@ def test_start_fails_cleanly_when_the_kernel_goes_away() -> None:
         else:
             raise AssertionError("start() succeeded without CUSE_INIT")
         assert server.fd == -1 and port._listeners == []
+    run(body)
+
+
+def test_opener_pids_from_the_open_requests() -> None:
+    async def body() -> None:
+        async with rig() as r:
+            k = r.kernel
+            fh1 = await k.open(pid=4321)
+            fh2 = await k.open(pid=1234)
+            await k.open(pid=4321)  # a second open by the same process
+            assert r.server.opener_pids() == [1234, 4321]
+            assert (await k.call(Op.RELEASE, {"fh": fh2})).error == 0
+            assert r.server.opener_pids() == [4321]
+            assert (await k.call(Op.RELEASE, {"fh": fh1})).error == 0
+            assert r.server.opener_pids() == [4321]
+    run(body)
+
+
+def test_a_dead_connection_is_reported_once() -> None:
+    async def body() -> None:
+        async with rig() as r:
+            told: list[str] = []
+            r.server.on_dead = told.append
+            fh = await r.kernel.open()
+            u = await r.kernel.read(fh)
+            await r.kernel.silent()
+            r.kernel.sock.close()  # the connection goes away under the server
+            deadline = asyncio.get_running_loop().time() + 2
+            while not told:
+                assert asyncio.get_running_loop().time() < deadline, "death not reported"
+                await asyncio.sleep(0.01)
+            assert len(told) == 1 and "/dev/cuse" in told[0], told
+            assert r.server.session.closed and u not in r.server.session.parked
+        assert len(told) == 1  # close() after death: no second report
+        # A server closed on purpose reports nothing.
+        async with rig() as r2:
+            quiet: list[str] = []
+            r2.server.on_dead = quiet.append
+        assert quiet == []
     run(body)

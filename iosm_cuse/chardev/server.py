@@ -55,6 +55,7 @@ def open_cuse(path: str = CUSE_DEV) -> int:
 @dataclass
 class OpenFile:
     handle: PortHandle
+    pid: int = 0  # the opener's pid (the OPEN request's header; the kernel's tgid)
     kh: int | None = None  # poll handle to notify on the next readiness change
 
 
@@ -143,11 +144,11 @@ class CuseSession:
             self.on_init()
 
     def _open(self, ev: cuse.Open) -> None:
-        task = asyncio.ensure_future(self._open_async(ev.unique))
+        task = asyncio.ensure_future(self._open_async(ev.unique, ev.header.get("pid", 0)))
         self.opening[ev.unique] = task
         task.add_done_callback(lambda _t: self.opening.pop(ev.unique, None))
 
-    async def _open_async(self, unique: int) -> None:
+    async def _open_async(self, unique: int, pid: int) -> None:
         try:
             handle = await self.port.open()
         except asyncio.CancelledError:
@@ -162,8 +163,12 @@ class CuseSession:
             return
         fh = self._next_fh
         self._next_fh += 1
-        self.files[fh] = OpenFile(handle)
+        self.files[fh] = OpenFile(handle, pid)
         self.send(cuse.reply_open(unique, fh))
+
+    def opener_pids(self) -> list[int]:
+        """The processes holding the device open (each once), for `iosm-cuse status`."""
+        return sorted({f.pid for f in self.files.values() if f.pid})
 
     def _read(self, ev: cuse.Read) -> None:
         f = self._file(ev.unique, ev.fh)
@@ -334,6 +339,10 @@ class CuseServer:
         self._ready: asyncio.Future[None] | None = None
         self._dead: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+        # Called once, with the reason, if the CUSE connection dies after start() (the module
+        # removed, the connection aborted): the device node is gone for good.
+        self.on_dead: Callable[[str], None] | None = None
 
     @property
     def path(self) -> str:
@@ -342,6 +351,9 @@ class CuseServer:
     @property
     def description(self) -> str:
         return f"{self.path} (cuse)"
+
+    def opener_pids(self) -> list[int]:
+        return self.session.opener_pids()
 
     async def start(self, timeout: float = READY_TIMEOUT) -> None:
         """Open /dev/cuse (CuseUnavailable if impossible), answer CUSE_INIT, and return once
@@ -368,6 +380,7 @@ class CuseServer:
         except BaseException:
             await self.close()
             raise
+        self._started = True
         log.info("CUSE: %s ready", self.path)
 
     async def _wait_node(self, deadline: float) -> None:
@@ -397,15 +410,23 @@ class CuseServer:
         # The connection is ending; keep reading so anything still sent gets ENODEV.
         log.info("CUSE: kernel sent DESTROY")
         self.session.shutdown(errno.EIO)
+        self._report_dead("the kernel ended the connection (DESTROY)")
+
+    def _report_dead(self, why: str) -> None:
+        if self._started and self.fd >= 0 and self.on_dead is not None:
+            cb, self.on_dead = self.on_dead, None  # once
+            cb(why)
 
     def _fail(self, why: str) -> None:
         if self._dead is None:
             self._dead = why
-            log.error("CUSE: connection ended: %s", why)
+            told = self._started and self.on_dead is not None  # then its owner says it
+            log.log(logging.DEBUG if told else logging.ERROR, "CUSE: connection ended: %s", why)
         self._set_ready(OSError(errno.ENODEV, f"CUSE: {why}"))
         self.session.shutdown(errno.EIO)
         if self._loop is not None and self.fd >= 0:
             self._loop.remove_reader(self.fd)
+        self._report_dead(why)
 
     def _on_readable(self) -> None:
         # A few requests per wake-up, so one busy client cannot starve the loop.
@@ -463,6 +484,7 @@ class CuseServer:
 
     async def close(self) -> None:
         """Answer every parked request, then close the fd (which removes the device)."""
+        self.on_dead = None  # ending on purpose
         self.session.shutdown(errno.EIO)
         await self.session.wait_closed()
         if self.fd < 0:
