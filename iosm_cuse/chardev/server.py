@@ -55,7 +55,7 @@ def open_cuse(path: str = CUSE_DEV) -> int:
 @dataclass
 class OpenFile:
     handle: PortHandle
-    pid: int = 0  # the opener's pid (the OPEN request's header; the kernel's tgid)
+    pid: int = 0  # the OPEN request's header: the calling thread's id, the pid for most
     kh: int | None = None  # poll handle to notify on the next readiness change
 
 

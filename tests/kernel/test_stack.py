@@ -66,6 +66,16 @@ def test_device_caps_through_cuse(stack: subprocess.Popen[str]) -> None:
     assert st.returncode == 0, st.stderr
     port = json.loads(st.stdout)["port"]
     assert (port["path"], port["transport"], port["openers"]) == (PORT, "cuse", 0)
+    # The opener's pid, from the CUSE OPEN request, in status.
+    fd = os.open(PORT, os.O_RDWR)
+    try:
+        st = _run(IOSM_CUSE, "status", "--json")
+        port = json.loads(st.stdout)["port"]
+        assert port["openers"] == 1 and port["opener_pids"] == [os.getpid()], port
+        text = _run(IOSM_CUSE, "status").stdout
+        assert f"open by 1 (pid {os.getpid()})" in text, text
+    finally:
+        os.close(fd)
 
 
 def test_connect_and_mbim_network(stack: subprocess.Popen[str], tmp_path: Path) -> None:
@@ -96,3 +106,31 @@ def test_sigterm_removes_the_device(stack: subprocess.Popen[str]) -> None:
         time.sleep(0.1)
     assert not os.path.exists(PORT)
     assert not Path("/sys/class/net/wwan0").exists()
+
+
+def test_a_dead_cuse_connection_stops_the_daemon_with_status_1() -> None:
+    """Aborting the CUSE connection (fusectl's abort, as a crashing kernel side would) leaves no
+    port: the daemon says so and exits 1 for systemd to restart it, instead of running on."""
+    ctl = Path("/sys/fs/fuse/connections")
+    if " fusectl " not in Path("/proc/mounts").read_text():
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(ctl)], check=False)
+    before = {p.name for p in ctl.iterdir()}
+    proc = subprocess.Popen([IOSM_CUSE, "up", "--device", "sim", "--transport", "cuse"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        assert sel.select(STEP_TIMEOUT), "no ready line from iosm-cuse up"
+        assert f"MBIM port {PORT} (cuse)" in proc.stdout.readline()
+        new = [p for p in ctl.iterdir() if p.name not in before]
+        assert len(new) == 1, (before, list(ctl.iterdir()))
+        (new[0] / "abort").write_text("1")
+        assert proc.wait(STEP_TIMEOUT) == 1
+        err = proc.stderr.read() if proc.stderr else ""
+        assert f"MBIM port {PORT} lost" in err and "Traceback" not in err, err
+        assert not os.path.exists(PORT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
