@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,19 @@ from iosm_cuse.chardev import start_transport
 from iosm_cuse.chardev.loopback import LoopbackOpener, answer_open
 from iosm_cuse.chardev.port import MbimPort
 from iosm_cuse.chardev.pty import MbimFramer, PtyTransport
-from iosm_cuse.mbim.message import Close, Open, decode_message, encode_message
+from iosm_cuse.mbim import cids, infobuf
+from iosm_cuse.mbim.cids import BasicConnect
+from iosm_cuse.mbim.constants import CommandType
+from iosm_cuse.mbim.message import (
+    Close,
+    Command,
+    CommandDone,
+    IndicateStatus,
+    Open,
+    decode_message,
+    encode_message,
+)
+from iosm_cuse.mbim.uuids import Service
 from iosm_cuse.sim.mbim_function import MbimFunction
 
 MESSAGES = [encode_message(Open(1, 4096)), encode_message(Close(2)),
@@ -229,3 +243,44 @@ def test_auto_falls_back_to_the_pty_and_says_so_once(tmp_path: Path,
         with pytest.raises(OSError):
             await start_transport(MbimPort(LoopbackOpener(answer_open)), transport="cuse")
     asyncio.run(asyncio.wait_for(body(), 20))
+
+
+def test_chardev_main_delivers_indications(tmp_path: Path) -> None:
+    """`python -m iosm_cuse.chardev` (kernel tests, bench): an MBIM attach is answered and
+    followed by the PACKET_SERVICE indication, which the function queues apart from answers."""
+    link = tmp_path / "wwan0mbim0"
+    proc = subprocess.Popen([sys.executable, "-m", "iosm_cuse.chardev", "--transport", "pty",
+                             "--link", str(link)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(f"ready {link} (pty)"), line + proc.stderr.read()  # type: ignore[union-attr]
+        fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+        try:
+            framer = MbimFramer()
+            got: list[object] = []
+
+            def expect(n: int) -> None:
+                while len(got) < n:
+                    ready, _, _ = select.select([fd], [], [], 10)
+                    assert ready, f"only {got} arrived"
+                    got.extend(decode_message(m) for m in framer.feed(os.read(fd, 4096)))
+
+            os.write(fd, encode_message(Open(1, 4096)))
+            expect(1)
+            info = infobuf.encode(cids.lookup(Service.BASIC_CONNECT, BasicConnect.PACKET_SERVICE)
+                                  .request(CommandType.SET), {"PacketServiceAction": 0})
+            os.write(fd, encode_message(Command(2, Service.BASIC_CONNECT.value,
+                                                BasicConnect.PACKET_SERVICE, CommandType.SET,
+                                                info)))
+            expect(3)
+            done, ind = got[1], got[2]
+            assert isinstance(done, CommandDone) and done.tid == 2 and done.status == 0
+            assert isinstance(ind, IndicateStatus) and ind.tid == 0
+            assert ind.cid == BasicConnect.PACKET_SERVICE
+        finally:
+            os.close(fd)
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from iosm_cuse.chardev import Transport, start_transport
 from iosm_cuse.chardev.loopback import LoopbackOpener, answer_open
@@ -20,14 +23,52 @@ from iosm_cuse.chardev.pty import DEFAULT_LINK
 from iosm_cuse.chardev.server import DEFAULT_DEVNAME, CuseServer, CuseUnavailable
 
 
-async def serve(args: argparse.Namespace) -> int:
-    if args.minimal:
-        responder = answer_open
-    else:
-        from iosm_cuse.sim.mbim_function import MbimFunction
+class FunctionChannel:
+    """A channel to a ChannelFunction (Contract 3) in this process: what the modem model's
+    MBIM function sends - answers and indications alike - arrives as DL transfers on a later
+    loop iteration, as through the engine."""
 
-        responder = MbimFunction().receive
-    port = MbimPort(LoopbackOpener(responder))
+    def __init__(self, fn: Any, on_receive: Callable[[bytes], None]) -> None:
+        self.fn = fn
+        self.on_receive = on_receive
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        fn.opened(self._queue)
+
+    def _queue(self, data: bytes) -> None:
+        self._loop.call_soon(self._deliver, bytes(data))
+
+    def _deliver(self, data: bytes) -> None:
+        if not self.closed:
+            self.on_receive(data)
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            raise OSError(errno.ENOTCONN, "channel closed")
+        self.fn.receive(bytes(data))
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.fn.closed()
+
+
+def mbim_opener() -> Callable[[Callable[[bytes], None]], Any]:
+    """`open_channel` for the port: the model's MBIM function behind its ChannelFunction
+    adapter, the one the model attaches to channel 6, so indications reach the host too."""
+    from iosm_cuse.sim.mbim_function import MbimChannelFunction, MbimFunction
+
+    fn = MbimChannelFunction(MbimFunction())
+
+    async def open_channel(on_receive: Callable[[bytes], None]) -> FunctionChannel:
+        await asyncio.sleep(0)  # opening a real channel takes a round trip
+        return FunctionChannel(fn, on_receive)
+
+    return open_channel
+
+
+async def serve(args: argparse.Namespace) -> int:
+    port = MbimPort(LoopbackOpener(answer_open) if args.minimal else mbim_opener())
     try:
         if args.cuse_fd is not None:
             transport: Transport = CuseServer(port, args.devname, fd=args.cuse_fd)
