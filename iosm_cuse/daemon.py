@@ -359,9 +359,13 @@ class Daemon:
     # -- crash and restart of the modem
 
     def _on_engine_state(self, state: Any) -> None:
-        # The engine has logged the reason ("modem down: ..."); restart once at a time.
+        # The one WARNING line per modem crash; the layers log theirs at DEBUG.
         if state.value == "DOWN":
-            self.port.hangup(self.engine.last_error or "modem down")
+            reason = self.engine.last_error or "modem down"
+            exit_ = getattr(self.device, "last_exit", None)
+            log.warning("modem down: %s%s; %s", reason, f" ({exit_})" if exit_ else "",
+                        "stopping" if self._stop.is_set() else "restarting")
+            self.port.hangup(reason, quiet=True)
             if self._recovering is None and not self._stop.is_set():
                 self._recovering = asyncio.get_running_loop().create_task(self._recover())
         elif state.value == "RUNNING":

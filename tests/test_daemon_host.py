@@ -241,6 +241,14 @@ def test_model_crash_is_recovered_and_links_kept(up: Up, how: str) -> None:
     code, err = up.terminate(signal.SIGINT)
     assert code == 0, err
     assert "modem down" in err and "Traceback" not in err
+    # One line per crash, the daemon's, with what the layers know (the engine's reason, the
+    # model's exit); the port, the PTY and the process handle only repeat it, at DEBUG.
+    said = [ln for ln in err.splitlines() if ln.endswith("; restarting")]
+    assert len(said) == 1, err
+    if how == "crash":
+        assert said[0].endswith(f"(model process {model_pid} killed by SIGKILL); restarting")
+    for repeat in ("MBIM port: modem gone", "MBIM over PTY", f"process {model_pid} exited"):
+        assert repeat not in err, err
     assert up.links() == {}
     assert not Path(f"/proc/{new_pid}").exists(), "model process left behind"
 

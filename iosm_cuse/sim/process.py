@@ -66,6 +66,7 @@ class ModelProcess:
         self._writer: asyncio.StreamWriter | None = None
         self._watch: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self.last_exit: str | None = None  # how the last child ended by itself, for the log
 
     @classmethod
     async def spawn(cls, *, functions: str | None = None, config: dict[str, Any] | None = None,
@@ -91,6 +92,7 @@ class ModelProcess:
         return self.proc is not None and self.proc.returncode is None
 
     async def _start_child(self) -> None:
+        self.last_exit = None
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -112,7 +114,9 @@ class ModelProcess:
     async def _watch_child(self, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
         if proc is self.proc:
-            log.error("modem model process %d exited with %s", proc.pid, code)
+            # The daemon's "modem down" line tells it, with this: one line per crash.
+            self.last_exit = f"model process {proc.pid} {_describe_exit(code)}"
+            log.debug("modem %s", self.last_exit)
             # a device that fell off the bus reads as all ones
             with contextlib.suppress(ValueError, TypeError, OSError):
                 self.bus.write32(BAR2, SCRATCHPAD["exec_stage"].offset, ExecStage.INVALID)
@@ -152,7 +156,7 @@ class ModelProcess:
                 await self.command("reset", timeout=2.0)
                 return
             except ModelError as exc:
-                log.warning("model does not answer (%s): restarting the process", exc)
+                log.info("model does not answer (%s): restarting the process", exc)
                 await self._stop_child()
         await self._start_child()
 
@@ -175,6 +179,15 @@ class ModelProcess:
     async def close(self) -> None:
         await self._stop_child()
         self.bus.close()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 # ---- the child ---------------------------------------------------------------------------------
