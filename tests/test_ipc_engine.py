@@ -206,6 +206,35 @@ def test_ten_thousand_each_way_on_channels_0_and_6() -> None:
     run(with_model(body, FACTORY, options={"n": N}))
 
 
+def test_ul_completion_callback_reports_each_consumed_batch() -> None:
+    """on_ul_done() runs after the device consumed UL transfers, with `pending` already lower:
+    what lets the host MUX restart a stopped uplink without a timer."""
+    async def body(mp: ModelProcess) -> None:
+        eng = IpcEngine(mp.bus)
+        await eng.start()
+        seen: list[int] = []
+        got: list[bytes] = []
+        ch: IpcChannel | None = None
+
+        def done() -> None:
+            assert ch is not None
+            seen.append(ch.pending)
+
+        ch = await eng.open_channel(6, got.append, on_ul_done=done)
+        quiet = await eng.open_channel(0, lambda _b: None)  # no callback: must not break
+        for i in range(300):
+            ch.send(b"x%d" % i)
+            quiet.send(b"y")
+        await ch.drain(timeout=10)
+        await quiet.drain(timeout=10)
+        await until(lambda: len(got) >= 300, 10, "the echoes")
+        assert seen and seen[-1] == 0 and all(p < 300 for p in seen)
+        assert got == [b"x%d" % i for i in range(300)]
+        await eng.stop()
+
+    run(with_model(body, ECHO))
+
+
 # ---- crash, hang, death -----------------------------------------------------------------------
 
 

@@ -153,6 +153,8 @@ def test_two_processes_8_sessions_10k_each_way_and_flow_control(mode: MuxMode) -
                 assert c["tx_dropped_queue_full"] == 0 and c["rx_packets"] >= N
             if mode is MuxMode.AGGREGATION:
                 assert r["counters"]["ul_blocks"] < 8 * N / 4  # really aggregated
+            # the 110 KiB stop was hit and lifted by the engine's UL completions (no timer)
+            assert mux.global_stops > 0 and mux._poll is None
 
             # flow control asserted by the model stops session 3's uplink, and releases it
             h.control("FLOW 3 1")

@@ -78,13 +78,15 @@ class EngineState(enum.Enum):
 Listener = Callable[[EngineState], None]
 Receiver = Callable[[bytes], None]
 ErrorCallback = Callable[[ChannelError], None]
+UlDone = Callable[[], None]
 
 
 class IpcChannel:
     """An open channel: `send` queues UL transfers, DL transfers go to `on_receive`."""
 
     def __init__(self, engine: IpcEngine, cfg: ChannelConfig, ul: UlPipe, dl: DlPipe,
-                 on_receive: Receiver, on_error: ErrorCallback | None) -> None:
+                 on_receive: Receiver, on_error: ErrorCallback | None,
+                 on_ul_done: UlDone | None = None) -> None:
         self.engine = engine
         self.cfg = cfg
         self.id = cfg.channel
@@ -92,6 +94,7 @@ class IpcChannel:
         self.dl = dl
         self.on_receive = on_receive
         self.on_error = on_error
+        self.on_ul_done = on_ul_done
         self.queue: collections.deque[bytes] = collections.deque()
         self.error: ChannelError | None = None
         self.closing = False
@@ -248,8 +251,11 @@ class IpcEngine:
         self._set_state(EngineState.STOPPED)
 
     async def open_channel(self, ch_id: int, on_receive: Receiver,
-                           on_error: ErrorCallback | None = None) -> IpcChannel:
-        """OPEN_PIPE(UL), OPEN_PIPE(DL), post count-1 DL buffers, ring HPDA."""
+                           on_error: ErrorCallback | None = None,
+                           on_ul_done: UlDone | None = None) -> IpcChannel:
+        """OPEN_PIPE(UL), OPEN_PIPE(DL), post count-1 DL buffers, ring HPDA. `on_ul_done()` is
+        called from the interrupt after the device consumed UL transfers (`ch.pending` fell),
+        so a sender stopped on pending bytes restarts at once instead of polling."""
         if self.state is not EngineState.RUNNING or self._area is None:
             raise ChannelError(errno.EIO, f"modem not running ({self.state.value})")
         if ch_id in self.channels:
@@ -271,7 +277,7 @@ class IpcEngine:
             for r in regions:
                 self.bus.dma.free(r)
             raise ChannelError(errno.ENOMEM, str(exc)) from None
-        ch = IpcChannel(self, cfg, ul, dl, on_receive, on_error)
+        ch = IpcChannel(self, cfg, ul, dl, on_receive, on_error, on_ul_done)
         self.channels[ch_id] = ch
         try:
             for pipe in (ul, dl):
@@ -492,10 +498,19 @@ class IpcEngine:
                     ch.ul.publish()
                     ring_ul = True
                 ch._update_drained()
+                if ch.on_ul_done is not None:
+                    self._ul_done(ch, ch.on_ul_done)
         if ring_ul:
             self.bus.doorbell(Doorbell.HPDA, Hpda.UL_WRITE_TD)
         elif ring_dl:
             self.bus.doorbell(Doorbell.HPDA, Hpda.DL_PROCESS)
+
+    @staticmethod
+    def _ul_done(ch: IpcChannel, cb: UlDone) -> None:
+        try:
+            cb()
+        except Exception:
+            log.exception("channel %d UL completion callback failed", ch.id)
 
     def _receiver(self, ch: IpcChannel) -> Receiver:
         def deliver(data: bytes) -> None:

@@ -74,6 +74,8 @@ QUEUE_LIMIT_FC = 64  # per session while it is flow-controlled
 AGGR_DG_PER_SESSION = 100  # datagrams of one session in one ADB
 LITE_ROUND = 64  # packets one session sends before the next gets its turn
 POLL_PENDING = 0.0005  # while stopped on pending bytes: how often to look at completions
+# (only for channels that cannot report UL completions; the engine's on_ul_done restarts the
+# uplink from the interrupt that reaped them, with no timer)
 ADB_CAPACITY = 16 * 1024
 
 Receiver = Callable[[bytes], None]
@@ -154,6 +156,7 @@ class MuxHost:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_pending = False
         self._poll: asyncio.TimerHandle | None = None
+        self._ul_done_events = False  # the channel calls _on_ul_done: no polling needed
         self._inflight: collections.deque[int] = collections.deque()
         self.pending_bytes = 0
         self.global_stop = False
@@ -185,7 +188,9 @@ class MuxHost:
 
     async def _open_engine_channel(self, ch_id: int, on_receive: Receiver) -> ChannelLike:
         ch: ChannelLike = await self.engine.open_channel(ch_id, on_receive,
-                                                         self._on_channel_error)
+                                                         self._on_channel_error,
+                                                         on_ul_done=self._on_ul_done)
+        self._ul_done_events = True
         return ch
 
     # ---- sessions
@@ -252,6 +257,7 @@ class MuxHost:
             self._max_ip = max_ip_packet(self.mode)
             self._loop = asyncio.get_running_loop()
             self._reset_ul()
+            self._ul_done_events = False
             try:
                 self._channel = await self._open(IP_MUX_CHANNEL, self._on_dl)
             except OSError as exc:
@@ -478,7 +484,15 @@ class MuxHost:
         levels = {s.if_id: len(s.queue) for s in self._sessions if s is not None}
         self._send(self._adb.finish(self._next_seq(), levels), True)
 
+    def _on_ul_done(self) -> None:
+        """The engine reaped UL completions: a stopped uplink may go again right now (in the
+        interrupt, so the new TDs leave with this loop pass's doorbell)."""
+        if self.global_stop and self._channel is not None:
+            self._drain()
+
     def _poll_later(self) -> None:
+        if self._ul_done_events:
+            return  # _on_ul_done will call _drain
         if self._poll is None and self._loop is not None:
             self._poll = self._loop.call_later(POLL_PENDING, self._poll_now)
 
