@@ -348,8 +348,12 @@ class DeviceModel:
     # uplink: consume every TD the host queued
 
     def _uplink(self) -> None:
+        """Copy out every queued UL transfer, complete the TDs (tail + interrupt) and only then
+        hand the transfers to the functions: the buffers are free once copied, as after a real
+        device's DMA read, so the host refills the ring while the functions work."""
         sh = self._shared
         assert sh is not None
+        taken: list[tuple[_Channel, int, list[bytes]]] = []
         for ch in list(self.channels.values()):
             pipe = ch.ul
             if pipe is None:
@@ -360,31 +364,45 @@ class DeviceModel:
                 continue
             if head == pipe.tail:
                 continue
-            ring = self._view(pipe.ring_addr, pipe.count * TD_SIZE)
-            mem, base, limit = self.bus.dma.mem, self.bus.dma.base_addr, self.bus.dma.size
-            receive = ch.fn.receive if ch.live else None
-            unpack, count = TD_STRUCT.unpack_from, pipe.count
-            i = pipe.tail
-            while i != head:
-                addr, word = unpack(ring, i * TD_SIZE)
-                size = word & 0xFFFFFF
-                off = addr - base
-                i = (i + 1) % count
-                if size > _MAX_UL_TRANSFER or off < 0 or off + size > limit:
-                    self.rejects("ul_td", f"pipe {pipe.number} TD {i - 1}: {addr:#x}+{size}")
-                    continue
-                self.ul_transfers += 1
-                if receive is None:
-                    continue
+            data = self._take_ul(pipe, head)
+            if ch.live:
+                taken.append((ch, ch.generation, data))
+        if not taken:
+            return
+        self._raise_irq()
+        for ch, generation, data in taken:
+            receive = ch.fn.receive
+            for transfer in data:
+                if ch.generation != generation:  # the function closed the channel meanwhile
+                    break
                 try:
-                    receive(bytes(mem[off:off + size]))
+                    receive(transfer)
                 except Exception:
                     log.exception("channel %d function receive() failed", ch.id)
-                if ch.ul is not pipe:  # the function closed the channel meanwhile
-                    break
-            pipe.tail = i
-            self._wr32(sh.tail_array + 4 * pipe.number, i)
-            self._irq = True
+
+    def _take_ul(self, pipe: _Pipe, head: int) -> list[bytes]:
+        """Copies of the TDs from the pipe's tail to `head`; the tail moves to `head`."""
+        sh = self._shared
+        assert sh is not None
+        ring = self._view(pipe.ring_addr, pipe.count * TD_SIZE)
+        mem, base, limit = self.bus.dma.mem, self.bus.dma.base_addr, self.bus.dma.size
+        unpack, count = TD_STRUCT.unpack_from, pipe.count
+        out: list[bytes] = []
+        i = pipe.tail
+        while i != head:
+            addr, word = unpack(ring, i * TD_SIZE)
+            size = word & 0xFFFFFF
+            off = addr - base
+            if size > _MAX_UL_TRANSFER or off < 0 or off + size > limit:
+                self.rejects("ul_td", f"pipe {pipe.number} TD {i}: {addr:#x}+{size}")
+            else:
+                self.ul_transfers += 1
+                out.append(bytes(mem[off:off + size]))
+            i = (i + 1) % count
+        pipe.tail = i
+        self._wr32(sh.tail_array + 4 * pipe.number, i)
+        self._irq = True
+        return out
 
     # downlink: fill posted buffers from the backlog (head re-read every time)
 

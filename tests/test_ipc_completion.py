@@ -1,0 +1,57 @@
+"""The model completes UL TDs (tail + interrupt) before its channel function sees them: the
+buffers are free once copied, as after a real device's DMA read, so the host can refill the ring
+while the function works."""
+
+from __future__ import annotations
+
+from test_ipc_untrusted import device_view, run, shared_addr, started, until
+
+from iosm_cuse.hw.channels import channel_config
+from iosm_cuse.hw.shm import ShmBus
+from iosm_cuse.sim.device import DeviceModel, Send
+
+
+class TailWatch:
+    """Records, for every UL transfer, the UL tail the host can already see."""
+
+    def __init__(self, dev: ShmBus, pipe: int) -> None:
+        self.dev = dev
+        self.pipe = pipe
+        self.seen: list[tuple[bytes, int]] = []
+
+    def opened(self, send: Send) -> None:
+        pass
+
+    def receive(self, data: bytes) -> None:
+        tails = shared_addr(self.dev, "tail_array_address")
+        tail = int.from_bytes(self.dev.dma.view_at(tails + 4 * self.pipe, 4), "little")
+        self.seen.append((data, tail))
+
+    def closed(self) -> None:
+        pass
+
+
+def test_ul_tds_are_completed_before_the_function_runs() -> None:
+    async def body() -> None:
+        host = ShmBus.create()
+        dev = device_view(host)
+        model = DeviceModel(dev)
+        ul_pipe = channel_config(0).ul_pipe  # 800 TDs: no wrap
+        fn = TailWatch(dev, ul_pipe)
+        model.attach(0, fn)
+        eng, task = await started(model, host)
+        ch = await eng.open_channel(0, lambda _b: None)
+        for i in range(20):  # one batch: one doorbell for all
+            ch.send(b"%d" % i)
+        await until(lambda: len(fn.seen) == 20)
+        assert [d for d, _ in fn.seen] == [b"%d" % i for i in range(20)]
+        # the whole batch was already completed when the function got its first transfer
+        assert {t for _, t in fn.seen} == {20}
+        await ch.drain(timeout=2)
+        assert ch.pending == 0
+        await eng.stop()
+        task.cancel()
+        host.close()
+        dev.close()
+
+    run(body())
