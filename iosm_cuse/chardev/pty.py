@@ -17,7 +17,6 @@ we, answers the client's system calls:
   reads wait in the tty buffer for the next client, and the modem going away shows no POLLHUP
   (host messages meanwhile are dropped). After `port.revive()` the next host message reopens
   the handle, on the same PTY and symlink, so a client that kept the path open carries on;
-
 - O_NONBLOCK / poll / blocking reads are the tty's own, and behave as expected.
 """
 
@@ -218,7 +217,7 @@ class PtyTransport:
         if h.stale:
             if self.port.gone is None:
                 self._reopen()
-            # The daemon says that the modem went away; the port logs it too.
+            # Nothing to log: the daemon's one line per crash says the modem went away.
             return
         while h.readable:
             try:
