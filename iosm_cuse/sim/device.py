@@ -93,6 +93,9 @@ class _Channel:
     backlog: collections.deque[bytes] = field(default_factory=collections.deque)
 
 
+_Taken = tuple[_Channel, int, list[bytes]]  # (channel, its generation then, UL copies)
+
+
 @dataclass
 class _Shared:
     """Addresses from the host's context info, each checked against the pool."""
@@ -188,15 +191,20 @@ class DeviceModel:
         """React to whatever the host did since the last call."""
         if self.crashed or self.hung:
             return
+        taken: list[_Taken] = []
         try:
             self._ipc_doorbell()
             if self.ipc_state is IpcState.RUNNING and self._shared is not None:
                 self._messages()
-                self._uplink()
+                taken = self._uplink()
                 self._downlink()
         except BusError as exc:
             self.rejects("dma_range", str(exc))
+        # one interrupt for everything completed; the UL transfers go to the functions after
+        # it, so the host refills the ring meanwhile (the copied buffers are free, as after a
+        # real device's DMA read)
         self._raise_irq()
+        self._deliver_ul(taken)
 
     def _raise_irq(self) -> None:
         if self._irq:
@@ -347,13 +355,12 @@ class DeviceModel:
 
     # uplink: consume every TD the host queued
 
-    def _uplink(self) -> None:
-        """Copy out every queued UL transfer, complete the TDs (tail + interrupt) and only then
-        hand the transfers to the functions: the buffers are free once copied, as after a real
-        device's DMA read, so the host refills the ring while the functions work."""
+    def _uplink(self) -> list[_Taken]:
+        """Copy out every queued UL transfer and complete its TD (tail; the interrupt follows
+        in service()); the copies are returned for `_deliver_ul`."""
         sh = self._shared
         assert sh is not None
-        taken: list[tuple[_Channel, int, list[bytes]]] = []
+        taken: list[_Taken] = []
         for ch in list(self.channels.values()):
             pipe = ch.ul
             if pipe is None:
@@ -367,9 +374,9 @@ class DeviceModel:
             data = self._take_ul(pipe, head)
             if ch.live:
                 taken.append((ch, ch.generation, data))
-        if not taken:
-            return
-        self._raise_irq()
+        return taken
+
+    def _deliver_ul(self, taken: list[_Taken]) -> None:
         for ch, generation, data in taken:
             receive = ch.fn.receive
             for transfer in data:
