@@ -55,3 +55,41 @@ def test_ul_tds_are_completed_before_the_function_runs() -> None:
         dev.close()
 
     run(body())
+
+
+def test_what_on_ul_done_sends_leaves_with_the_interrupts_doorbell() -> None:
+    """The engine calls on_ul_done before it publishes and rings: transfers the sender queues
+    from the callback are shown to the device by the same interrupt, not a loop pass later."""
+    async def body() -> None:
+        host = ShmBus.create()
+        dev = device_view(host)
+        model = DeviceModel(dev)
+        fn = TailWatch(dev, channel_config(0).ul_pipe)
+        model.attach(0, fn)
+        eng, task = await started(model, host)
+        left = [40]
+        late: list[int] = []
+
+        def more() -> None:
+            if left[0]:
+                left[0] -= 1
+                ch.send(b"more")
+
+        ch = await eng.open_channel(0, lambda _b: None, on_ul_done=more)
+        service = eng._service
+
+        def checked() -> None:
+            service()
+            if ch.ul.unpublished:
+                late.append(ch.ul.head)
+
+        eng._service = checked  # type: ignore[method-assign]
+        ch.send(b"first")
+        await until(lambda: len(fn.seen) == 41)
+        assert not late and left == [0]
+        await eng.stop()
+        task.cancel()
+        host.close()
+        dev.close()
+
+    run(body())

@@ -345,8 +345,8 @@ class IpcEngine:
             return
         rung = False
         for ch in chans:
-            if ch.closed or ch.error is not None:
-                continue
+            if ch.closed or ch.error is not None or not ch.ul.unpublished:
+                continue  # (already published and rung by the interrupt handler)
             ch.ul.publish()
             rung = True
         if rung:
@@ -494,12 +494,16 @@ class IpcEngine:
                 # control pipes: doorbell per batch; IP MUX: only if the ring ran dry (§2.8)
                 ring_dl |= (not ch.cfg.is_ip_mux) or drained
             if ch.ul.reap():
-                if ch._fill():
+                if ch.on_ul_done is not None:
+                    # first, so what the sender queues now leaves with this doorbell
+                    self._ul_done(ch, ch.on_ul_done)
+                    if ch.closed or ch.error is not None or self._area is not area:
+                        continue
+                ch._fill()
+                if ch.ul.unpublished:
                     ch.ul.publish()
                     ring_ul = True
                 ch._update_drained()
-                if ch.on_ul_done is not None:
-                    self._ul_done(ch, ch.on_ul_done)
         if ring_ul:
             self.bus.doorbell(Doorbell.HPDA, Hpda.UL_WRITE_TD)
         elif ring_dl:

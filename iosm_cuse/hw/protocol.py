@@ -208,6 +208,7 @@ class Pipe:
         self.area = area
         self.head = 0
         self.tail = 0
+        self.published = 0  # the head the device was last shown
         self.last_progress = time.monotonic()
 
     @property
@@ -223,6 +224,12 @@ class Pipe:
 
     def publish(self) -> None:
         self.area.set_head(self.number, self.head)
+        self.published = self.head
+
+    @property
+    def unpublished(self) -> bool:
+        """TDs queued since the last publish (a doorbell for them is still due)."""
+        return self.head != self.published
 
     def new_tail(self) -> int | None:
         """The device's tail if it moved and is valid (invalid ones are rejected, counted)."""
