@@ -17,7 +17,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import mbimcli_scenario
 import pytest
+
+from iosm_cuse.sim.config import ModemConfig
 
 pytestmark = pytest.mark.kernel
 
@@ -79,12 +82,9 @@ def test_device_caps_through_cuse(stack: subprocess.Popen[str]) -> None:
 
 
 def test_connect_and_mbim_network(stack: subprocess.Popen[str], tmp_path: Path) -> None:
-    res = _run("mbimcli", "-d", PORT, "--attach-packet-service")
-    assert res.returncode == 0, res.stderr
-    res = _run("mbimcli", "-d", PORT, "--connect=session-id=0,access-string=internet")
-    assert res.returncode == 0 and "activated" in res.stdout, res.stderr + res.stdout
-    res = _run("mbimcli", "-d", PORT, "--disconnect=0")
-    assert res.returncode == 0, res.stderr
+    # The whole mbimcli sequence, checked against the configuration the daemon runs
+    # with (the default one here), then mbim-network on the same port.
+    mbimcli_scenario.run(ModemConfig(), lambda *args: _run("mbimcli", "-d", PORT, *args))
 
     profile = tmp_path / "mbim-network.conf"
     profile.write_text("APN=internet\n")
