@@ -572,7 +572,7 @@ class IpcEngine:
     def _go_down(self, reason: str) -> None:
         if self.state in (EngineState.DOWN, EngineState.STOPPED):
             return
-        log.error("modem down: %s", reason)
+        log.debug("modem down: %s", reason)  # the state listener (daemon) reports it
         self.last_error = reason
         starting = self.state is EngineState.STARTING
         self._fail_channels(ChannelError(errno.EIO, f"modem down: {reason}"))

@@ -645,7 +645,7 @@ class MuxHost:
         the engine runs again."""
         if self._channel is None:
             return
-        log.warning("MUX channel lost (%s): %d session(s) down", why, len(self.sessions))
+        log.debug("MUX channel lost (%s): %d session(s) down", why, len(self.sessions))
         self._channel = None
         self._reset_ul()
         for fut in self._waiting.values():
