@@ -15,6 +15,10 @@ What the kernel driver does (iosm-protocol.md §4), kept here:
   session) and finishes it when full, when pending UL bytes reach 110 KiB, on device flow
   control, and at the end of every batch (the batch is everything queued before the event loop
   ran the drain: that is what the kernel's 500 us ADB timer approximates).
+- Fairness: sessions are served round-robin, one turn (LITE_ROUND packets / one ADB's share)
+  each, and the round survives the 110 KiB stop: the next drain resumes with the session whose
+  turn was cut, for what was left of it. (Starting every drain at session 0 gave the lowest
+  ids nearly all of the ~75 packets a 110 KiB window holds when all sessions are backlogged.)
 - Flow control: a pending-UL byte counter stops every session at 110 KiB and restarts them below
   10 KiB; per-session queue limit 256 packets, 64 while the session is flow-controlled; packets
   beyond are dropped and counted (never blocking the other sessions). The device's FLOW_CTL
@@ -155,6 +159,8 @@ class MuxHost:
         self._seq = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_pending = False
+        self._rr = 0  # if_id whose turn it is (round-robin across drains)
+        self._turn_left = 0  # packets left in that turn; 0: a fresh turn
         self._poll: asyncio.TimerHandle | None = None
         self._ul_done_events = False  # the channel calls _on_ul_done: no polling needed
         self._inflight: collections.deque[int] = collections.deque()
@@ -420,14 +426,36 @@ class MuxHost:
             if s is not None and s.open and not s.device_stop:
                 self._send(encode_table(Sig.QLTH, s.if_id, len(s.queue)))
 
+    def _ready_in_turn_order(self) -> list[_Session]:
+        """Sessions that may send, starting with the one whose turn it is."""
+        r = self._rr
+        ready = [s for s in self._sessions if s is not None and self._may_send(s)]
+        return [s for s in ready if s.if_id >= r] + [s for s in ready if s.if_id < r]
+
+    def _begin_turn(self, s: _Session, quantum: int) -> int:
+        """Packets `s` may send in this turn: what is left of a cut turn, else `quantum`."""
+        left = self._turn_left if s.if_id == self._rr and self._turn_left else quantum
+        self._rr, self._turn_left = s.if_id, left
+        return left
+
+    def _end_turn(self, s: _Session, sent: int) -> None:
+        """After `s` sent `sent` packets of its turn: the turn goes on in the next drain if the
+        110 KiB stop cut it, else it passes to the next session."""
+        left = self._turn_left - sent
+        if self.global_stop and left > 0 and s.queue:
+            self._turn_left = left
+        else:
+            self._rr, self._turn_left = (s.if_id + 1) % MAX_SESSIONS, 0
+
     def _drain_lite(self) -> None:
         credit, pack, sig = self.ul_credit, ADGH_S.pack, int(Sig.ADGH)
-        sessions = [s for s in self._sessions if s is not None and self._may_send(s)]
+        sessions = self._ready_in_turn_order()
         sent = 0
         while sessions and not self.global_stop:
             for s in sessions:
                 q, if_id, pad = s.queue, s.if_id, bytes(s.pad)
-                burst = min(len(q), LITE_ROUND)
+                burst = min(len(q), self._begin_turn(s, LITE_ROUND))
+                mine = 0
                 for k in range(burst - 1, -1, -1):  # k: packets after this one in the burst
                     n = len(q[0])
                     if credit:
@@ -440,21 +468,24 @@ class MuxHost:
                     s.tx_packets += 1
                     s.tx_bytes += n
                     sent += 1
+                    mine += 1
                     if self._over_high():
                         break
+                self._end_turn(s, mine)
                 if self.global_stop:
                     break
-            sessions = [s for s in sessions if self._may_send(s)]
+            sessions = self._ready_in_turn_order()
         if sent:
             self._send_qlth()
 
     def _drain_aggr(self) -> None:
         credit, adb = self.ul_credit, self._adb
-        sessions = [s for s in self._sessions if s is not None and self._may_send(s)]
+        sessions = self._ready_in_turn_order()
         while sessions and not self.global_stop:
             for s in sessions:
                 q = s.queue
-                for _ in range(min(len(q), AGGR_DG_PER_SESSION)):
+                mine = 0
+                for _ in range(min(len(q), self._begin_turn(s, AGGR_DG_PER_SESSION))):
                     pkt = q[0]
                     n = len(pkt)
                     if credit and s.credits < n:
@@ -469,13 +500,15 @@ class MuxHost:
                             break
                         continue
                     q.popleft()
+                    mine += 1
                     s.tx_packets += 1
                     s.tx_bytes += n
                     if credit:
                         s.credits -= n
+                self._end_turn(s, mine)
                 if self.global_stop:
                     break
-            sessions = [s for s in sessions if self._may_send(s)]
+            sessions = self._ready_in_turn_order()
         if not adb.empty:
             self._finish_adb()
             self._over_high()
