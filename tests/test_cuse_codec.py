@@ -28,7 +28,8 @@ def test_struct_sizes_match_fuse_h() -> None:
 
 def test_every_opcode_round_trips() -> None:
     for opcode, (cls, layout, _, take) in cuse.OPCODES.items():
-        body = {f: i + 3 for i, f in enumerate(cuse.LAYOUTS[layout].fields)} if layout else {}
+        body = ({f.name: i + 3 for i, f in enumerate(cuse.LAYOUTS[layout].fields)}
+                if layout else {})
         data = b""
         if opcode == Op.WRITE:
             body["size"], data = 5, b"hello"

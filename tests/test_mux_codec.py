@@ -57,9 +57,9 @@ def test_signatures_and_sizes_are_the_documented_ones() -> None:
         "open_session": 8, "open_session_resp": 12, "close_session_resp": 4, "flow_ctl": 4,
         "link_status": 1, "link_status_resp": 4}
     assert c.LITE_MAX_IP == 2032
-    # the compiled structs and the tables agree on every offset
+    # the hot-path record structs and the tables agree on every offset
     for layout in c.LAYOUTS:
-        assert c.compiled(layout).size == layout.size
+        assert layout.record.size == layout.size
 
 
 def test_command_codes_of_both_modes() -> None:
@@ -94,7 +94,7 @@ def test_every_layout_round_trips(layout: Layout, data: st.DataObject) -> None:
     raw = layout.pack(**values)
     assert len(raw) == layout.size and layout.unpack(raw) == values
     if layout in c.LAYOUTS:
-        s = c.compiled(layout)
+        s = layout.record
         names = [f.name for f in sorted(layout.fields, key=lambda f: f.offset)]
         assert s.pack(*(values[n] for n in names)) == raw
 

@@ -11,9 +11,10 @@ include/uapi/linux/fuse.h (little-endian, no implicit padding; see libraries.md 
 from __future__ import annotations
 
 import errno
-import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from iosm_cuse.record import Layout
 
 # ------------------------------------------------------------------------------ constants
 
@@ -58,34 +59,8 @@ class Op:
 # ------------------------------------------------------------------------------ layouts
 
 
-class Layout:
-    """A C struct as a table of (field, struct code); packs from and unpacks to dicts."""
-
-    def __init__(self, name: str, fields: tuple[tuple[str, str], ...]) -> None:
-        self.name = name
-        # "x" codes are pad bytes: no value at all; "_" fields are packed as 0, not returned.
-        self._all = tuple(f for f, code in fields if not code.endswith("x"))
-        self.fields = tuple(f for f in self._all if not f.startswith("_"))
-        self._field_set = frozenset(self.fields)
-        self._keep = tuple(i for i, f in enumerate(self._all) if not f.startswith("_"))
-        self.struct = struct.Struct("<" + "".join(code for _, code in fields))
-        self.size = self.struct.size
-
-    def pack(self, **values: int) -> bytes:
-        if not values.keys() <= self._field_set:
-            unknown = set(values) - self._field_set
-            raise TypeError(f"{self.name}: unknown fields {sorted(unknown)}")
-        return self.struct.pack(*[values.get(f, 0) for f in self._all])
-
-    def unpack(self, data: bytes, offset: int = 0) -> dict[str, int]:
-        raw = self.struct.unpack_from(data, offset)
-        if len(self._keep) == len(raw):
-            return dict(zip(self.fields, raw, strict=True))
-        return {f: raw[i] for f, i in zip(self.fields, self._keep, strict=True)}
-
-
 def _layout(name: str, *fields: tuple[str, str]) -> Layout:
-    return Layout(name, fields)
+    return Layout.sequential(name, *fields)
 
 
 # Fields starting with "_" are padding/unused: packed as zero, not returned.

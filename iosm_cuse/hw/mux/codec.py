@@ -1,9 +1,8 @@
 """MUX Lite and MUX Aggregation wire structures (iosm-protocol.md §4), declared once, as data.
 
 Both the host MUX (`hw/mux/host.py`) and the modem model's MUX (`sim/mux.py`) use these tables.
-The record layouts reuse the field-table mechanism of `hw/layout.py`; for the hot path each
-layout is also compiled into one `struct.Struct` whose arguments are the declared fields in
-offset order (reserved bytes are pad and always zero).
+The record layouts are `iosm_cuse.record` tables; for the hot path each layout's `record`
+Struct packs the declared fields in offset order (reserved bytes are pad and always zero).
 
 Every decoder takes untrusted bytes and either returns a value or raises `MuxDecodeError`
 whose `reason` is a short, stable kind (used as a counter name) and whose message says more.
@@ -93,26 +92,15 @@ AGGR_QLTH = Layout("aggr_qlth", 20, [
 LAYOUTS = (ADGH, LITE_CMDH, LITE_TABLE, ACBH, AGGR_CMDH, ADBH, ADTH, ADTH_ENTRY, AGGR_QLTH)
 
 
-def compiled(layout: Layout) -> struct.Struct:
-    """One Struct for the whole record: the declared fields in offset order, gaps as pad."""
-    fmt, pos = "<", 0
-    for f in sorted(layout.fields, key=lambda f: f.offset):
-        if f.bits is not None or f.count != 1 or f.offset < pos:
-            raise ValueError(f"{layout.name}: {f.name} cannot be compiled")
-        fmt += (f"{f.offset - pos}x" if f.offset > pos else "") + f.fmt
-        pos = f.offset + f.size
-    return struct.Struct(fmt + (f"{layout.size - pos}x" if layout.size > pos else ""))
-
-
-ADGH_S = compiled(ADGH)  # signature, length, if_id, ip_hint, service_class, next_count
-LITE_CMDH_S = compiled(LITE_CMDH)  # signature, cmd_len, if_id, command_type, transaction_id
-LITE_TABLE_S = compiled(LITE_TABLE)  # signature, length, if_id, vfl_length, value
-ACBH_S = compiled(ACBH)  # signature, sequence_nr, block_length, first_cmd_index
-AGGR_CMDH_S = compiled(AGGR_CMDH)  # signature, cmd_len, if_id, next, command_type, tid
-ADBH_S = compiled(ADBH)  # signature, sequence_nr, block_length, first_table_index
-ADTH_S = compiled(ADTH)  # signature, table_length, if_id, ip_hint, next_table_index
-ENTRY_S = compiled(ADTH_ENTRY)  # datagram_index, datagram_length, service_class
-AGGR_QLTH_S = compiled(AGGR_QLTH)  # signature, table_length, if_id, next, queue_level
+ADGH_S = ADGH.record  # signature, length, if_id, ip_hint, service_class, next_count
+LITE_CMDH_S = LITE_CMDH.record  # signature, cmd_len, if_id, command_type, transaction_id
+LITE_TABLE_S = LITE_TABLE.record  # signature, length, if_id, vfl_length, value
+ACBH_S = ACBH.record  # signature, sequence_nr, block_length, first_cmd_index
+AGGR_CMDH_S = AGGR_CMDH.record  # signature, cmd_len, if_id, next, command_type, tid
+ADBH_S = ADBH.record  # signature, sequence_nr, block_length, first_table_index
+ADTH_S = ADTH.record  # signature, table_length, if_id, ip_hint, next_table_index
+ENTRY_S = ADTH_ENTRY.record  # datagram_index, datagram_length, service_class
+AGGR_QLTH_S = AGGR_QLTH.record  # signature, table_length, if_id, next, queue_level
 _U32 = struct.Struct("<I")
 
 HEADER = 16  # ADGH, Lite CMDH, ACBH, ADBH, ADTH (without entries)
