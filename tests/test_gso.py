@@ -829,15 +829,7 @@ def test_needs_csum_udp_zero_becomes_ffff(a: Addr) -> None:
 
 # ---- checksum verification must be per segment -------------------------------------------------
 
-SUM_CHECK_BUG = ("gso._run_verifies checks one word sum over the whole run, so errors that "
-                 "cancel across segments (here: two equal-size payloads swapped) pass and the "
-                 "segments are merged, then re-checksummed by the kernel")
-
-
-@pytest.mark.parametrize("a", [
-    pytest.param(A4, marks=pytest.mark.xfail(strict=True, reason=SUM_CHECK_BUG)),
-    A6,
-], ids=["v4", "v6"])
+@pytest.mark.parametrize("a", [A4, A6], ids=["v4", "v6"])
 def test_coalesce_does_not_merge_swapped_payloads(a: Addr) -> None:
     """Two segments that each fail their own checksum (their payloads swapped, as a DMA or
     reordering bug would) must not merge: merged, the stream would be delivered out of order
@@ -853,9 +845,6 @@ def test_coalesce_does_not_merge_swapped_payloads(a: Addr) -> None:
     assert frames == [PLAIN + s for s in bad]
 
 
-@pytest.mark.xfail(strict=True, reason="gso._run_verifies adds the IPv6 headers' words (not "
-                   "covered by the TCP checksum) into the run sum: a wrong checksum offsetting "
-                   "them passes and the segment is merged")
 def test_coalesce_v6_bad_checksum_offsetting_ipv6_header_words() -> None:
     segs = ref_segment(tcp_packet(A6, seq=1000, ack=5, flags=ACK,
                                   payload=random.Random(2).randbytes(2000)), 1000)

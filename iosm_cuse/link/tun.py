@@ -31,6 +31,9 @@ TUNGETIFF = 0x800454D2
 TUNGETDEVNETNS = 0x54E3          # _IO('T', 227), Linux >= 5.2
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 IFF_UP = 0x1
 IFF_RUNNING = 0x40
 IFF_POINTOPOINT = 0x10
@@ -150,14 +153,20 @@ def _ctl_socket(tun_fd: int) -> Iterator[socket.socket]:
 class Tun:
     """A raw-IP (IFF_TUN|IFF_NO_PI), non-persistent TUN device owned by this process."""
 
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int, name: str, offload: bool = False) -> None:
         self.fd = fd
         self._name = name
+        self.offload = offload
 
     @classmethod
-    def create(cls, name: str, *, mtu: int = 1500, txqueuelen: int = 1000) -> Tun:
+    def create(cls, name: str, *, mtu: int = 1500, txqueuelen: int = 1000,
+               offload: bool = False) -> Tun:
         """Create `name` in our namespace; EEXIST if any device of that name exists (TUNSETIFF
-        would otherwise attach to someone else's persistent TUN)."""
+        would otherwise attach to someone else's persistent TUN).
+
+        `offload`: every read and write carries a virtio_net_hdr (IFF_VNET_HDR) and the kernel
+        may hand over and accept TCP super-packets of up to 64 KiB (TSO4/TSO6 with checksum
+        offload); `link/gso.py` turns them into MTU-sized packets and back."""
         try:
             socket.if_nametoindex(name)
         except OSError:
@@ -166,9 +175,11 @@ class Tun:
             raise OSError(errno.EEXIST, f"a device named {name} already exists")
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            req = fcntl.ioctl(fd, TUNSETIFF, bytes(_ifreq(name, struct.pack("H",
-                                                                          IFF_TUN | IFF_NO_PI))))
-            tun = cls(fd, req[:16].rstrip(b"\0").decode())
+            flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+            req = fcntl.ioctl(fd, TUNSETIFF, bytes(_ifreq(name, struct.pack("H", flags))))
+            if offload:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            tun = cls(fd, req[:16].rstrip(b"\0").decode(), offload)
             tun.set_mtu(mtu)
             tun._ioctl(SIOCSIFTXQLEN, struct.pack("i", txqueuelen))
             return tun

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any
 
+from iosm_cuse.link.gso import VNET_HDR_LEN, coalesce, segment
 from iosm_cuse.sim.config import ModemConfig
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,8 @@ class Gateway:
         self.drop_downlink = self.drop_tun_write = 0
         self._logged: set[str] = set()
         self._fd = -1
-        self._buf = bytearray(65536)
+        self._buf = bytearray(VNET_HDR_LEN + 65536)
+        self._pending: list[bytes] = []
         self._view = memoryview(self._buf)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._created_netns = False
@@ -252,11 +254,23 @@ class Gateway:
         if self._fd < 0:
             self._echo(if_id, pkt)
             return
-        try:
-            os.write(self._fd, pkt)
-        except OSError as exc:
-            self.drop_tun_write += 1
-            self._log_once("tunw", "gateway: TUN write failed: %s", exc)
+        # Written once per loop pass, coalesced: the receiving stack then sees one TCP
+        # super-packet per run of segments (GRO), and acknowledges it once.
+        if not self._pending and self._loop is not None:
+            self._loop.call_soon(self._write_pending)
+        self._pending.append(pkt)
+
+    def _write_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        fd = self._fd
+        if fd < 0:
+            return
+        for frame in coalesce(pending):
+            try:
+                os.write(fd, frame)
+            except OSError as exc:
+                self.drop_tun_write += 1
+                self._log_once("tunw", "gateway: TUN write failed: %s", exc)
 
     def _echo(self, if_id: int, pkt: bytes) -> None:
         reply = echo_reply(pkt)
@@ -290,9 +304,7 @@ class Gateway:
         return self._by_v6.get(dst[:8], self._by_v6.get(dst))
 
     def _on_readable(self) -> None:
-        fd, bufs, buf, view = self._fd, [self._buf], self._buf, self._view
-        route_v4, route_v6, downlink = self._by_v4, self._by_v6, self.downlink
-        packets = nbytes = 0
+        fd, bufs, view = self._fd, [self._buf], self._view
         for _ in range(READ_BUDGET):
             try:
                 n = os.readv(fd, bufs)
@@ -301,30 +313,39 @@ class Gateway:
             except OSError as exc:
                 self._log_once("tunr", "gateway: TUN read failed: %s", exc)
                 break
-            # Inline of route(): this runs once per downlink packet.
-            version = buf[0] >> 4 if n else 0
-            if version == 4 and n >= 20:
-                sid = route_v4.get(view[16:20].tobytes())
-            elif version == 6 and n >= 40:
-                sid = route_v6.get(view[24:32].tobytes())
-                if sid is None:
-                    sid = route_v6.get(view[24:40].tobytes())
-            else:
-                sid = None
-            if sid is None:
-                self.drop_no_session += 1
-                self._log_once("ns", "gateway: dropped downlink packets for an address of no "
-                               "connected session")
+            packets = segment(view[:n])
+            if packets is None:
+                self.drop_malformed += 1
+                self._log_once("seg", "gateway: dropped a TUN frame that does not parse")
                 continue
-            if downlink is not None and downlink(sid, view[:n].tobytes()):
-                packets += 1
-                nbytes += n
-            else:
-                self.drop_downlink += 1
-                self._log_once("dl", "gateway: the MUX refused a downlink packet for session "
-                               "%d", sid)
-        self.dl_packets += packets
-        self.dl_bytes += nbytes
+            for pkt in packets:
+                self._route_down(pkt)
+
+    def _route_down(self, pkt: bytes) -> None:
+        """Inline of route(): this runs once per downlink packet."""
+        n = len(pkt)
+        version = pkt[0] >> 4 if n else 0
+        if version == 4 and n >= 20:
+            sid = self._by_v4.get(pkt[16:20])
+        elif version == 6 and n >= 40:
+            sid = self._by_v6.get(pkt[24:32])
+            if sid is None:
+                sid = self._by_v6.get(pkt[24:40])
+        else:
+            sid = None
+        if sid is None:
+            self.drop_no_session += 1
+            self._log_once("ns", "gateway: dropped downlink packets for an address of no "
+                           "connected session")
+            return
+        downlink = self.downlink
+        if downlink is not None and downlink(sid, pkt):
+            self.dl_packets += 1
+            self.dl_bytes += n
+        else:
+            self.drop_downlink += 1
+            self._log_once("dl", "gateway: the MUX refused a downlink packet for session %d",
+                           sid)
 
     # -- the gateway TUN
 
@@ -334,7 +355,7 @@ class Gateway:
         from iosm_cuse.link.tun import Tun
 
         self._loop = asyncio.get_running_loop()
-        tun = Tun.create(self.tun_name, mtu=self.config.mtu, txqueuelen=1000)
+        tun = Tun.create(self.tun_name, mtu=self.config.mtu, txqueuelen=1000, offload=True)
         self._fd = tun.fd
         try:
             await asyncio.to_thread(self._configure)
