@@ -285,100 +285,127 @@ def _same_flow(pkt: bytes, first: bytes, ihl: int, hl: int) -> bool:
 _NO_MERGE = _TCP_SYN | _TCP_FIN | _TCP_RST | _TCP_URG
 
 
+class _Run:
+    """In-order segments of one flow waiting to be merged."""
+
+    __slots__ = ("first", "hl", "ihl", "mss", "next_seq", "packets", "size")
+
+    def __init__(self, pkt: bytes, ihl: int, hl: int, seq: int, plen: int) -> None:
+        self.packets = [pkt]
+        self.first, self.ihl, self.hl, self.mss, self.size = pkt, ihl, hl, plen, plen
+        self.next_seq = (seq + plen) & 0xFFFFFFFF
+
+
 def coalesce(packets: Iterable[bytes]) -> list[bytes]:
-    """Frames (virtio_net_hdr + packet) to write for `packets`, in order: consecutive TCP
-    segments of one flow whose checksums verify become one GSO super-packet; anything else is
-    written as it is."""
-    out: list[bytes] = []
-    run: list[bytes] = []
-    first = b""
-    mss = next_seq = size = run_hl = 0
+    """Frames (virtio_net_hdr + packet) to write for `packets`. Runs of in-order TCP segments
+    of one flow whose checksums verify become one GSO super-packet; anything else is written as
+    it is. Like the kernel's GRO, several flows are coalesced at once (the MUX interleaves the
+    sessions' packets): each flow keeps its order, different flows may pass each other.
+
+    First the output is planned (plain packets, and runs at the place they end), then the
+    checksums of every packet of every run are verified in one numpy pass, then the frames
+    are made."""
+    plan: list[bytes | _Run] = []
+    runs: dict[bytes, _Run] = {}
     for pkt in packets:
         ihl, hl = _tcp_header_end(pkt)
+        if not ihl:
+            plan.append(pkt)
+            continue
+        flow = pkt[8:44] if ihl == 40 else pkt[12:24]      # addresses and ports
+        run = runs.get(flow)
         plen = len(pkt) - hl
-        if not ihl or plen <= 0 or pkt[ihl + 13] & _NO_MERGE:
-            if run:
-                _flush(run, out)
-                run = []
-            out.append(PLAIN + pkt)
+        if plen <= 0 or pkt[ihl + 13] & _NO_MERGE:
+            if run is not None:
+                plan.append(runs.pop(flow))
+            plan.append(pkt)
             continue
         seq = int.from_bytes(pkt[ihl + 4:ihl + 8], "big")
-        if not (run and seq == next_seq and plen <= mss and hl == run_hl and
-                hl + size + plen <= MAX_SUPER and _same_flow(pkt, first, ihl, hl)):
-            if run:
-                _flush(run, out)
-            run, first, mss, size, run_hl = [], pkt, plen, 0, hl
-        run.append(pkt)
-        size += plen
-        next_seq = (seq + plen) & 0xFFFFFFFF
-        if plen < mss or pkt[ihl + 13] & _TCP_PSH:
-            _flush(run, out)            # a short segment or PSH ends a run, as in tcp_gro
-            run = []
-    if run:
-        _flush(run, out)
+        if run is not None and seq == run.next_seq and plen <= run.mss and hl == run.hl and \
+                hl + run.size + plen <= MAX_SUPER and _same_flow(pkt, run.first, ihl, hl):
+            run.packets.append(pkt)
+            run.size += plen
+            run.next_seq = (seq + plen) & 0xFFFFFFFF
+        else:
+            if run is not None:
+                plan.append(runs.pop(flow))
+            run = runs[flow] = _Run(pkt, ihl, hl, seq, plen)
+        if plen < run.mss or pkt[ihl + 13] & _TCP_PSH:
+            plan.append(runs.pop(flow))     # a short segment or PSH ends a run
+    plan.extend(runs.values())
+    return _frames(plan)
+
+
+def _frames(plan: list[bytes | _Run]) -> list[bytes]:
+    merging = [item for item in plan if isinstance(item, _Run) and len(item.packets) > 1]
+    ok = _verify(merging)
+    out: list[bytes] = []
+    at = 0
+    for item in plan:
+        if isinstance(item, bytes):
+            out.append(PLAIN + item)
+            continue
+        pkts = item.packets
+        n = len(pkts)
+        if n > 1:
+            good = ok.index(False, at, at + n) - at if False in ok[at:at + n] else n
+            at += n
+            if good > 1:
+                out.append(_merge(item, good))
+                pkts = pkts[good:]
+        out.extend([PLAIN + p for p in pkts])
     return out
 
 
-def _flush(run: list[bytes], out: list[bytes]) -> None:
-    if len(run) >= 2:
-        ihl, hl = _tcp_header_end(run[0])
-        width = len(run[0])
-        buf = b"".join(run)
-        good = _verified_rows(buf, run, ihl)
-        if good >= 2:
-            # every packet but the last has the first's width: the payloads are the columns
-            # after the headers
-            rows = np.frombuffer(buf, np.uint8, count=(good - 1) * width)
-            body = rows.reshape(good - 1, width)[:, hl:].tobytes() + run[good - 1][hl:]
-            out.append(_merge(run[0], ihl, hl, body, run[good - 1][ihl + 13] & _TCP_PSH,
-                              width - hl))
-            run = run[good:]
-    out.extend([PLAIN + p for p in run])
+def _verify(runs: list[_Run]) -> list[bool]:
+    """For every packet of `runs`, in order: whether its TCP checksum (and IPv4 header checksum)
+    is right. All packets are joined into one buffer (odd ones padded, so each starts on a
+    16-bit word) and summed in one reduceat, split at each packet's start and TCP header. The
+    sums stay in little-endian word order; the pseudo-header sums are brought to it instead
+    (x 256, its own inverse modulo 0xFFFF)."""
+    pieces: list[bytes] = []
+    bounds: list[int] = []
+    pseudo: list[int] = []
+    v4: list[bool] = []
+    at = 0
+    for run in runs:
+        ihl = run.ihl
+        addr = _pseudo_sum(run.first, ihl == 40, 0)
+        for pkt in run.packets:
+            n = len(pkt)
+            bounds += (at, at + ihl // 2)
+            pseudo.append(addr + n - ihl)
+            pieces.append(pkt)
+            if n & 1:
+                pieces.append(b"\0")
+                n += 1
+            at += n // 2
+        v4 += [ihl == 20] * len(run.packets)
+    if not pieces:
+        return []
+    words = np.frombuffer(b"".join(pieces), "<u2")
+    sums = np.add.reduceat(words, np.array(bounds, np.int64), dtype=np.uint32).astype(np.int64)
+    tcp_ok = (sums[1::2] + np.array(pseudo, np.int64) * 256) % 0xFFFF == 0
+    ip_ok = (sums[0::2] % 0xFFFF == 0) | ~np.array(v4, bool)
+    result: list[bool] = (tcp_ok & ip_ok).tolist()
+    return result
 
 
-def _verified_rows(buf: bytes, run: list[bytes], ihl: int) -> int:
-    """`_verified_prefix` of a run, its packets of equal width summed as the rows of one array:
-    each packet's TCP words (and IPv4 header words) separately. The sums stay in little-endian
-    word order; the pseudo-header sum is brought to it instead (x 256, its own inverse modulo
-    0xFFFF)."""
-    width, n = len(run[0]), len(run) - 1
-    if width & 1:
-        return _verified_prefix(run, ihl)
-    words = np.frombuffer(buf, "<u2", count=n * width // 2).reshape(n, width // 2)
-    ip = words[:, :ihl // 2].sum(axis=1, dtype=np.int64)
-    whole = words.sum(axis=1, dtype=np.uint32).astype(np.int64)
-    pseudo_le = _pseudo_sum(run[0], ihl == 40, width - ihl) * 256 % 0xFFFF
-    ok = (whole - ip + pseudo_le) % 0xFFFF == 0
-    if ihl == 20:
-        ok &= ip % 0xFFFF == 0
-    if not ok.all():
-        return int(np.argmin(ok))
-    return n + _verified_prefix(run[n:], ihl)
-
-
-def _verified_prefix(run: list[bytes], ihl: int) -> int:
-    """How many leading segments of `run` carry correct TCP (and IPv4 header) checksums."""
-    v6 = ihl == 40
-    for i, pkt in enumerate(run):
-        total = _pseudo_sum(pkt, v6, len(pkt) - ihl) + word_sum(pkt[ihl:])
-        # a correct checksum makes the whole sum 0xFFFF, i.e. 0 modulo 0xFFFF
-        if total % 0xFFFF or (not v6 and word_sum(pkt[:ihl])):
-            return i
-    return len(run)
-
-
-def _merge(first: bytes, ihl: int, hl: int, body: bytes, psh: int, mss: int) -> bytes:
-    """One super-packet: the first segment's headers (PSH from the last), all the payload; the
-    TCP checksum field holds the pseudo-header sum, as CHECKSUM_PARTIAL wants."""
+def _merge(run: _Run, good: int) -> bytes:
+    """One super-packet of the first `good` segments of `run`: the first one's headers (PSH
+    from the last), all their payload; the TCP checksum field holds the pseudo-header sum, as
+    CHECKSUM_PARTIAL wants."""
+    ihl, hl, first = run.ihl, run.hl, run.first
+    body = b"".join([p[hl:] for p in run.packets[:good]])
     v6 = ihl == 40
     thl = hl - ihl
     hdr = bytearray(first[:hl])
-    hdr[ihl + 13] |= psh
+    hdr[ihl + 13] |= run.packets[good - 1][ihl + 13] & _TCP_PSH
     if v6:
         _H.pack_into(hdr, 4, thl + len(body))
     else:
         _H.pack_into(hdr, 2, hl + len(body))
         _ipv4_header_checksum(hdr, ihl)
     _H.pack_into(hdr, ihl + 16, fold(_pseudo_sum(hdr, v6, thl + len(body))))
-    vnet = VNET.pack(NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, hl, mss, ihl, 16)
+    vnet = VNET.pack(NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, hl, run.mss, ihl, 16)
     return vnet + bytes(hdr) + body
