@@ -164,9 +164,9 @@ class SessionAddresses:
         object.__setattr__(self, "v6_key", v6)
 
 
-COUNTERS = ("ul_packets", "ul_bytes", "dl_packets", "dl_bytes", "echo_replies",
-            "drop_not_connected", "drop_source", "drop_malformed", "drop_not_echo",
-            "drop_no_session", "drop_downlink", "drop_tun_write")
+COUNTERS = ("ul_packets", "ul_bytes", "dl_packets", "dl_bytes", "ul_gso_frames",
+            "dl_gso_frames", "echo_replies", "drop_not_connected", "drop_source",
+            "drop_malformed", "drop_not_echo", "drop_no_session", "drop_downlink", "drop_tun_write")
 
 
 # ---- the gateway ------------------------------------------------------------------------------
@@ -184,6 +184,8 @@ class Gateway:
         self._by_v6: dict[bytes, int] = {}
         # Counters are plain attributes: they are bumped once or twice per packet.
         self.ul_packets = self.ul_bytes = self.dl_packets = self.dl_bytes = 0
+        # TCP super-packets written to (coalesced) and read from (segmented) the gateway TUN
+        self.ul_gso_frames = self.dl_gso_frames = 0
         self.echo_replies = self.drop_not_connected = self.drop_source = 0
         self.drop_malformed = self.drop_not_echo = self.drop_no_session = 0
         self.drop_downlink = self.drop_tun_write = 0
@@ -266,6 +268,7 @@ class Gateway:
         if fd < 0:
             return
         for frame in coalesce(pending):
+            self.ul_gso_frames += frame[1] != 0        # virtio_net_hdr gso_type
             try:
                 os.write(fd, frame)
             except OSError as exc:
@@ -318,6 +321,7 @@ class Gateway:
                 self.drop_malformed += 1
                 self._log_once("seg", "gateway: dropped a TUN frame that does not parse")
                 continue
+            self.dl_gso_frames += len(packets) > 1
             for pkt in packets:
                 self._route_down(pkt)
 

@@ -309,10 +309,12 @@ def _command(model: Any, line: bytes) -> dict[str, Any]:
         getattr(model, op)()
         return {"ok": True}
     if op == "stats":
+        gateway = getattr(model, "gateway", None)
         return {"ok": True, "ul_transfers": model.ul_transfers,
                 "dl_transfers": model.dl_transfers, "dropped_dl": model.dropped_dl,
                 "dl_refused": model.dl_refused,
-                "rejects": dict(model.rejects.counters), "ipc_state": int(model.ipc_state)}
+                "rejects": dict(model.rejects.counters), "ipc_state": int(model.ipc_state),
+                "gateway": gateway.counters if gateway is not None else None}
     return {"ok": False, "error": f"unknown op {op!r}"}
 
 
