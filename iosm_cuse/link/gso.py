@@ -50,6 +50,13 @@ def fold(total: int) -> int:
     return s if s or not total else 0xFFFF
 
 
+def complement(total: int) -> int:
+    """The checksum field for a word sum of data that is not all zeros (TCP, IPv4 headers): the
+    one's complement of its one's-complement sum, 0x0000 (not the equivalent 0xFFFF) when that
+    sum is 0xFFFF, as RFC 1071 and the kernel write it."""
+    return (0xFFFF - total % 0xFFFF) % 0xFFFF
+
+
 def word_sum(data: bytes | bytearray | memoryview) -> int:
     """Sum of the big-endian 16-bit words of `data` (odd length: zero-padded), unfolded but
     reduced modulo 0xFFFF, which keeps the one's-complement value."""
@@ -87,7 +94,7 @@ def _pseudo_sum(pkt: bytes | bytearray | memoryview, v6: bool, length: int) -> i
 
 def _ipv4_header_checksum(hdr: bytearray, ihl: int) -> None:
     hdr[10:12] = b"\0\0"
-    _H.pack_into(hdr, 10, 0xFFFF - fold(word_sum(hdr[:ihl])))
+    _H.pack_into(hdr, 10, complement(word_sum(hdr[:ihl])))
 
 
 class _Tcp:
@@ -148,6 +155,8 @@ def _complete_checksum(pkt: memoryview, start: int, offset: int) -> bytes | None
     if start >= len(pkt) or at + 2 > len(pkt):
         return None
     out = bytearray(pkt)
+    # a sum of 0xFFFF is written 0xFFFF: UDP's "no checksum" zero must not appear (RFC 768),
+    # and for TCP it is the other valid form of the same checksum
     s = 0xFFFF - fold(word_sum(out[start:]))
     _H.pack_into(out, at, s)
     return bytes(out)
@@ -187,7 +196,7 @@ def _split_tcp(pkt: memoryview, mss: int, v6: bool) -> list[bytes] | None:
             _ipv4_header_checksum(hdr, ihl)
         hdr[ihl + 16:ihl + 18] = b"\0\0"
         total = pseudo_addr + thl + n + word_sum(hdr[ihl:hl]) + psum
-        _H.pack_into(hdr, ihl + 16, 0xFFFF - fold(total))
+        _H.pack_into(hdr, ihl + 16, complement(total))
         out.append(bytes(hdr) + payload[off:off + n])
     return out
 
@@ -227,7 +236,7 @@ def _split_tcp_vector(pkt: memoryview, ihl: int, thl: int, mss: int, v6: bool) -
              (seq & 0xFFFF) + flags + payload_sums)
     rows[:, ihl + 4:ihl + 8] = _be(seq, 4)
     rows[:, ihl + 13] = flags
-    rows[:, ihl + 16:ihl + 18] = _be(0xFFFF - total % 0xFFFF, 2)
+    rows[:, ihl + 16:ihl + 18] = _be((0xFFFF - total % 0xFFFF) % 0xFFFF, 2)
     if v6:
         rows[:, 4:6] = _be(thl + lens, 2)
     else:
@@ -238,7 +247,7 @@ def _split_tcp_vector(pkt: memoryview, ihl: int, thl: int, mss: int, v6: bool) -
         ip_total = word_sum(hdr[:ihl]) + hl + lens + ids
         rows[:, 2:4] = _be(hl + lens, 2)
         rows[:, 4:6] = _be(ids, 2)
-        rows[:, 10:12] = _be(0xFFFF - ip_total % 0xFFFF, 2)
+        rows[:, 10:12] = _be((0xFFFF - ip_total % 0xFFFF) % 0xFFFF, 2)
     raw = rows.tobytes()
     return [raw[i * width:i * width + hl + n] for i, n in enumerate(lens.tolist())]
 
@@ -267,15 +276,14 @@ def _tcp_header_end(pkt: bytes) -> tuple[int, int]:
 
 
 def _same_flow(pkt: bytes, first: bytes, ihl: int, hl: int) -> bool:
-    """Whether `pkt` (with the headers of `first`'s lengths) belongs to `first`'s flow as GRO
-    means it: the same addresses and ports, the same IP fields that are not per-packet (v4:
-    TOS, DF, TTL; v6: traffic class, flow label, hop limit), the same ack number and flags
-    apart from PSH, and every TCP option byte equal."""
+    """Whether `pkt`, of `first`'s addresses and ports and header lengths, may merge with it
+    as GRO means it: the same IP fields that are not per-packet (v4: TOS, DF, TTL; v6: traffic
+    class, flow label, hop limit), the same ack number and flags apart from PSH, and every TCP
+    option byte equal."""
     if ihl == 20:
-        if pkt[12:24] != first[12:24] or pkt[1] != first[1] or pkt[6] != first[6] \
-                or pkt[8] != first[8]:
+        if pkt[1] != first[1] or pkt[6] != first[6] or pkt[8] != first[8]:
             return False
-    elif pkt[7:44] != first[7:44] or pkt[0:4] != first[0:4]:
+    elif pkt[7] != first[7] or pkt[0:4] != first[0:4]:
         return False
     return (pkt[ihl + 8:ihl + 13] == first[ihl + 8:ihl + 13] and
             (pkt[ihl + 13] ^ first[ihl + 13]) & ~_TCP_PSH == 0 and
