@@ -170,12 +170,17 @@ class MemChannel:
         return len(self.ul)
 
     def send(self, data: bytes) -> None:
+        self.send_many([data])
+
+    def send_many(self, transfers: list[bytes]) -> None:
         if self.closed:
             raise OSError(errno.ENOTCONN, "closed")
-        if len(data) > self.limit:
-            raise OSError(errno.EMSGSIZE, f"{len(data)} > {self.limit}")
-        self.ul.append(bytes(data))
-        self.ul_sizes.append(len(data))
+        for data in transfers:
+            if len(data) > self.limit:
+                raise OSError(errno.EMSGSIZE, f"{len(data)} > {self.limit}")
+        for data in transfers:
+            self.ul.append(bytes(data))
+            self.ul_sizes.append(len(data))
         self._kick()
 
     def dl_send(self, data: bytes) -> bool:

@@ -115,19 +115,31 @@ class IpcChannel:
 
     def send(self, data: bytes) -> None:
         """Queue one UL transfer (one TD). Raises ChannelError if it cannot be sent."""
+        self.send_many([data])
+
+    def send_many(self, transfers: list[bytes]) -> None:
+        """Queue UL transfers, one TD each, in order: the data path's bursts pay for the
+        channel checks and the doorbell once. Raises ChannelError (nothing queued) if one of
+        them cannot be sent."""
         if self.error is not None:
             raise self.error
         if self.closing or self.closed:
             raise ChannelError(errno.ENOTCONN, f"channel {self.id} is closed")
-        if len(data) > self.cfg.ul_buf_size:
-            raise ChannelError(errno.EMSGSIZE, f"{len(data)} bytes > {self.cfg.ul_buf_size}")
+        limit = self.cfg.ul_buf_size
+        biggest = max(map(len, transfers), default=0)
+        if biggest > limit:
+            raise ChannelError(errno.EMSGSIZE, f"{biggest} bytes > {limit}")
         ul = self.ul
-        if not self.queue and (ul.tail - ul.head - 1) % ul.count:  # a free TD (count-1 rule)
-            ul.push(data)
-        else:
-            self.queue.append(bytes(data))
+        now = 0
+        if not self.queue:                  # free TDs (count-1 rule) take them directly
+            now = min(len(transfers), (ul.tail - ul.head - 1) % ul.count)
+            push = ul.push
+            for i in range(now):
+                push(transfers[i])
+        if now < len(transfers):
+            self.queue.extend([bytes(d) for d in transfers[now:]])
         self._drained.clear()
-        self.sent += 1
+        self.sent += len(transfers)
         if self not in self.engine._ul_bell_channels:
             self.engine._schedule_ul_doorbell(self)
 

@@ -87,6 +87,7 @@ Receiver = Callable[[bytes], None]
 
 class ChannelLike(Protocol):
     def send(self, data: bytes) -> None: ...
+    def send_many(self, transfers: list[bytes]) -> None: ...
     def close(self) -> Awaitable[None]: ...
 
 
@@ -327,18 +328,23 @@ class MuxHost:
     def _send(self, data: bytes, counted: bool = False) -> None:
         """One UL transfer. `counted`: data (ADGH/ADB) that the pending-byte counter tracks;
         commands and queue-level tables take no part in it, as in the kernel."""
+        if counted:
+            self.pending_bytes += len(data)
+        self._send_many([data], [len(data) if counted else 0])
+
+    def _send_many(self, transfers: list[bytes], counted: list[int]) -> None:
+        """UL transfers in order; `counted[i]`: what transfer i adds to the pending-byte
+        counter, already added by the caller (which stops at 110 KiB as it goes)."""
         ch = self._channel
         if ch is None:
             raise MuxError(errno.ENOTCONN, "the MUX channel is not open")
         try:
-            ch.send(data)
+            ch.send_many(transfers)
         except OSError as exc:
             self._channel_failed(str(exc))
             raise MuxError(errno.EIO, f"MUX channel: {exc}") from None
-        n = len(data) if counted else 0
-        self._inflight.append(n)
-        self.pending_bytes += n
-        self.ul_transfers += 1
+        self._inflight.extend(counted)
+        self.ul_transfers += len(transfers)
 
     # ---- uplink
 
@@ -450,7 +456,8 @@ class MuxHost:
     def _drain_lite(self) -> None:
         credit, pack, sig = self.ul_credit, ADGH_S.pack, int(Sig.ADGH)
         sessions = self._ready_in_turn_order()
-        sent = 0
+        out: list[bytes] = []
+        sizes: list[int] = []
         while sessions and not self.global_stop:
             for s in sessions:
                 q, if_id, pad = s.queue, s.if_id, bytes(s.pad)
@@ -463,11 +470,11 @@ class MuxHost:
                             break
                         s.credits -= n
                     pkt = q.popleft()
-                    self._send(pack(sig, HEADER + len(pad) + n, if_id, 0, 0, k) + pad + pkt,
-                               True)
+                    out.append(pack(sig, HEADER + len(pad) + n, if_id, 0, 0, k) + pad + pkt)
+                    sizes.append(HEADER + len(pad) + n)
+                    self.pending_bytes += HEADER + len(pad) + n
                     s.tx_packets += 1
                     s.tx_bytes += n
-                    sent += 1
                     mine += 1
                     if self._over_high():
                         break
@@ -475,7 +482,8 @@ class MuxHost:
                 if self.global_stop:
                     break
             sessions = self._ready_in_turn_order()
-        if sent:
+        if out:
+            self._send_many(out, sizes)
             self._send_qlth()
 
     def _drain_aggr(self) -> None:
