@@ -379,6 +379,9 @@ class _Sink:
     def send(self, data: bytes) -> None:
         self.sent.append(data)
 
+    def send_many(self, transfers: list[bytes]) -> None:
+        self.sent.extend(transfers)
+
     async def close(self) -> None:
         pass
 
