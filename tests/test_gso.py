@@ -29,6 +29,7 @@ from iosm_cuse.link.gso import (
     PLAIN,
     VNET,
     VNET_HDR_LEN,
+    Coalescer,
     coalesce,
     segment,
 )
@@ -347,7 +348,9 @@ def ref_plan(pkts: list[bytes]) -> list[list[int]]:
             run = RefRun(flow, attrs, p.hl, plen, plen, 0, [i])
             pending.append(run)
         run.next_seq = (p.seq + plen) & 0xFFFFFFFF
-        if plen < run.mss or p.flags & PSH:
+        # a short segment or PSH ends a run, and so does a run with no room for another
+        # segment of its size
+        if plen < run.mss or p.flags & PSH or p.hl + run.size + run.mss > MAX_IP:
             end(run)
     while pending:
         end(pending[0])
@@ -1255,3 +1258,39 @@ def test_coalesce_v6_bad_checksum_offsetting_ipv6_header_words() -> None:
     bad = [segs[0], bytes(b)]
     assert [tcp_verifies(s) for s in bad] == [True, False]
     assert coalesce(bad) == [PLAIN + s for s in bad]
+
+
+# ---- the Coalescer across pushes (the gateway's writer) -------------------------------------
+
+
+def test_coalescer_holds_open_runs_across_pushes_and_flush_returns_them() -> None:
+    """A run still open at the end of a push is held, not written; the next push continues it;
+    flush() writes what is left. The result equals coalesce() over the whole input."""
+    rng = random.Random(11)
+    a = ref_segment(tcp_packet(A4, seq=1, flags=ACK, payload=rng.randbytes(8000)), 1000)
+    b = ref_segment(tcp_packet(A6, seq=7, flags=ACK, payload=rng.randbytes(8000)), 1000)
+    gro = Coalescer()
+    assert gro.push(a[:3] + b[:3]) == []
+    assert gro.held == 6
+    assert gro.push(a[3:6] + b[3:6]) == []
+    assert gro.push(a[6:] + b[6:]) == []      # 8 full segments each, no PSH: still open
+    assert gro.held == len(a) + len(b) == 16
+    frames = gro.flush()
+    assert gro.held == 0
+    assert frames == coalesce(a + b)
+    assert [expand([f]) for f in frames] == [a, b]
+
+
+def test_coalescer_writes_a_run_at_once_when_psh_or_full_ends_it() -> None:
+    rng = random.Random(12)
+    psh = ref_segment(tcp_packet(A4, seq=1, flags=ACK | PSH, payload=rng.randbytes(5000)), 1000)
+    gro = Coalescer()
+    out = gro.push(psh)
+    assert gro.held == 0 and len(out) == 1 and expand(out) == psh
+    # 1000-byte segments: 65 fit under 65535 bytes with the 40 bytes of headers; the 65th
+    # leaves no room for another, so the run is written without waiting for a flush
+    full = ref_segment(tcp_packet(A4, seq=1, flags=ACK, payload=rng.randbytes(64000)), 1000)
+    full += ref_segment(tcp_packet(A4, seq=64001, ident=64, flags=ACK,
+                                   payload=rng.randbytes(6000)), 1000)
+    out = gro.push(full[:65])
+    assert len(out) == 1 and gro.held == 0 and expand(out) == full[:65]

@@ -305,43 +305,72 @@ class _Run:
 
 
 def coalesce(packets: Iterable[bytes]) -> list[bytes]:
-    """Frames (virtio_net_hdr + packet) to write for `packets`. Runs of in-order TCP segments
-    of one flow whose checksums verify become one GSO super-packet; anything else is written as
-    it is. Like the kernel's GRO, several flows are coalesced at once (the MUX interleaves the
-    sessions' packets): each flow keeps its order, different flows may pass each other.
+    """Frames (virtio_net_hdr + packet) to write for `packets`: a `Coalescer` fed once and
+    emptied (see there)."""
+    gro = Coalescer()
+    return gro.push(packets) + gro.flush()
 
-    First the output is planned (plain packets, and runs at the place they end), then the
-    checksums of every packet of every run are verified in one numpy pass, then the frames
-    are made."""
-    plan: list[bytes | _Run] = []
-    runs: dict[bytes, _Run] = {}
-    for pkt in packets:
-        ihl, hl = _tcp_header_end(pkt)
-        if not ihl:
-            plan.append(pkt)
-            continue
-        flow = pkt[8:44] if ihl == 40 else pkt[12:24]      # addresses and ports
-        run = runs.get(flow)
-        plen = len(pkt) - hl
-        if plen <= 0 or pkt[ihl + 13] & _NO_MERGE:
-            if run is not None:
-                plan.append(runs.pop(flow))
-            plan.append(pkt)
-            continue
-        seq = int.from_bytes(pkt[ihl + 4:ihl + 8], "big")
-        if run is not None and seq == run.next_seq and plen <= run.mss and hl == run.hl and \
-                hl + run.size + plen <= MAX_SUPER and _same_flow(pkt, run.first, ihl, hl):
-            run.packets.append(pkt)
-            run.size += plen
-            run.next_seq = (seq + plen) & 0xFFFFFFFF
-        else:
-            if run is not None:
-                plan.append(runs.pop(flow))
-            run = runs[flow] = _Run(pkt, ihl, hl, seq, plen)
-        if plen < run.mss or pkt[ihl + 13] & _TCP_PSH:
-            plan.append(runs.pop(flow))     # a short segment or PSH ends a run
-    plan.extend(runs.values())
-    return _frames(plan)
+
+class Coalescer:
+    """GRO for TUN writes. Runs of in-order TCP segments of one flow whose checksums verify
+    become one GSO super-packet; anything else is written as it is. Like the kernel's GRO,
+    several flows are coalesced at once (the MUX interleaves the sessions' packets): each flow
+    keeps its order, different flows may pass each other.
+
+    `push(packets)` returns the frames ready now: packets that cannot merge, and runs that
+    ended (a short segment, PSH, a segment that does not continue the run, or no room for
+    another segment under 64 KiB). Runs still open are held for the next push, so a run can
+    grow across the writer's batches (as the kernel's gro_flush_timeout lets it across NAPI
+    polls); `flush()` returns them, in the order they started. The writer bounds how long.
+
+    Each batch is planned first (plain packets, and runs at the place they end), then the
+    checksums of every packet of every ended run are verified in one numpy pass, then the
+    frames are made."""
+
+    def __init__(self) -> None:
+        self._runs: dict[bytes, _Run] = {}     # open runs by flow (addresses and ports)
+
+    @property
+    def held(self) -> int:
+        """Packets in open runs."""
+        return sum(len(run.packets) for run in self._runs.values())
+
+    def flush(self) -> list[bytes]:
+        plan: list[bytes | _Run] = list(self._runs.values())
+        self._runs.clear()
+        return _frames(plan)
+
+    def push(self, packets: Iterable[bytes]) -> list[bytes]:
+        plan: list[bytes | _Run] = []
+        runs = self._runs
+        for pkt in packets:
+            ihl, hl = _tcp_header_end(pkt)
+            if not ihl:
+                plan.append(pkt)
+                continue
+            flow = pkt[8:44] if ihl == 40 else pkt[12:24]
+            run = runs.get(flow)
+            plen = len(pkt) - hl
+            if plen <= 0 or pkt[ihl + 13] & _NO_MERGE:
+                if run is not None:
+                    plan.append(runs.pop(flow))
+                plan.append(pkt)
+                continue
+            seq = int.from_bytes(pkt[ihl + 4:ihl + 8], "big")
+            if run is not None and seq == run.next_seq and plen <= run.mss and \
+                    hl == run.hl and hl + run.size + plen <= MAX_SUPER and \
+                    _same_flow(pkt, run.first, ihl, hl):
+                run.packets.append(pkt)
+                run.size += plen
+                run.next_seq = (seq + plen) & 0xFFFFFFFF
+            else:
+                if run is not None:
+                    plan.append(runs.pop(flow))
+                run = runs[flow] = _Run(pkt, ihl, hl, seq, plen)
+            if plen < run.mss or pkt[ihl + 13] & _TCP_PSH or \
+                    hl + run.size + run.mss > MAX_SUPER:
+                plan.append(runs.pop(flow))     # the run cannot grow any more
+        return _frames(plan)
 
 
 def _frames(plan: list[bytes | _Run]) -> list[bytes]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any
 
-from iosm_cuse.link.gso import VNET_HDR_LEN, coalesce, segment
+from iosm_cuse.link.gso import VNET_HDR_LEN, Coalescer, segment
 from iosm_cuse.sim.config import ModemConfig
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY = 128, 129
 REPLY_HOP_LIMIT = 64
 READ_BUDGET = 256
 DEFAULT_TUN_NAME = "iosmgw0"
+GRO_FLUSH_AFTER = 0.001   # s an open TCP run may wait for more segments (gro_flush_timeout)
 
 # ---- pure packet functions --------------------------------------------------------------------
 
@@ -193,6 +194,8 @@ class Gateway:
         self._fd = -1
         self._buf = bytearray(VNET_HDR_LEN + 65536)
         self._pending: list[bytes] = []
+        self._gro = Coalescer()
+        self._gro_timer: asyncio.TimerHandle | None = None
         self._view = memoryview(self._buf)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._created_netns = False
@@ -264,10 +267,22 @@ class Gateway:
 
     def _write_pending(self) -> None:
         pending, self._pending = self._pending, []
-        fd = self._fd
-        if fd < 0:
+        if self._fd < 0:
             return
-        for frame in coalesce(pending):
+        self._write(self._gro.push(pending))
+        # Runs still open wait for more segments, a bounded time: with 8 sessions the MUX
+        # interleaves them, and runs cut at every pass would be ~10 segments, each acked.
+        if self._gro.held and self._gro_timer is None and self._loop is not None:
+            self._gro_timer = self._loop.call_later(GRO_FLUSH_AFTER, self._flush_gro)
+
+    def _flush_gro(self) -> None:
+        self._gro_timer = None
+        if self._fd >= 0:
+            self._write(self._gro.flush())
+
+    def _write(self, frames: list[bytes]) -> None:
+        fd = self._fd
+        for frame in frames:
             self.ul_gso_frames += frame[1] != 0        # virtio_net_hdr gso_type
             try:
                 os.write(fd, frame)
@@ -405,6 +420,9 @@ class Gateway:
             self._created_netns = False
 
     def _close_fd(self) -> None:
+        if self._gro_timer is not None:
+            self._gro_timer.cancel()
+            self._gro_timer = None
         if self._fd >= 0:
             if self._loop is not None:
                 with contextlib.suppress(ValueError, OSError):
