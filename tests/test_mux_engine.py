@@ -158,9 +158,10 @@ def test_two_processes_8_sessions_10k_each_way_and_flow_control(mode: MuxMode) -
 
             # flow control asserted by the model stops session 3's uplink, and releases it
             h.control("FLOW 3 1")
-            await until(lambda: h.flow.stopped[3], 5, "on_flow(3, stopped)")
+            await until(lambda: mux.status()["sessions"][3]["device_flow_ctl"] == 1, 5,
+                        "FLOW_CTL taken")
             ok = sum(mux.transmit(3, packet(UP, 3, N + i)) for i in range(QUEUE_LIMIT_FC + 10))
-            assert ok == QUEUE_LIMIT_FC
+            assert ok == QUEUE_LIMIT_FC and h.flow.stopped[3]   # the link stops when full
             assert mux.status()["sessions"][3]["tx_dropped_queue_full"] == 10
             for i in range(50):  # session 4 is not held up
                 assert mux.transmit(4, packet(UP, 4, N + i))

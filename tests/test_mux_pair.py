@@ -292,12 +292,16 @@ def test_device_flow_control_stops_the_uplink_and_releases_it(mode: MuxMode) -> 
         p = Pair(mode)
         await p.open_all()
         assert p.dev.assert_flow_control(3, True)
-        await until(lambda: p.flow.stopped[3], 2, "on_flow(3, stopped)")
+        await until(lambda: p.mux.status()["sessions"][3]["device_flow_ctl"] == 1, 2,
+                    "FLOW_CTL taken")
         assert p.dev.counters["flow_ctl_acks"] == 1
-        assert not any(p.flow.stopped[i] for i in SESSIONS if i != 3)
-        # session 3 queues up to the flow-controlled limit, then drops (counted)
+        # as the kernel's netdev queue: the link goes on queueing up to the flow-controlled
+        # limit, and is stopped when that is full; beyond it packets are dropped (counted)
+        assert not any(p.flow.stopped)
         accepted = sum(p.mux.transmit(3, packet(UP, 3, i)) for i in range(QUEUE_LIMIT_FC + 10))
         assert accepted == QUEUE_LIMIT_FC
+        assert p.flow.stopped[3]
+        assert not any(p.flow.stopped[i] for i in SESSIONS if i != 3)
         # the other sessions are not blocked
         for i in range(50):
             assert p.mux.transmit(4, packet(UP, 4, i))
@@ -332,13 +336,14 @@ def test_pending_bytes_stop_every_session_and_restart_below_10k(mode: MuxMode) -
                 seq[i] += 1
             await asyncio.sleep(0)
         assert p.mux.pending_bytes >= UL_HIGH
-        assert all(p.flow.stopped[i] for i in SESSIONS)  # every session, not only 1 and 2
-        # while stopped: the queue limit is 64, beyond that packets are dropped and counted
+        # while stopped, every session (not only 1 and 2) has the queue limit 64: its link is
+        # stopped when that is full, and packets beyond it are dropped and counted
+        assert not p.flow.stopped[5]
         n_ok = 0
         while p.mux.transmit(5, packet(UP, 5, seq[5])):
             seq[5] += 1
             n_ok += 1
-        assert n_ok == QUEUE_LIMIT_FC
+        assert n_ok == QUEUE_LIMIT_FC and p.flow.stopped[5]
         assert p.mux.status()["sessions"][5]["tx_dropped_queue_full"] == 1
         await asyncio.sleep(0.02)
         assert p.mux.global_stop and p.up.total == 0
@@ -598,7 +603,7 @@ def test_flow_ctl_mask_decides_as_in_the_kernel(mode: MuxMode) -> None:
             await until(lambda: len(acks) == 1, 2, f"the ACK of step {n}")
             ack = decode_lite_cmd(acks[0]) if mode is MuxMode.LITE else decode_acb(acks[0])[0]
             assert (ack.code, ack.transaction_id, ack.if_id) == (c.flow_ctl_ack, 100 + n, 3)
-            assert p.flow.stopped[3] is stopped, f"step {n}"
+            assert p.mux.status()["sessions"][3]["device_flow_ctl"] == stopped, f"step {n}"
         assert p.mux.rejects.counters == {"flow_ctl_mask": 1}
 
     run(main())

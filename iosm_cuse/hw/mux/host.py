@@ -125,6 +125,7 @@ class _Session:
                 "tx_dropped_too_big": self.drop_too_big,
                 "tx_dropped_closed": self.drop_closed,
                 "flow_ctl_on": self.flow_on, "flow_ctl_off": self.flow_off,
+                "device_flow_ctl": int(self.device_stop),
                 "queued": len(self.queue), "credits": self.credits}
 
 
@@ -555,10 +556,11 @@ class MuxHost:
                 self._update_flow(s)
 
     def _update_flow(self, s: _Session) -> None:
-        # stopped: flow control (device or pending bytes), or a full queue (which is all that
-        # lack of credit leads to, as in the kernel)
+        # The link stops when its queue is full, as the kernel stops the netdev queue: 256
+        # packets, 64 while flow control (the device's, or 110 KiB pending) holds the session.
+        # Until then it keeps queueing, so the uplink goes on at once when flow control ends.
         stopped = s.device_stop or self.global_stop
-        want = stopped or len(s.queue) >= (QUEUE_LIMIT_FC if stopped else QUEUE_LIMIT)
+        want = len(s.queue) >= (QUEUE_LIMIT_FC if stopped else QUEUE_LIMIT)
         if want is not s.reported:
             s.reported = want
             cb = self.on_flow
