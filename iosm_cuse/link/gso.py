@@ -396,34 +396,44 @@ def _frames(plan: list[bytes | _Run]) -> list[bytes]:
 
 def _verify(runs: list[_Run]) -> list[bool]:
     """For every packet of `runs`, in order: whether its TCP checksum (and IPv4 header checksum)
-    is right. All packets are joined into one buffer (odd ones padded, so each starts on a
-    16-bit word) and summed in one reduceat, split at each packet's start and TCP header. The
+    is right. All packets are joined into one buffer and summed in one reduceat, split at each
+    packet's start and TCP header. Every packet of a run but the last has the first's width,
+    so a run's split points are one range (an odd width pads every packet to a word). The
     sums stay in little-endian word order; the pseudo-header sums are brought to it instead
     (x 256, its own inverse modulo 0xFFFF)."""
     pieces: list[bytes] = []
-    bounds: list[int] = []
+    starts: list[int] = []
+    halves: list[int] = []          # IP header length in words, per packet
     pseudo: list[int] = []
-    v4: list[bool] = []
     at = 0
     for run in runs:
-        ihl = run.ihl
+        pkts, ihl = run.packets, run.ihl
+        k, width, last = len(pkts), len(pkts[0]), len(pkts[-1])
+        if width & 1:
+            for p in pkts[:-1]:
+                pieces += (p, b"\0")
+            pieces.append(pkts[-1])
+            width += 1
+        else:
+            pieces += pkts
+        if last & 1:
+            pieces.append(b"\0")
+        starts += range(at, at + k * (width // 2), width // 2)
+        halves += [ihl // 2] * k
         addr = _pseudo_sum(run.first, ihl == 40, 0)
-        for pkt in run.packets:
-            n = len(pkt)
-            bounds += (at, at + ihl // 2)
-            pseudo.append(addr + n - ihl)
-            pieces.append(pkt)
-            if n & 1:
-                pieces.append(b"\0")
-                n += 1
-            at += n // 2
-        v4 += [ihl == 20] * len(run.packets)
-    if not pieces:
+        pseudo += [addr + len(pkts[0]) - ihl] * (k - 1)
+        pseudo.append(addr + last - ihl)
+        at += (k - 1) * (width // 2) + (last + 1) // 2
+    if not starts:
         return []
+    first = np.array(starts, np.int64)
+    header = np.array(halves, np.int64)
+    bounds = np.empty(2 * len(starts), np.int64)
+    bounds[0::2], bounds[1::2] = first, first + header
     words = np.frombuffer(b"".join(pieces), "<u2")
-    sums = np.add.reduceat(words, np.array(bounds, np.int64), dtype=np.uint32).astype(np.int64)
+    sums = np.add.reduceat(words, bounds, dtype=np.uint32).astype(np.int64)
     tcp_ok = (sums[1::2] + np.array(pseudo, np.int64) * 256) % 0xFFFF == 0
-    ip_ok = (sums[0::2] % 0xFFFF == 0) | ~np.array(v4, bool)
+    ip_ok = (sums[0::2] % 0xFFFF == 0) | (header == 20)
     result: list[bool] = (tcp_ok & ip_ok).tolist()
     return result
 
