@@ -10,7 +10,9 @@ Figures (iperf3 TCP, one stream unless said otherwise, client netns -> server ne
                memory -> modem model process (device MUX -> gateway) -> gateway TUN. The
                daemon side runs in a child process (its RSS is the daemon figure).
 - loopback:    the same without MUX and engine (LoopbackMux): the link layer and gateway alone.
-- eight_sessions: 8 parallel iperf3 clients, one per link wwan-0..7, aggregate and spread.
+- eight_sessions: 8 parallel iperf3 clients, one per link wwan-0..7, aggregate and spread,
+               in every round (the round with the median aggregate is reported; "one" is
+               the median single Lite stream).
 
 Every namespace and device is created here and removed at the end. Traffic stays inside them.
 """
@@ -361,14 +363,17 @@ def main() -> None:
     # machine the load changes from one minute to the next, and ratios of runs made minutes
     # apart would measure that instead.
     runs: dict[str, list[Any]] = {"veth": [], "fwd": [], "lite": [], "aggr": [], "loop": []}
-    for r in range(args.rounds):
+    for _ in range(args.rounds):
         runs["veth"].append(bench_veth(t))
         runs["fwd"].append(bench_forwarder(t))
-        runs["lite"].append(bench_datapath("lite", t, eight=(r == 0)))
+        runs["lite"].append(bench_datapath("lite", t, eight=True))
         runs["aggr"].append(bench_datapath("aggregation", t, eight=False))
         runs["loop"].append(bench_datapath("loopback", t, eight=False))
     veth, fwd = statistics.median(runs["veth"]), statistics.median(runs["fwd"])
-    lite = dict(runs["lite"][0], gbps=statistics.median(x["gbps"] for x in runs["lite"]))
+    # the 8-session figures of the round whose aggregate is the median one (RSS: that round's)
+    by_eight = sorted(runs["lite"], key=lambda x: sum(x["eight"]))
+    lite = dict(by_eight[len(by_eight) // 2],
+                gbps=statistics.median(x["gbps"] for x in runs["lite"]))
     aggr = {"gbps": statistics.median(x["gbps"] for x in runs["aggr"])}
     loop = {"gbps": statistics.median(x["gbps"] for x in runs["loop"])}
     eight = lite["eight"]
@@ -395,6 +400,7 @@ def main() -> None:
         "rounds": args.rounds,
         "forwarder_runs_gbps": [round(x, 3) for x in runs["fwd"]],
         "lite_runs_gbps": [round(x["gbps"], 3) for x in runs["lite"]],
+        "eight_sessions_runs_gbps": [round(sum(x["eight"]), 3) for x in runs["lite"]],
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
     }
     if args.json:
@@ -408,7 +414,7 @@ def main() -> None:
     print(f"wwan-1 loopback MUX          {loop['gbps']:7.3f} Gbit/s   "
           f"{loop['gbps'] / fwd:6.1%} of the forwarder (link layer + gateway only)")
     print(f"8 sessions at once (Lite)    {sum(eight):7.3f} Gbit/s   {res['eight_vs_one']:.2f}x "
-          f"one; spread {res['eight_sessions_spread']:.0%} (target <= 10 %)")
+          f"one (target >= 1x); spread {res['eight_sessions_spread']:.0%} (target <= 10 %)")
     print(f"  each (iperf)               {' '.join(f'{x:.3f}' for x in eight)}")
     mux_each = res["eight_sessions_mux_each_gbps"]
     print(f"  each (host MUX tx counters) {' '.join(f'{x:.3f}' for x in mux_each)}; spread "
