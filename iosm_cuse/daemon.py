@@ -572,8 +572,8 @@ def gateway_statistics(c: dict[str, int]) -> Any:
         in_discards=c["drop_downlink"] + c["drop_no_session"],
         in_octets=c["dl_bytes"], in_packets=c["dl_packets"],
         out_octets=c["ul_bytes"], out_packets=c["ul_packets"], out_errors=c["drop_malformed"],
-        out_discards=c["drop_not_connected"] + c["drop_source"] + c["drop_not_echo"]
-        + c["drop_tun_write"])
+        out_discards=c["drop_not_connected"] + c["drop_source"] + c["drop_link_local"]
+        + c["drop_not_echo"] + c["drop_tun_write"])
 
 
 def _log_gateway_failure(task: asyncio.Task[None]) -> None:

@@ -107,6 +107,7 @@ def test_any_address_in_the_sessions_v6_prefix_is_its_own() -> None:
     (ip4("10.99.1.2", "10.99.1.1", b"udp-payload", proto=17), "drop_not_echo"),
     (ip4("10.99.2.2", "10.99.1.1", icmp4_echo(1, 1, b"x")), "drop_source"),
     (ip6_echo("fd99:3::2", "fd99:1::1", 1, 1, b""), "drop_source"),
+    (ip6_echo("fe80::2", "ff02::2", 1, 1, b""), "drop_link_local"),
     (ip6_echo("fd99:1::2", "fd99:1::1", 1, 1, b"", kind=129), "drop_not_echo"),
     (b"\x45" + bytes(10), "drop_malformed"),
     (b"\x00" * 40, "drop_malformed"),

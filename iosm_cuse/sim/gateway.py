@@ -167,6 +167,7 @@ class SessionAddresses:
 
 COUNTERS = ("ul_packets", "ul_bytes", "dl_packets", "dl_bytes", "ul_gso_frames",
             "dl_gso_frames", "echo_replies", "drop_not_connected", "drop_source",
+            "drop_link_local",
             "drop_malformed", "drop_not_echo", "drop_no_session", "drop_downlink", "drop_tun_write")
 
 
@@ -188,6 +189,7 @@ class Gateway:
         # TCP super-packets written to (coalesced) and read from (segmented) the gateway TUN
         self.ul_gso_frames = self.dl_gso_frames = 0
         self.echo_replies = self.drop_not_connected = self.drop_source = 0
+        self.drop_link_local = 0
         self.drop_malformed = self.drop_not_echo = self.drop_no_session = 0
         self.drop_downlink = self.drop_tun_write = 0
         self._logged: set[str] = set()
@@ -250,9 +252,7 @@ class Gateway:
             self._log_once("mal", "gateway: dropped a malformed packet from session %d", if_id)
             return
         if not ok:
-            self.drop_source += 1
-            self._log_once(f"src{if_id}", "gateway: dropped packets of session %d with a source "
-                           "address not the session's", if_id)
+            self._drop_source(if_id, pkt)
             return
         self.ul_packets += 1
         self.ul_bytes += n
@@ -289,6 +289,19 @@ class Gateway:
             except OSError as exc:
                 self.drop_tun_write += 1
                 self._log_once("tunw", "gateway: TUN write failed: %s", exc)
+
+    def _drop_source(self, if_id: int, pkt: bytes) -> None:
+        """A packet whose source is not the session's. IPv6 link-local ones (router and
+        neighbour solicitations, MLD reports of a link with IPv6 on) are counted apart: the
+        model's network sends no router advertisements, and they are no spoofing."""
+        if pkt[0] >> 4 == 6 and pkt[8] == 0xFE and pkt[9] & 0xC0 == 0x80:
+            self.drop_link_local += 1
+            self._log_once(f"ll{if_id}", "gateway: dropped IPv6 link-local packets of session "
+                           "%d (the model sends no router advertisements)", if_id)
+            return
+        self.drop_source += 1
+        self._log_once(f"src{if_id}", "gateway: dropped packets of session %d with a source "
+                       "address not the session's", if_id)
 
     def _echo(self, if_id: int, pkt: bytes) -> None:
         reply = echo_reply(pkt)
