@@ -14,23 +14,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import selectors
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import guest_up
 import pytest
+from guest_up import IOSM_CUSE, STEP_TIMEOUT
 
 pytestmark = pytest.mark.kernel
 
-IOSM_CUSE = str(Path(sys.executable).parent / "iosm-cuse")
 PORT = "/dev/wwan0mbim0"
-STEP_TIMEOUT = 120
 SECONDS = 5
 
 
@@ -52,16 +48,6 @@ class Connected:
     gateway: str
 
 
-def _wait_ready(proc: subprocess.Popen[str]) -> None:
-    assert proc.stdout is not None and proc.stderr is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    if not sel.select(STEP_TIMEOUT):
-        pytest.fail("no ready line from iosm-cuse up")
-    line = proc.stdout.readline()
-    assert f"MBIM port {PORT} (cuse)" in line, line + proc.stderr.read()
-
-
 def _wait_for(check: Any, what: str) -> None:
     deadline = time.monotonic() + STEP_TIMEOUT
     while not check():
@@ -79,12 +65,11 @@ def connected() -> Iterator[Connected]:
     _ok("ip", "netns", "add", client)
     # nsenter switches the network namespace only: the gateway namespace the model creates
     # must stay visible under /run/netns
-    proc = subprocess.Popen(
-        ["nsenter", f"--net=/run/netns/{client}", IOSM_CUSE, "up", "--device", "sim",
-         "--transport", "cuse", "--gateway", f"netns:{gw_ns}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc: subprocess.Popen[str] | None = None
     try:
-        _wait_ready(proc)
+        proc = guest_up.start("--device", "sim", "--transport", "cuse", "--gateway",
+                              f"netns:{gw_ns}", ready=f"MBIM port {PORT} (cuse)",
+                              prefix=("nsenter", f"--net=/run/netns/{client}"))
         mbim = ("mbimcli", "-d", PORT)
         _ok(*mbim, "--attach-packet-service")
         con = _ok(*mbim, "--connect=session-id=0,access-string=internet,ip-type=ipv4")
@@ -100,13 +85,8 @@ def connected() -> Iterator[Connected]:
                   "the gateway TUN and its addresses")
         yield Connected(proc, client, gw_ns, gw.group(1))
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STEP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            guest_up.stop(proc)
         subprocess.run(["ip", "netns", "del", client], check=False)
         subprocess.run(["ip", "netns", "del", gw_ns], check=False, capture_output=True)
 

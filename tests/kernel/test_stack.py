@@ -9,25 +9,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import selectors
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import guest_up
 import mbimcli_scenario
 import pytest
+from guest_up import IOSM_CUSE, STEP_TIMEOUT
 
 from iosm_cuse.sim.config import ModemConfig
 
 pytestmark = pytest.mark.kernel
 
-IOSM_CUSE = str(Path(sys.executable).parent / "iosm-cuse")
 PORT = "/dev/wwan0mbim0"
-# Generous: everything is slow under TCG, and a hung step must still end the test.
-STEP_TIMEOUT = 120
 
 
 def _run(*argv: str, timeout: float = STEP_TIMEOUT) -> subprocess.CompletedProcess[str]:
@@ -39,25 +36,12 @@ def stack() -> Iterator[subprocess.Popen[str]]:
     subprocess.run(["modprobe", "-q", "cuse"], check=False)
     subprocess.run(["modprobe", "-q", "tun"], check=False)
     assert os.path.exists("/dev/cuse"), "no /dev/cuse after modprobe cuse"
-    proc = subprocess.Popen([IOSM_CUSE, "up", "--device", "sim", "--transport", "cuse"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = guest_up.start("--device", "sim", "--transport", "cuse",
+                          ready=f"MBIM port {PORT} (cuse)")
     try:
-        assert proc.stdout is not None and proc.stderr is not None
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(STEP_TIMEOUT):
-            pytest.fail("no ready line from iosm-cuse up")
-        line = proc.stdout.readline()
-        assert f"MBIM port {PORT} (cuse)" in line, line + proc.stderr.read()
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STEP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        guest_up.stop(proc)
 
 
 def test_device_caps_through_cuse(stack: subprocess.Popen[str]) -> None:
@@ -111,14 +95,9 @@ def test_sigterm_removes_the_device(stack: subprocess.Popen[str]) -> None:
 def test_a_dead_cuse_connection_stops_the_daemon_with_status_1() -> None:
     """Aborting the CUSE connection (the device's sysfs `abort`, fs/fuse/cuse.c) leaves no port:
     the daemon says so and exits 1 for systemd to restart it, instead of running on."""
-    proc = subprocess.Popen([IOSM_CUSE, "up", "--device", "sim", "--transport", "cuse"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = guest_up.start("--device", "sim", "--transport", "cuse",
+                          ready=f"MBIM port {PORT} (cuse)")
     try:
-        assert proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        assert sel.select(STEP_TIMEOUT), "no ready line from iosm-cuse up"
-        assert f"MBIM port {PORT} (cuse)" in proc.stdout.readline()
         Path("/sys/class/cuse", Path(PORT).name, "abort").write_text("1")
         assert proc.wait(STEP_TIMEOUT) == 1
         err = proc.stderr.read() if proc.stderr else ""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -17,11 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import guest_up
 import pytest
+from guest_up import IOSM_CUSE
 
 pytestmark = pytest.mark.kernel
 
-IOSM_CUSE = str(Path(sys.executable).parent / "iosm-cuse")
 PORT_NAME = "wwan1mbim0"  # test_stack.py owns wwan0mbim0
 STEP = 120  # seconds; everything is slow under TCG
 
@@ -73,18 +73,10 @@ def test_engine_over_ivshmem_against_the_model_on_the_host(
 def test_up_over_uio_with_the_model_on_the_host(ivshmem: Any,
                                                host_process: Callable[[list[str]], str]) -> None:
     host_process([IOSM_CUSE, "modem", "--shm", ivshmem.host_path])
-    up = subprocess.Popen([IOSM_CUSE, "up", "--device", f"uio:{ivshmem.bdf}", "--transport",
-                           "cuse", "--port-name", PORT_NAME],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    up = guest_up.start("--device", f"uio:{ivshmem.bdf}", "--transport", "cuse",
+                        "--port-name", PORT_NAME,
+                        ready=(f"MBIM port /dev/{PORT_NAME} (cuse)", "ivshmem test device"))
     try:
-        assert up.stdout is not None and up.stderr is not None
-        sel = selectors.DefaultSelector()
-        sel.register(up.stdout, selectors.EVENT_READ)
-        if not sel.select(STEP):
-            pytest.fail("no ready line from iosm-cuse up --device uio:...")
-        line = up.stdout.readline()
-        assert f"MBIM port /dev/{PORT_NAME} (cuse)" in line, line + up.stderr.read()
-        assert "ivshmem test device" in line
         res = subprocess.run(["mbimcli", "-d", f"/dev/{PORT_NAME}", "--query-device-caps"],
                              capture_output=True, text=True, timeout=STEP, check=False)
         assert res.returncode == 0, res.stderr
