@@ -33,6 +33,7 @@ from iosm_cuse.link.gso import (
     coalesce,
     segment,
 )
+from iosm_cuse.link.gso import checksum as gso_checksum
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 1, 2, 4, 8, 16, 32, 64, 128
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
@@ -1294,3 +1295,16 @@ def test_coalescer_writes_a_run_at_once_when_psh_or_full_ends_it() -> None:
                                    payload=rng.randbytes(6000)), 1000)
     out = gro.push(full[:65])
     assert len(out) == 1 and gro.held == 0 and expand(out) == full[:65]
+
+
+# ---- the Internet checksum the gateway's echo replies use -----------------------------------
+
+
+@cfg(300)
+@given(data=st.binary(max_size=300))
+@example(data=b"")
+@example(data=bytes(8))            # all zeros: +0, so the checksum is 0xFFFF
+@example(data=b"\xff\xff")         # a sum of 0xFFFF (-0): the checksum is 0x0000
+@example(data=b"\x80")              # odd length: padded with a zero byte
+def test_internet_checksum_matches_the_rfc_1071_reference(data: bytes) -> None:
+    assert gso_checksum(data) == checksum(data)

@@ -143,10 +143,14 @@ class Bus(abc.ABC):
 
     dma: DmaPool
     poll_interval: float = 0.002  # seconds between polls when event_fd is None
+    _bars: dict[int, memoryview]  # set by each backend when it maps its BARs
 
-    @abc.abstractmethod
     def bar(self, index: int) -> memoryview:
         """The mapped BAR `index` (BAR0 or BAR2)."""
+        try:
+            return self._bars[index]
+        except KeyError:
+            raise BusError(f"no BAR{index} on this bus") from None
 
     @property
     @abc.abstractmethod

@@ -131,12 +131,6 @@ class ShmBus(Bus):
 
     # -- Bus interface
 
-    def bar(self, index: int) -> memoryview:
-        try:
-            return self._bars[index]
-        except KeyError:
-            raise BusError(f"no BAR{index} on this bus") from None
-
     @property
     def event_fd(self) -> int | None:
         return self.irq_efd if self.role == HOST else self.doorbell_efd

@@ -272,12 +272,6 @@ class UioBus(Bus):
         self.dma = DmaPool(dma, m.addr)
         self._views = [bar0, bar2, dma]
 
-    def bar(self, index: int) -> memoryview:
-        try:
-            return self._bars[index]
-        except KeyError:
-            raise BusError(f"no BAR{index} on this bus") from None
-
     @property
     def event_fd(self) -> int | None:
         return self.device.fd if self.device.has_irq and self.device.fd >= 0 else None

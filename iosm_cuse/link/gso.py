@@ -50,6 +50,15 @@ def fold(total: int) -> int:
     return s if s or not total else 0xFFFF
 
 
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """The Internet checksum (RFC 1071) of `data`, as a big-endian 16-bit value: 0xFFFF for
+    all-zero data, whose one's-complement sum is +0."""
+    raw = bytes(data)
+    if len(raw) & 1:
+        raw += b"\0"
+    return 0xFFFF ^ fold(int.from_bytes(raw, "big"))
+
+
 def complement(total: int) -> int:
     """The checksum field for a word sum of data that is not all zeros (TCP, IPv4 headers): the
     one's complement of its one's-complement sum, 0x0000 (not the equivalent 0xFFFF) when that

@@ -25,14 +25,12 @@ import contextlib
 import logging
 import os
 import struct
-import sys
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any
 
-from iosm_cuse.link.gso import VNET_HDR_LEN, Coalescer, segment
+from iosm_cuse.link.gso import VNET_HDR_LEN, Coalescer, checksum, segment
 from iosm_cuse.sim.config import ModemConfig
 
 log = logging.getLogger(__name__)
@@ -47,20 +45,6 @@ DEFAULT_TUN_NAME = "iosmgw0"
 GRO_FLUSH_AFTER = 0.001   # s an open TCP run may wait for more segments (gro_flush_timeout)
 
 # ---- pure packet functions --------------------------------------------------------------------
-
-
-def checksum(data: bytes | bytearray | memoryview) -> int:
-    """The Internet checksum (RFC 1071) of `data`, as a big-endian 16-bit value."""
-    raw = bytes(data)
-    if len(raw) % 2:
-        raw += b"\0"
-    words = array("H", raw)
-    if sys.byteorder == "little":
-        words.byteswap()
-    total = sum(words)
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def parse_addresses(pkt: bytes) -> tuple[int, bytes, bytes] | None:

@@ -60,7 +60,6 @@ MAX_DL_HEAD_PAD = 256  # what the model accepts as dl_head_pad_len
 RETRY = 0.001  # a DL block the backlog refused is offered again this soon
 
 _LITE_FIRST = (Sig.CMDH, Sig.ADGH, Sig.QLTH)
-_ADGH_BYTES = int(Sig.ADGH).to_bytes(4, "little")
 _AGGR_FIRST = (Sig.ACBH, Sig.ADBH)
 
 
@@ -134,14 +133,6 @@ class MuxDevice:
 
     def receive(self, data: bytes) -> None:
         """One UL transfer from the host: exactly one top-level structure."""
-        if self.mode is MuxMode.LITE and data[:4] == _ADGH_BYTES:
-            # Nearly every Lite transfer is one datagram: checked here as decode_adgh and
-            # _receive_lite check it, without their calls; anything odd takes the long way
-            # and is rejected there with its reason.
-            n, if_id = len(data), data[6] if len(data) > 6 else MAX_SESSIONS
-            if HEADER < n == (data[4] | data[5] << 8) and if_id < MAX_SESSIONS:
-                self._to_gateway(if_id, data[HEADER:])
-                return
         sig = signature_of(data)
         try:
             mode = self.mode or self._learn_mode(sig)
