@@ -151,8 +151,8 @@ class SessionAddresses:
 
 COUNTERS = ("ul_packets", "ul_bytes", "dl_packets", "dl_bytes", "ul_gso_frames",
             "dl_gso_frames", "echo_replies", "drop_not_connected", "drop_source",
-            "drop_link_local",
-            "drop_malformed", "drop_not_echo", "drop_no_session", "drop_downlink", "drop_tun_write")
+            "drop_link_local", "drop_malformed", "drop_not_echo", "drop_no_session",
+            "drop_downlink", "drop_tun_write")
 
 
 # ---- the gateway ------------------------------------------------------------------------------
@@ -309,14 +309,17 @@ class Gateway:
     # -- downlink: from the gateway TUN towards the sessions
 
     def route(self, pkt: bytes) -> int | None:
-        """The connected session that owns the destination of `pkt`."""
-        parsed = parse_addresses(pkt)
-        if parsed is None:
-            return None
-        version, _src, dst = parsed
-        if version == 4:
-            return self._by_v4.get(dst)
-        return self._by_v6.get(dst[:8], self._by_v6.get(dst))
+        """The connected session that owns the destination of `pkt` (the IPv4 address, or the
+        IPv6 /64 prefix or else the whole address); None for none or a packet too short.
+        Once per downlink packet: the headers are sliced here, not parsed."""
+        n = len(pkt)
+        version = pkt[0] >> 4 if n else 0
+        if version == 4 and n >= 20:
+            return self._by_v4.get(pkt[16:20])
+        if version == 6 and n >= 40:
+            sid = self._by_v6.get(pkt[24:32])
+            return self._by_v6.get(pkt[24:40]) if sid is None else sid
+        return None
 
     def _on_readable(self) -> None:
         fd, bufs, view = self._fd, [self._buf], self._view
@@ -338,17 +341,8 @@ class Gateway:
                 self._route_down(pkt)
 
     def _route_down(self, pkt: bytes) -> None:
-        """Inline of route(): this runs once per downlink packet."""
         n = len(pkt)
-        version = pkt[0] >> 4 if n else 0
-        if version == 4 and n >= 20:
-            sid = self._by_v4.get(pkt[16:20])
-        elif version == 6 and n >= 40:
-            sid = self._by_v6.get(pkt[24:32])
-            if sid is None:
-                sid = self._by_v6.get(pkt[24:40])
-        else:
-            sid = None
+        sid = self.route(pkt)
         if sid is None:
             self.drop_no_session += 1
             self._log_once("ns", "gateway: dropped downlink packets for an address of no "
