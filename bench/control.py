@@ -1,6 +1,6 @@
 """MBIM control transactions through the MBIM port, next to a bare PTY echo in the same run.
 
-Port: `python -m iosm_cuse.chardev --transport pty` in its own process (MbimFunction ->
+Port: `python -m iosm_cuse.port_alone --transport pty` in its own process (MbimFunction ->
 MbimPort -> PtyTransport), and this process as the client: sequential BASIC_CONNECT
 DEVICE_CAPS queries (write one COMMAND, read the whole COMMAND_DONE), as mbimcli does them.
 Baseline: the same client against a minimal process that echoes a raw PTY's bytes back, so the
@@ -148,7 +148,7 @@ def cuse_round_trips(seconds: float) -> dict[str, float]:
     socketpair: per transaction one WRITE (the COMMAND) and one READ (the COMMAND_DONE, parked
     until it arrives) - what the kernel sends for a blocking client of /dev/wwan0mbim0."""
     kernel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    proc = subprocess.Popen([sys.executable, "-m", "iosm_cuse.chardev", "--cuse-fd",
+    proc = subprocess.Popen([sys.executable, "-m", "iosm_cuse.port_alone", "--cuse-fd",
                              str(theirs.fileno())], pass_fds=[theirs.fileno()],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     theirs.close()
@@ -240,11 +240,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="iosm-bench-") as tmp:
         port_link, echo_link = Path(tmp, "wwan9mbim0"), Path(tmp, "echo")
         for _ in range(args.rounds):
-            ports.append(measure([sys.executable, "-m", "iosm_cuse.chardev", "--transport",
+            ports.append(measure([sys.executable, "-m", "iosm_cuse.port_alone", "--transport",
                                   "pty", "--link", str(port_link)], port_link, args.seconds,
                                  echo=False))
             # The same port with a trivial responder: what the port + PTY cost without the model.
-            minimal.append(measure([sys.executable, "-m", "iosm_cuse.chardev", "--transport",
+            minimal.append(measure([sys.executable, "-m", "iosm_cuse.port_alone", "--transport",
                                     "pty", "--minimal", "--link", str(port_link)], port_link,
                                    args.seconds, echo=False))
             echoes.append(measure([sys.executable, "-c", ECHO_SERVER, str(echo_link)],

@@ -130,7 +130,7 @@ def bench_veth(seconds: float) -> float:
 
 def serve_forwarder(name_a: str, name_b: str) -> None:
     """Child process: two TUNs, packets copied both ways, drain until EAGAIN per wake-up."""
-    from iosm_cuse.link.tun import Tun
+    from iosm_cuse.net.tun import Tun
 
     ta, tb = Tun.create(name_a), Tun.create(name_b)
 

@@ -79,8 +79,8 @@ def parse_device(text: str) -> DeviceSpec:
 def _pci_address(text: str) -> str:
     """The PCI address behind a uio spec, so /dev/uio0 and uio:<bdf> lock the same device;
     the spec as given when sysfs cannot tell (opening it will then say why)."""
-    from iosm_cuse.hw.pci import PciError
-    from iosm_cuse.hw.uio import parse_device_spec
+    from iosm_cuse.bus.pci import PciError
+    from iosm_cuse.bus.uio import parse_device_spec
 
     try:
         return parse_device_spec(text).bdf
@@ -91,7 +91,7 @@ def _pci_address(text: str) -> str:
 def find_default_device(sysfs: Path | None = None) -> DeviceSpec:
     """A modem bound to UIO if there is one, else the built-in model. Unbound modems are
     pointed out, since `up` cannot use them."""
-    from iosm_cuse.hw import pci
+    from iosm_cuse.bus import pci
 
     try:
         devices = pci.find_iosm_devices(sysfs or pci.SYSFS)
@@ -454,8 +454,8 @@ def _import_layers() -> None:
 
 
 def exec_stage_name(bus: Any) -> str:
-    from iosm_cuse.hw.bus import BAR2
-    from iosm_cuse.hw.layout import SCRATCHPAD, ExecStage
+    from iosm_cuse.bus.base import BAR2
+    from iosm_cuse.wire.ipc import SCRATCHPAD, ExecStage
 
     try:
         raw = bus.read32(BAR2, SCRATCHPAD["exec_stage"].offset)
@@ -479,7 +479,7 @@ async def open_device(spec: DeviceSpec, opts: UpOptions) -> Any:
     `recover()` and `close()`."""
     if spec.kind == "sim":
         return await spawn_model(opts)
-    from iosm_cuse.hw.uio import UioError, UioModemDevice
+    from iosm_cuse.bus.uio import UioError, UioModemDevice
 
     try:
         return await UioModemDevice.open(str(spec))
@@ -558,7 +558,7 @@ MODEL_CREDIT_WINDOW = 64 * 1024
 def _credit_window(model: Any) -> int:
     """A model whose capabilities announce UL flow on credits must grant them, or the host
     would never send a packet."""
-    from iosm_cuse.hw.layout import CAP_UL_FLOW_CREDIT
+    from iosm_cuse.wire.ipc import CAP_UL_FLOW_CREDIT
 
     caps = int(getattr(getattr(model, "config", None), "capabilities", 0))
     return MODEL_CREDIT_WINDOW if caps & CAP_UL_FLOW_CREDIT else 0

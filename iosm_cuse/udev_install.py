@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from iosm_cuse.hw.pci import IOSM_PCI_IDS
+from iosm_cuse.bus.pci import IOSM_PCI_IDS
 
 RULES = "70-iosm-cuse.rules"
 TEST_RULES = "69-iosm-cuse-test.rules"

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from iosm_cuse.hw.pci import (
+from iosm_cuse.bus.pci import (
     IOSM_PCI_IDS,
     SYSFS,
     PciError,

@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 
 from iosm_cuse import daemon
+from iosm_cuse.bus.shm import HOST, ShmBus
 from iosm_cuse.hw.engine import IpcEngine
-from iosm_cuse.hw.layout import CAP_UL_FLOW_CREDIT
 from iosm_cuse.hw.mux.host import MuxHost
-from iosm_cuse.hw.shm import HOST, ShmBus
 from iosm_cuse.mbim.message import Open, OpenDone, decode_message, encode_message
 from iosm_cuse.sim.device import DeviceConfig
 from iosm_cuse.sim.process import ModelError, ModelProcess
+from iosm_cuse.wire.ipc import CAP_UL_FLOW_CREDIT
 
 IOSM_CUSE = str(Path(sys.executable).parent / "iosm-cuse")
 

@@ -1,4 +1,4 @@
-"""Property and fuzz tests of iosm_cuse.link.gso (TUN virtio_net_hdr segmentation/coalescing).
+"""Property and fuzz tests of iosm_cuse.net.gso (TUN virtio_net_hdr segmentation/coalescing).
 
 Every expectation comes from reference code written here, independent of gso's helpers: an
 RFC 1071 checksum over array('H') words, packets built and parsed with struct, a reference
@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from iosm_cuse.link.gso import (
+from iosm_cuse.net.gso import (
     GSO_TCPV4,
     GSO_TCPV6,
     NEEDS_CSUM,
@@ -33,7 +33,7 @@ from iosm_cuse.link.gso import (
     coalesce,
     segment,
 )
-from iosm_cuse.link.gso import checksum as gso_checksum
+from iosm_cuse.net.gso import checksum as gso_checksum
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 1, 2, 4, 8, 16, 32, 64, 128
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58

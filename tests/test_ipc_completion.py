@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from test_ipc_untrusted import device_view, run, shared_addr, started, until
 
-from iosm_cuse.hw.channels import channel_config
-from iosm_cuse.hw.shm import ShmBus
+from iosm_cuse.bus.shm import ShmBus
 from iosm_cuse.sim.device import DeviceModel, Send
+from iosm_cuse.wire.channels import channel_config
 
 
 class TailWatch:

@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 import pytest
 
 from iosm_cuse.hw.engine import ChannelError, EngineState, IpcChannel, IpcEngine
-from iosm_cuse.hw.layout import CAP_DL_AGGR, CAP_UL_AGGR
 from iosm_cuse.sim.device import DeviceModel, Send
 from iosm_cuse.sim.process import ModelProcess
+from iosm_cuse.wire.ipc import CAP_DL_AGGR, CAP_UL_AGGR
 
 T = TypeVar("T")
 N = 10_000

@@ -15,15 +15,7 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iosm_cuse.hw.bus import DmaPool
-from iosm_cuse.hw.layout import (
-    AP_SHARED,
-    MSG_RING_ENTRIES,
-    TD_SIZE,
-    TD_STRUCT,
-    MsgType,
-    TdStatus,
-)
+from iosm_cuse.bus.base import DmaPool
 from iosm_cuse.hw.protocol import (
     DlPipe,
     Rejects,
@@ -31,6 +23,14 @@ from iosm_cuse.hw.protocol import (
     UlPipe,
     check_dl_td,
     check_tail,
+)
+from iosm_cuse.wire.ipc import (
+    AP_SHARED,
+    MSG_RING_ENTRIES,
+    TD_SIZE,
+    TD_STRUCT,
+    MsgType,
+    TdStatus,
 )
 
 COUNT = 8

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iosm_cuse.hw.bus import BusError, DmaPool, DmaRegion, doorbell_offset
-from iosm_cuse.hw.channels import MuxMode, channel_config, channel_of_pipe, mux_mode_from_caps
-from iosm_cuse.hw.layout import (
+from iosm_cuse.bus.base import BusError, DmaPool, DmaRegion, doorbell_offset
+from iosm_cuse.wire.channels import MuxMode, channel_config, channel_of_pipe, mux_mode_from_caps
+from iosm_cuse.wire.ipc import (
     AP_SHARED,
     CONTEXT_INFO,
     MESSAGES,
@@ -18,10 +18,10 @@ from iosm_cuse.hw.layout import (
     TD,
     TD_STRUCT,
     Doorbell,
-    Layout,
     MsgType,
-    decode_message,
-    encode_message,
+    Record,
+    decode_ring_message,
+    encode_ring_message,
 )
 
 
@@ -42,7 +42,7 @@ def test_offsets_match_the_fact_sheet() -> None:
 
 
 def test_open_pipe_bytes_exactly() -> None:
-    raw = encode_message(MsgType.OPEN_PIPE, td_ring_address=0x1122334455667788, td_count=4,
+    raw = encode_ring_message(MsgType.OPEN_PIPE, td_ring_address=0x1122334455667788, td_count=4,
                          pipe=12, irq_vector=0, backoff_us=1000)
     assert raw == (struct.pack("<QHBB", 0x1122334455667788, 4, 12, 1)
                    + struct.pack("<III", 0, 1000, 0))
@@ -58,21 +58,21 @@ def test_td_bitfields() -> None:
 
 
 def test_overlapping_fields_are_refused() -> None:
-    from iosm_cuse.hw.layout import Field
+    from iosm_cuse.wire.ipc import Field
 
     with pytest.raises(ValueError):
-        Layout("bad", 8, [Field("a", 0, "I"), Field("b", 2, "I")])
+        Record("bad", 8, [Field("a", 0, "I"), Field("b", 2, "I")])
     with pytest.raises(ValueError):
-        Layout("bad", 4, [Field("a", 2, "I")])
+        Record("bad", 4, [Field("a", 2, "I")])
 
 
 def test_unknown_message_type_is_rejected() -> None:
     raw = bytearray(24)
     raw[11] = 0x77
     with pytest.raises(ValueError, match="unknown"):
-        decode_message(raw)
+        decode_ring_message(raw)
     with pytest.raises(ValueError):
-        decode_message(b"\x01" * 12)
+        decode_ring_message(b"\x01" * 12)
 
 
 u8 = st.integers(0, 0xFF)
@@ -84,9 +84,9 @@ u64 = st.integers(0, 2**64 - 1)
 @given(u64, u16, u8, u32, u32, u32)
 def test_open_pipe_round_trip(addr: int, count: int, pipe: int, vec: int, bo: int,
                               status: int) -> None:
-    raw = encode_message(MsgType.OPEN_PIPE, td_ring_address=addr, td_count=count, pipe=pipe,
+    raw = encode_ring_message(MsgType.OPEN_PIPE, td_ring_address=addr, td_count=count, pipe=pipe,
                          irq_vector=vec, backoff_us=bo, status=status)
-    kind, f = decode_message(raw)
+    kind, f = decode_ring_message(raw)
     assert kind is MsgType.OPEN_PIPE
     assert (f["td_ring_address"], f["td_count"], f["pipe"], f["irq_vector"], f["backoff_us"],
             f["status"]) == (addr, count, pipe, vec, bo, status)
@@ -94,17 +94,17 @@ def test_open_pipe_round_trip(addr: int, count: int, pipe: int, vec: int, bo: in
 
 @given(st.sampled_from([MsgType.CLOSE_PIPE, MsgType.ABORT_PIPE]), u8, u32)
 def test_close_abort_round_trip(kind: MsgType, pipe: int, status: int) -> None:
-    raw = encode_message(kind, pipe=pipe, status=status)
-    assert decode_message(raw) == (kind, {"pipe": pipe, "type": int(kind), "status": status})
+    raw = encode_ring_message(kind, pipe=pipe, status=status)
+    assert decode_ring_message(raw) == (kind, {"pipe": pipe, "type": int(kind), "status": status})
     assert raw[:10] == bytes(10) and raw[12:20] == bytes(8)  # reserved bytes stay zero
 
 
 @given(u8, u8, u8, u32)
 def test_sleep_and_feature_round_trip(target: int, state: int, feat: int, status: int) -> None:
-    k, f = decode_message(encode_message(MsgType.SLEEP, target=target, state=state,
+    k, f = decode_ring_message(encode_ring_message(MsgType.SLEEP, target=target, state=state,
                                          status=status))
     assert k is MsgType.SLEEP and (f["target"], f["state"], f["status"]) == (target, state, status)
-    k, f = decode_message(encode_message(MsgType.FEATURE_SET, features=feat))
+    k, f = decode_ring_message(encode_ring_message(MsgType.FEATURE_SET, features=feat))
     assert k is MsgType.FEATURE_SET and f["features"] == feat
 
 

@@ -17,10 +17,12 @@ from typing import Any
 
 import pytest
 
-from iosm_cuse.hw.bus import BAR2
-from iosm_cuse.hw.channels import dma_bytes_needed
+from iosm_cuse.bus.base import BAR2
+from iosm_cuse.bus.shm import DEVICE, HOST, ShmBus
 from iosm_cuse.hw.engine import ChannelError, EngineError, EngineState, IpcEngine
-from iosm_cuse.hw.layout import (
+from iosm_cuse.sim.device import DeviceConfig, DeviceModel, Send
+from iosm_cuse.wire.channels import dma_bytes_needed
+from iosm_cuse.wire.ipc import (
     AP_SHARED,
     CONTEXT_INFO,
     MSG_SIZE,
@@ -30,8 +32,6 @@ from iosm_cuse.hw.layout import (
     Hpda,
     MsgType,
 )
-from iosm_cuse.hw.shm import DEVICE, HOST, ShmBus
-from iosm_cuse.sim.device import DeviceConfig, DeviceModel, Send
 
 
 class Source:

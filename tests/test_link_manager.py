@@ -17,7 +17,7 @@ from iosm_cuse.link import manager as manager_module
 from iosm_cuse.link.args import LinkError
 from iosm_cuse.link.loopback import LoopbackMux
 from iosm_cuse.link.manager import LinkManager
-from iosm_cuse.link.tun import IFF_NOARP, IFF_POINTOPOINT, IFF_UP
+from iosm_cuse.net.tun import IFF_NOARP, IFF_POINTOPOINT, IFF_UP
 
 V4 = bytes([0x45]) + bytes(19) + b"payload"
 V6 = bytes([0x60]) + bytes(39) + b"payload"

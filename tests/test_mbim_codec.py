@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from iosm_cuse.mbim import cids, infobuf
 from iosm_cuse.mbim.constants import MessageType, ProtocolError
-from iosm_cuse.mbim.infobuf import InfoBufferError, Kind, Layout
+from iosm_cuse.mbim.infobuf import InfoBufferError, InfoLayout, Kind
 from iosm_cuse.mbim.message import (
     Close,
     CloseDone,
@@ -40,7 +40,7 @@ U32 = st.integers(0, 0xFFFFFFFF)
 TEXT = st.text(max_size=12)
 
 
-def values_for(layout: Layout) -> st.SearchStrategy[dict[str, Any]]:
+def values_for(layout: InfoLayout) -> st.SearchStrategy[dict[str, Any]]:
     """Any value dict the layout can carry (count fields are implied by the arrays)."""
     return st.fixed_dictionaries({f.name: _field_values(f) for f in layout.fields
                                   if f.name not in layout.count_fields})
@@ -76,7 +76,7 @@ LAYOUTS = sorted({layout for spec in cids.CIDS
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.name)
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_every_declared_layout_round_trips(layout: Layout, data: st.DataObject) -> None:
+def test_every_declared_layout_round_trips(layout: InfoLayout, data: st.DataObject) -> None:
     values = data.draw(values_for(layout))
     encoded = infobuf.encode(layout, values)
     assert len(encoded) % 4 == 0 or any(f.kind is Kind.UNSIZED_BYTE_ARRAY for f in layout.fields)
@@ -87,7 +87,7 @@ def test_every_declared_layout_round_trips(layout: Layout, data: st.DataObject) 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.name)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_decoding_untrusted_bytes_fails_cleanly(layout: Layout, data: st.DataObject) -> None:
+def test_decoding_untrusted_bytes_fails_cleanly(layout: InfoLayout, data: st.DataObject) -> None:
     """Random or mutated buffers decode or raise InfoBufferError, nothing else."""
     valid = infobuf.encode(layout, data.draw(values_for(layout)))
     blob = data.draw(st.one_of(
@@ -134,7 +134,7 @@ MBIMCLI_ENTER_PIN = (
 BC = Service.BASIC_CONNECT.value
 
 
-def _command(cid: int, command_type: int, layout: Layout, values: dict[str, Any],
+def _command(cid: int, command_type: int, layout: InfoLayout, values: dict[str, Any],
              tid: int = 2) -> bytes:
     return encode_message(Command(tid, BC, cid, command_type, infobuf.encode(layout, values)))
 
@@ -200,10 +200,10 @@ def test_encode_rejects_values_that_do_not_fit() -> None:
 
 def test_layout_declarations_are_checked() -> None:
     with pytest.raises(ValueError, match="count field must precede"):
-        Layout("Bad", (infobuf.string_array("Items", count="ItemsCount"),
+        InfoLayout("Bad", (infobuf.string_array("Items", count="ItemsCount"),
                        infobuf.u32("ItemsCount")))
     with pytest.raises(ValueError, match="unsized"):
-        Layout("Bad", (infobuf.unsized_byte_array("Rest"), infobuf.u32("After")))
+        InfoLayout("Bad", (infobuf.unsized_byte_array("Rest"), infobuf.u32("After")))
 
 
 # ---------------------------------------------------------------------------------- messages
@@ -305,4 +305,4 @@ def test_uuids_are_network_byte_order() -> None:
     assert Service.lookup(UUID(int=0)) is None
     assert MessageType(struct.unpack_from("<I", data)[0]) is MessageType.COMMAND
     assert IPv6Address("fd99::1").packed == infobuf.encode(
-        Layout("A", (infobuf.ipv6("A"),)), {"A": IPv6Address("fd99::1")})
+        InfoLayout("A", (infobuf.ipv6("A"),)), {"A": IPv6Address("fd99::1")})

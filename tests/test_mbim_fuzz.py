@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from iosm_cuse.mbim import cids, infobuf
 from iosm_cuse.mbim.constants import MessageType
-from iosm_cuse.mbim.infobuf import Kind, Layout
+from iosm_cuse.mbim.infobuf import InfoLayout, Kind
 from iosm_cuse.mbim.message import (
     Close,
     Command,
@@ -44,7 +44,7 @@ UUIDS = [s.value for s in Service] + [c.value for c in ContextType]
 INTERESTING_U32 = [0, 1, 2, 3, 4, 7, 8, 12, 16, 20, 48, 64, 255, 4096, 0x7FFFFFFF, 0xFFFFFFFF]
 
 
-def random_values(layout: Layout, rng: random.Random) -> dict[str, Any]:
+def random_values(layout: InfoLayout, rng: random.Random) -> dict[str, Any]:
     return {f.name: _random_field(f, rng) for f in layout.fields
             if f.name not in layout.count_fields}
 

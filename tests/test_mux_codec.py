@@ -13,10 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iosm_cuse.hw.channels import MuxMode
-from iosm_cuse.hw.layout import Layout
-from iosm_cuse.hw.mux import codec as c
-from iosm_cuse.hw.mux.codec import (
+from iosm_cuse.hw.mux.host import MuxHost
+from iosm_cuse.wire import mux as c
+from iosm_cuse.wire.channels import MuxMode
+from iosm_cuse.wire.ipc import Record
+from iosm_cuse.wire.mux import (
     COMMANDS,
     PARAM_OF,
     PARAMS,
@@ -25,7 +26,6 @@ from iosm_cuse.hw.mux.codec import (
     MuxDecodeError,
     Sig,
 )
-from iosm_cuse.hw.mux.host import MuxHost
 
 if_ids = st.integers(0, 7)
 u8 = st.integers(0, 0xFF)
@@ -33,7 +33,7 @@ u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)
 
 
-def _field_values(layout: Layout) -> st.SearchStrategy[dict[str, Any]]:
+def _field_values(layout: Record) -> st.SearchStrategy[dict[str, Any]]:
     fields = {}
     for f in layout.fields:
         if f.fmt.endswith("s"):
@@ -89,7 +89,7 @@ def test_mode_and_credit_from_capabilities(version: int, caps: int,
 @pytest.mark.parametrize("layout", c.LAYOUTS + tuple(PARAMS.values()), ids=lambda x: x.name)
 @settings(max_examples=50, deadline=None)
 @given(data=st.data())
-def test_every_layout_round_trips(layout: Layout, data: st.DataObject) -> None:
+def test_every_layout_round_trips(layout: Record, data: st.DataObject) -> None:
     values = data.draw(_field_values(layout))
     raw = layout.pack(**values)
     assert len(raw) == layout.size and layout.unpack(raw) == values

@@ -29,13 +29,13 @@ from test_mux_pair import (
     until,
 )
 
-from iosm_cuse.hw.channels import MuxMode
 from iosm_cuse.hw.engine import EngineState, IpcEngine
-from iosm_cuse.hw.layout import CAP_DL_AGGR, CAP_UL_AGGR, CAP_UL_FLOW_CREDIT
 from iosm_cuse.hw.mux.host import QUEUE_LIMIT_FC, MuxHost
 from iosm_cuse.sim.device import DeviceConfig, DeviceModel
 from iosm_cuse.sim.mux import MuxDevice
 from iosm_cuse.sim.process import ModelProcess
+from iosm_cuse.wire.channels import MuxMode
+from iosm_cuse.wire.ipc import CAP_DL_AGGR, CAP_UL_AGGR, CAP_UL_FLOW_CREDIT
 
 CTL = b"\xffCTL "
 RPT = b"\xffRPT "

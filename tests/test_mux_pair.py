@@ -21,8 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iosm_cuse.hw.channels import MuxMode
-from iosm_cuse.hw.mux.codec import (
+from iosm_cuse.hw.mux.host import QUEUE_LIMIT, QUEUE_LIMIT_FC, UL_HIGH, MuxError, MuxHost
+from iosm_cuse.sim.mux import MuxDevice
+from iosm_cuse.wire.channels import MuxMode
+from iosm_cuse.wire.mux import (
     COMMANDS,
     FLOW_MASK_STOP,
     Command,
@@ -34,8 +36,6 @@ from iosm_cuse.hw.mux.codec import (
     encode_lite_cmd,
     encode_table,
 )
-from iosm_cuse.hw.mux.host import QUEUE_LIMIT, QUEUE_LIMIT_FC, UL_HIGH, MuxError, MuxHost
-from iosm_cuse.sim.mux import MuxDevice
 
 T = TypeVar("T")
 MODES = [MuxMode.LITE, MuxMode.AGGREGATION]

@@ -246,10 +246,10 @@ def test_auto_falls_back_to_the_pty_and_says_so_once(tmp_path: Path,
 
 
 def test_chardev_main_delivers_indications(tmp_path: Path) -> None:
-    """`python -m iosm_cuse.chardev` (kernel tests, bench): an MBIM attach is answered and
+    """`python -m iosm_cuse.port_alone` (kernel tests, bench): an MBIM attach is answered and
     followed by the PACKET_SERVICE indication, which the function queues apart from answers."""
     link = tmp_path / "wwan0mbim0"
-    proc = subprocess.Popen([sys.executable, "-m", "iosm_cuse.chardev", "--transport", "pty",
+    proc = subprocess.Popen([sys.executable, "-m", "iosm_cuse.port_alone", "--transport", "pty",
                              "--link", str(link)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

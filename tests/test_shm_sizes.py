@@ -1,8 +1,8 @@
 """The ivshmem backing file the model creates must hold what the engine allocates in it."""
 
+from iosm_cuse.bus.shm import ShmLayout
 from iosm_cuse.daemon import DEFAULT_SHM_SIZE
-from iosm_cuse.hw.channels import MuxMode, dma_bytes_needed
-from iosm_cuse.hw.shm import ShmLayout
+from iosm_cuse.wire.channels import MuxMode, dma_bytes_needed
 
 
 def test_default_modem_file_fits_both_mux_modes() -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from iosm_cuse.bus.pci import IOSM_PCI_IDS, IVSHMEM_PCI_ID
 from iosm_cuse.cli import main
-from iosm_cuse.hw.pci import IOSM_PCI_IDS, IVSHMEM_PCI_ID
 from iosm_cuse.udev_install import (
     RULES,
     TEST_RULES,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from uio_fakesys import FakeSysfs
 
-from iosm_cuse.hw.bus import BAR0, BAR2, doorbell_offset
-from iosm_cuse.hw.pci import IVSHMEM_PCI_ID
-from iosm_cuse.hw.shm import DEVICE, ShmBus
-from iosm_cuse.hw.uio import UioDevice, UioError, open_uio_bus, parse_device_spec, read_maps
+from iosm_cuse.bus.base import BAR0, BAR2, doorbell_offset
+from iosm_cuse.bus.pci import IVSHMEM_PCI_ID
+from iosm_cuse.bus.shm import DEVICE, ShmBus
+from iosm_cuse.bus.uio import UioDevice, UioError, open_uio_bus, parse_device_spec, read_maps
 
 IVSHMEM, XMM = "0000:00:03.0", "0000:03:00.0"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from uio_fakesys import FakeSysfs
 
-from iosm_cuse.hw.uio import open_uio_bus
+from iosm_cuse.bus.uio import open_uio_bus
 
 IVSHMEM = "0000:00:03.0"
 SIZE = 4 << 20

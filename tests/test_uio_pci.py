@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from uio_fakesys import FakeSysfs
 
-from iosm_cuse.hw.pci import (
+from iosm_cuse.bus.pci import (
     IVSHMEM_PCI_ID,
     PciError,
     PciId,

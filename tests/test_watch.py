@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from uio_fakesys import FakeSysfs
 
-from iosm_cuse.hw.pci import IOSM_PCI_IDS, IVSHMEM_PCI_ID, PciId
+from iosm_cuse.bus.pci import IOSM_PCI_IDS, IVSHMEM_PCI_ID, PciId
 from iosm_cuse.watch import (
     DeviceEvent,
     Start,

@@ -14,7 +14,7 @@ import errno
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from iosm_cuse.record import Layout
+from iosm_cuse.wire.record import Record
 
 # ------------------------------------------------------------------------------ constants
 
@@ -59,12 +59,12 @@ class Op:
 # ------------------------------------------------------------------------------ layouts
 
 
-def _layout(name: str, *fields: tuple[str, str]) -> Layout:
-    return Layout.sequential(name, *fields)
+def _layout(name: str, *fields: tuple[str, str]) -> Record:
+    return Record.sequential(name, *fields)
 
 
 # Fields starting with "_" are padding/unused: packed as zero, not returned.
-LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
+LAYOUTS: dict[str, Record] = {lay.name: lay for lay in (
     _layout("in_header", ("len", "I"), ("opcode", "I"), ("unique", "Q"), ("nodeid", "Q"),
             ("uid", "I"), ("gid", "I"), ("pid", "I"), ("total_extlen", "H"), ("_pad", "H")),
     _layout("out_header", ("len", "I"), ("error", "i"), ("unique", "Q")),

@@ -24,14 +24,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from iosm_cuse.hw.bus import BAR2, Bus, BusError, DmaRegion
-from iosm_cuse.hw.channels import (
+from iosm_cuse.bus.base import BAR2, Bus, BusError, DmaRegion
+from iosm_cuse.hw.protocol import DlPipe, SharedArea, UlPipe
+from iosm_cuse.wire.channels import (
     ChannelConfig,
     MuxMode,
     channel_config,
     mux_mode_from_caps,
 )
-from iosm_cuse.hw.layout import (
+from iosm_cuse.wire.ipc import (
     AP_SHARED,
     CAP_UL_FLOW_CREDIT,
     CHIP_INFO_SIZE_BYTE,
@@ -49,7 +50,7 @@ from iosm_cuse.hw.layout import (
     MsgStatus,
     MsgType,
 )
-from iosm_cuse.hw.protocol import DlPipe, Rejects, SharedArea, UlPipe
+from iosm_cuse.wire.rejects import Rejects
 
 log = logging.getLogger("iosm_cuse.hw.engine")
 

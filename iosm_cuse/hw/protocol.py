@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from iosm_cuse.hw.bus import DmaRegion
-from iosm_cuse.hw.layout import (
+from iosm_cuse.bus.base import DmaRegion
+from iosm_cuse.wire.ipc import (
     AP_SHARED,
     CONTEXT_INFO,
     DEVICE_INFO,
@@ -32,34 +32,13 @@ from iosm_cuse.hw.layout import (
     MsgType,
     TdStatus,
 )
+from iosm_cuse.wire.rejects import Rejects
 
 log = logging.getLogger("iosm_cuse.hw.protocol")
 
 _TD_SIZE_MASK = 0xFFFFFF
 _ABORT = int(TdStatus.ABORT)
 _DEVICE_INFO_AT = AP_SHARED.offset_of("device_info")
-
-
-class Rejects:
-    """Counters of rejected device input, one log line per kind (then at most one per `every`
-    seconds, with the running count)."""
-
-    def __init__(self, logger: logging.Logger = log, every: float = 10.0,
-                 what: str = "device input") -> None:
-        self.what = what
-        self.counters: dict[str, int] = {}
-        self._logger = logger
-        self._every = every
-        self._last_log: dict[str, float] = {}
-
-    def __call__(self, kind: str, detail: str) -> None:
-        n = self.counters.get(kind, 0) + 1
-        self.counters[kind] = n
-        now = time.monotonic()
-        last = self._last_log.get(kind)
-        if last is None or now - last >= self._every:
-            self._last_log[kind] = now
-            self._logger.warning("rejected %s [%s] (%d so far): %s", self.what, kind, n, detail)
 
 
 # ---- ring index arithmetic -----------------------------------------------------------------------

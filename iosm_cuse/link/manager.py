@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from iosm_cuse.link.args import LinkError, check_ifname
 from iosm_cuse.link.bridge import Counters, LogOnce, SessionBridge
-from iosm_cuse.link.tun import IFF_UP, Tun, TunDevice, flag_names, link_event_socket
+from iosm_cuse.net.tun import IFF_UP, Tun, TunDevice, flag_names, link_event_socket
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Pure: bytes in, values out (and back). Shared by the host side and the modem mod
 """
 
 from iosm_cuse.mbim.constants import CommandType, MessageType, ProtocolError, Status
-from iosm_cuse.mbim.infobuf import InfoBufferError, Layout, decode, encode
+from iosm_cuse.mbim.infobuf import InfoBufferError, InfoLayout, decode, encode
 from iosm_cuse.mbim.message import (
     Close,
     CloseDone,
@@ -43,7 +43,7 @@ __all__ = [
     "HostError",
     "IndicateStatus",
     "InfoBufferError",
-    "Layout",
+    "InfoLayout",
     "Message",
     "MessageError",
     "MessageType",

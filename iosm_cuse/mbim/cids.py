@@ -1,6 +1,6 @@
 """CIDs and their information buffers, declared once as data.
 
-Each ``CidSpec`` says, per direction, which ``Layout`` the information buffer has: ``set`` and
+Each ``CidSpec`` says, per direction, which ``InfoLayout`` the information buffer has: ``set`` and
 ``query`` (host → device), ``response`` (COMMAND_DONE) and ``notification`` (INDICATE_STATUS).
 ``None`` means the CID has no such direction; ``EMPTY`` means it has one with no payload.
 Facts from MBIM 1.0 and libmbim's ``data/mbim-service-*.json``.
@@ -14,7 +14,7 @@ from enum import IntEnum, IntFlag
 from iosm_cuse.mbim.constants import CommandType
 from iosm_cuse.mbim.infobuf import (
     EMPTY,
-    Layout,
+    InfoLayout,
     inline_struct,
     ipv4,
     ipv4_array,
@@ -241,23 +241,23 @@ class IpConfigAvailable(IntFlag):
 
 # ---------------------------------------------------------------------------------- structs
 
-PROVIDER = Layout("MbimProvider", (
+PROVIDER = InfoLayout("MbimProvider", (
     string("ProviderId"), u32("ProviderState"), string("ProviderName"),
     u32("CellularClass"), u32("Rssi"), u32("ErrorRate"),
 ))
-PIN_DESC = Layout("MbimPinDesc", (
+PIN_DESC = InfoLayout("MbimPinDesc", (
     u32("PinMode"), u32("PinFormat"), u32("PinLengthMin"), u32("PinLengthMax"),
 ))
-IPV4_ELEMENT = Layout("MbimIPv4Element", (u32("OnLinkPrefixLength"), ipv4("IPv4Address")))
-IPV6_ELEMENT = Layout("MbimIPv6Element", (u32("OnLinkPrefixLength"), ipv6("IPv6Address")))
-DEVICE_SERVICE_ELEMENT = Layout("MbimDeviceServiceElement", (
+IPV4_ELEMENT = InfoLayout("MbimIPv4Element", (u32("OnLinkPrefixLength"), ipv4("IPv4Address")))
+IPV6_ELEMENT = InfoLayout("MbimIPv6Element", (u32("OnLinkPrefixLength"), ipv6("IPv6Address")))
+DEVICE_SERVICE_ELEMENT = InfoLayout("MbimDeviceServiceElement", (
     uuid("DeviceServiceId"), u32("DssPayload"), u32("MaxDssInstances"), u32("CidsCount"),
     u32_array("Cids", count="CidsCount"),
 ))
-EVENT_ENTRY = Layout("MbimEventEntry", (
+EVENT_ENTRY = InfoLayout("MbimEventEntry", (
     uuid("DeviceServiceId"), u32("CidsCount"), u32_array("Cids", count="CidsCount"),
 ))
-CONTEXT = Layout("MbimContext", (
+CONTEXT = InfoLayout("MbimContext", (
     u32("ContextId"), uuid("ContextType"), string("AccessString"), string("UserName"),
     string("Password"), u32("Compression"), u32("AuthProtocol"),
 ))
@@ -276,12 +276,12 @@ class CidSpec:
     service: Service
     cid: int
     name: str
-    set: Layout | None = None
-    query: Layout | None = None
-    response: Layout | None = None
-    notification: Layout | None = None
+    set: InfoLayout | None = None
+    query: InfoLayout | None = None
+    response: InfoLayout | None = None
+    notification: InfoLayout | None = None
 
-    def request(self, command_type: int) -> Layout | None:
+    def request(self, command_type: int) -> InfoLayout | None:
         """The host's payload layout for a command type; None if the CID has no such command."""
         if command_type == CommandType.SET:
             return self.set
@@ -290,70 +290,71 @@ class CidSpec:
         return None
 
 
-def _providers(name: str) -> Layout:
-    return Layout(name, (u32("ProvidersCount"),
+def _providers(name: str) -> InfoLayout:
+    return InfoLayout(name, (u32("ProvidersCount"),
                          ref_struct_array("Providers", PROVIDER, count="ProvidersCount")))
 
 
-DEVICE_CAPS = Layout("DeviceCaps", (
+DEVICE_CAPS = InfoLayout("DeviceCaps", (
     u32("DeviceType"), u32("CellularClass"), u32("VoiceClass"), u32("SimClass"),
     u32("DataClass"), u32("SmsCaps"), u32("ControlCaps"), u32("MaxSessions"),
     string("CustomDataClass"), string("DeviceId"), string("FirmwareInfo"),
     string("HardwareInfo"),
 ))
-SUBSCRIBER_READY_STATUS = Layout("SubscriberReadyStatus", (
+SUBSCRIBER_READY_STATUS = InfoLayout("SubscriberReadyStatus", (
     u32("ReadyState"), string("SubscriberId"), string("SimIccId"), u32("ReadyInfo"),
     u32("TelephoneNumbersCount"), string_array("TelephoneNumbers", count="TelephoneNumbersCount"),
 ))
-RADIO_STATE_SET = Layout("RadioStateSet", (u32("RadioState"),))
-RADIO_STATE = Layout("RadioState", (u32("HwRadioState"), u32("SwRadioState")))
-PIN_SET = Layout("PinSet", (u32("PinType"), u32("PinOperation"), string("Pin"), string("NewPin")))
-PIN_INFO = Layout("PinInfo", (u32("PinType"), u32("PinState"), u32("RemainingAttempts")))
-PIN_LIST = Layout("PinList", tuple(inline_struct(n, PIN_DESC) for n in PIN_DESC_NAMES))
-HOME_PROVIDER = Layout("HomeProvider", (inline_struct("Provider", PROVIDER),))
+RADIO_STATE_SET = InfoLayout("RadioStateSet", (u32("RadioState"),))
+RADIO_STATE = InfoLayout("RadioState", (u32("HwRadioState"), u32("SwRadioState")))
+PIN_SET = InfoLayout("PinSet", (u32("PinType"), u32("PinOperation"), string("Pin"),
+                                string("NewPin")))
+PIN_INFO = InfoLayout("PinInfo", (u32("PinType"), u32("PinState"), u32("RemainingAttempts")))
+PIN_LIST = InfoLayout("PinList", tuple(inline_struct(n, PIN_DESC) for n in PIN_DESC_NAMES))
+HOME_PROVIDER = InfoLayout("HomeProvider", (inline_struct("Provider", PROVIDER),))
 PREFERRED_PROVIDERS = _providers("PreferredProviders")
-VISIBLE_PROVIDERS_QUERY = Layout("VisibleProvidersQuery", (u32("Action"),))
+VISIBLE_PROVIDERS_QUERY = InfoLayout("VisibleProvidersQuery", (u32("Action"),))
 VISIBLE_PROVIDERS = _providers("VisibleProviders")
-REGISTER_STATE_SET = Layout("RegisterStateSet", (
+REGISTER_STATE_SET = InfoLayout("RegisterStateSet", (
     string("ProviderId"), u32("RegisterAction"), u32("DataClass"),
 ))
-REGISTER_STATE = Layout("RegistrationState", (
+REGISTER_STATE = InfoLayout("RegistrationState", (
     u32("NwError"), u32("RegisterState"), u32("RegisterMode"), u32("AvailableDataClasses"),
     u32("CurrentCellularClass"), string("ProviderId"), string("ProviderName"),
     string("RoamingText"), u32("RegistrationFlag"),
 ))
-PACKET_SERVICE_SET = Layout("PacketServiceSet", (u32("PacketServiceAction"),))
-PACKET_SERVICE = Layout("PacketService", (
+PACKET_SERVICE_SET = InfoLayout("PacketServiceSet", (u32("PacketServiceAction"),))
+PACKET_SERVICE = InfoLayout("PacketService", (
     u32("NwError"), u32("PacketServiceState"), u32("HighestAvailableDataClass"),
     u64("UplinkSpeed"), u64("DownlinkSpeed"),
 ))
-SIGNAL_STATE_SET = Layout("SignalStateSet", (
+SIGNAL_STATE_SET = InfoLayout("SignalStateSet", (
     u32("SignalStrengthInterval"), u32("RssiThreshold"), u32("ErrorRateThreshold"),
 ))
-SIGNAL_STATE = Layout("SignalState", (
+SIGNAL_STATE = InfoLayout("SignalState", (
     u32("Rssi"), u32("ErrorRate"), u32("SignalStrengthInterval"), u32("RssiThreshold"),
     u32("ErrorRateThreshold"),
 ))
-CONNECT_SET = Layout("ConnectSet", (
+CONNECT_SET = InfoLayout("ConnectSet", (
     u32("SessionId"), u32("ActivationCommand"), string("AccessString"), string("UserName"),
     string("Password"), u32("Compression"), u32("AuthProtocol"), u32("IpType"),
     uuid("ContextType"),
 ))
-CONNECT = Layout("Connect", (
+CONNECT = InfoLayout("Connect", (
     u32("SessionId"), u32("ActivationState"), u32("VoiceCallState"), u32("IpType"),
     uuid("ContextType"), u32("NwError"),
 ))
-PROVISIONED_CONTEXTS_SET = Layout("ProvisionedContextsSet", (
+PROVISIONED_CONTEXTS_SET = InfoLayout("ProvisionedContextsSet", (
     u32("ContextId"), uuid("ContextType"), string("AccessString"), string("UserName"),
     string("Password"), u32("Compression"), u32("AuthProtocol"), string("ProviderId"),
 ))
-PROVISIONED_CONTEXTS = Layout("ProvisionedContexts", (
+PROVISIONED_CONTEXTS = InfoLayout("ProvisionedContexts", (
     u32("ProvisionedContextsCount"),
     ref_struct_array("ProvisionedContexts", CONTEXT, count="ProvisionedContextsCount"),
 ))
-SERVICE_ACTIVATION_SET = Layout("ServiceActivationSet", (unsized_byte_array("Buffer"),))
-SERVICE_ACTIVATION = Layout("ServiceActivation", (u32("NwError"), unsized_byte_array("Buffer")))
-IP_CONFIGURATION = Layout("IpConfiguration", (
+SERVICE_ACTIVATION_SET = InfoLayout("ServiceActivationSet", (unsized_byte_array("Buffer"),))
+SERVICE_ACTIVATION = InfoLayout("ServiceActivation", (u32("NwError"), unsized_byte_array("Buffer")))
+IP_CONFIGURATION = InfoLayout("IpConfiguration", (
     u32("SessionId"), u32("IPv4ConfigurationAvailable"), u32("IPv6ConfigurationAvailable"),
     u32("IPv4AddressCount"), struct_array("IPv4Address", IPV4_ELEMENT, count="IPv4AddressCount"),
     u32("IPv6AddressCount"), struct_array("IPv6Address", IPV6_ELEMENT, count="IPv6AddressCount"),
@@ -362,20 +363,20 @@ IP_CONFIGURATION = Layout("IpConfiguration", (
     u32("IPv6DnsServerCount"), ipv6_array("IPv6DnsServer", count="IPv6DnsServerCount"),
     u32("IPv4Mtu"), u32("IPv6Mtu"),
 ))
-DEVICE_SERVICES = Layout("DeviceServices", (
+DEVICE_SERVICES = InfoLayout("DeviceServices", (
     u32("DeviceServicesCount"), u32("MaxDssSessions"),
     ref_struct_array("DeviceServices", DEVICE_SERVICE_ELEMENT, count="DeviceServicesCount"),
 ))
-DEVICE_SERVICE_SUBSCRIBE_LIST = Layout("DeviceServiceSubscribeList", (
+DEVICE_SERVICE_SUBSCRIBE_LIST = InfoLayout("DeviceServiceSubscribeList", (
     u32("EventsCount"), ref_struct_array("Events", EVENT_ENTRY, count="EventsCount"),
 ))
-PACKET_STATISTICS = Layout("PacketStatistics", (
+PACKET_STATISTICS = InfoLayout("PacketStatistics", (
     u32("InDiscards"), u32("InErrors"), u64("InOctets"), u64("InPackets"), u64("OutOctets"),
     u64("OutPackets"), u32("OutErrors"), u32("OutDiscards"),
 ))
-NETWORK_IDLE_HINT = Layout("NetworkIdleHint", (u32("State"),))
-EMERGENCY_MODE = Layout("EmergencyMode", (u32("State"),))
-PROXY_CONFIGURATION = Layout("ProxyConfiguration", (string("DevicePath"), u32("Timeout")))
+NETWORK_IDLE_HINT = InfoLayout("NetworkIdleHint", (u32("State"),))
+EMERGENCY_MODE = InfoLayout("EmergencyMode", (u32("State"),))
+PROXY_CONFIGURATION = InfoLayout("ProxyConfiguration", (string("DevicePath"), u32("Timeout")))
 
 BC = Service.BASIC_CONNECT
 

@@ -1,9 +1,10 @@
 """Information buffers: one generic encoder/decoder driven by field tables.
 
-A ``Layout`` is a list of ``Field``s, the way libmbim's JSON describes a CID: the fixed part holds
-the fields in order; strings, referenced structs and address arrays live in a data area after it
-and are reached by offsets counted from the start of the enclosing buffer (a referenced struct is
-its own buffer). Every variable item is zero-padded to 4 bytes, padding not counted in its size.
+An ``InfoLayout`` is a list of ``Field``s, the way libmbim's JSON describes a CID: the fixed
+part holds the fields in order; strings, referenced structs and address arrays live in a data
+area after it and are reached by offsets counted from the start of the enclosing buffer (a
+referenced struct is its own buffer). Every variable item is zero-padded to 4 bytes, padding not
+counted in its size.
 
 Values are plain data: ``dict[str, Any]`` with ``int``, ``str``, ``uuid.UUID``, ``bytes``,
 ``ipaddress.IPv4Address``/``IPv6Address``, nested dicts for structs and lists for arrays. Fields
@@ -70,12 +71,12 @@ class Field:
     name: str
     kind: Kind
     count: str | None = None          # name of the u32 field holding the element count
-    struct: Layout | None = None      # element layout of struct kinds
+    struct: InfoLayout | None = None      # element layout of struct kinds
     size: int = 0                     # BYTE_ARRAY length
 
 
 @dataclass(frozen=True)
-class Layout:
+class InfoLayout:
     name: str
     fields: tuple[Field, ...] = ()
     count_fields: frozenset[str] = field(init=False)
@@ -99,7 +100,7 @@ class Layout:
                 if f.kind is Kind.STRUCT_ARRAY and not f.struct.is_fixed:
                     raise ValueError(f"{self.name}.{f.name}: struct-array needs fixed elements")
             if f.kind is Kind.UNSIZED_BYTE_ARRAY and (
-                    i != len(self.fields) - 1 or not Layout("_", self.fields[:i]).is_fixed):
+                    i != len(self.fields) - 1 or not InfoLayout("_", self.fields[:i]).is_fixed):
                 # It is read from the end of the fixed part: no data area may come before it.
                 raise ValueError(f"{self.name}.{f.name}: unsized byte array must be last, "
                                  "after fixed fields only")
@@ -189,15 +190,15 @@ def unsized_byte_array(name: str) -> Field:
     return Field(name, Kind.UNSIZED_BYTE_ARRAY)
 
 
-def inline_struct(name: str, layout: Layout) -> Field:
+def inline_struct(name: str, layout: InfoLayout) -> Field:
     return Field(name, Kind.STRUCT, struct=layout)
 
 
-def struct_array(name: str, layout: Layout, count: str) -> Field:
+def struct_array(name: str, layout: InfoLayout, count: str) -> Field:
     return Field(name, Kind.STRUCT_ARRAY, count=count, struct=layout)
 
 
-def ref_struct_array(name: str, layout: Layout, count: str) -> Field:
+def ref_struct_array(name: str, layout: InfoLayout, count: str) -> Field:
     return Field(name, Kind.REF_STRUCT_ARRAY, count=count, struct=layout)
 
 
@@ -256,7 +257,7 @@ class _Writer:
             self.fixed += _PAIR.pack(self.add_data(blob), len(blob))
 
 
-def encode(layout: Layout, values: dict[str, Any]) -> bytes:
+def encode(layout: InfoLayout, values: dict[str, Any]) -> bytes:
     """Encode ``values`` (count fields may be omitted) into an information buffer."""
     try:
         fixed_size = layout.static_size
@@ -272,7 +273,7 @@ def encode(layout: Layout, values: dict[str, Any]) -> bytes:
         raise InfoBufferError(f"{layout.name}: cannot encode: {e!r}") from e
 
 
-def _fixed_size(layout: Layout, values: dict[str, Any]) -> int:
+def _fixed_size(layout: InfoLayout, values: dict[str, Any]) -> int:
     total = 0
     for f in layout.fields:
         if f.kind is Kind.BYTE_ARRAY:
@@ -289,7 +290,7 @@ def _fixed_size(layout: Layout, values: dict[str, Any]) -> int:
     return total
 
 
-def _encode_fields(layout: Layout, values: dict[str, Any], w: _Writer) -> None:
+def _encode_fields(layout: InfoLayout, values: dict[str, Any], w: _Writer) -> None:
     for name, counted, encoder in layout.encode_steps:
         if counted is not None:
             w.fixed += _U32.pack(len(values[counted]))
@@ -298,101 +299,101 @@ def _encode_fields(layout: Layout, values: dict[str, Any], w: _Writer) -> None:
 
 
 # One small encoder per Kind; (layout, field name) lets them find their Field when needed.
-_Encoder = Callable[[Layout, str, Any, _Writer], None]
+_Encoder = Callable[[InfoLayout, str, Any, _Writer], None]
 
 
-def _field(layout: Layout, name: str) -> Field:
+def _field(layout: InfoLayout, name: str) -> Field:
     for f in layout.fields:
         if f.name == name:
             return f
     raise AssertionError(name)  # pragma: no cover
 
 
-def _enc_u32(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_u32(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     w.fixed += _U32.pack(v)
 
 
-def _enc_u64(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_u64(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     w.fixed += _U64.pack(v)
 
 
-def _enc_uuid(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_uuid(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     w.fixed += v.bytes if isinstance(v, UUID) else UUID(str(v)).bytes
 
 
-def _enc_ipv4(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_ipv4(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     w.fixed += IPv4Address(v).packed
 
 
-def _enc_ipv6(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_ipv6(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     w.fixed += IPv6Address(v).packed
 
 
-def _enc_string(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_string(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     if not isinstance(v, str):
         raise InfoBufferError(f"{lay.name}.{name}: expected a string, got {v!r}")
     w.ref(v.encode("utf-16-le"))
 
 
-def _enc_ref_bytes(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_ref_bytes(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     w.ref(bytes(v))
 
 
-def _enc_bytes(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_bytes(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     size = _field(lay, name).size
     if len(v) != size:
         raise InfoBufferError(f"{lay.name}.{name}: needs {size} bytes, got {len(v)}")
     w.fixed += bytes(v)
 
 
-def _enc_unsized(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_unsized(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     w.data += bytes(v)  # the rest of the buffer, unpadded
 
 
-def _enc_u32_array(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_u32_array(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     w.fixed += struct.pack(f"<{len(v)}I", *v)
 
 
-def _enc_struct(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_struct(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     # An inline struct is flattened into its parent: its data goes to the parent's area.
     sub = _field(lay, name).struct
     assert sub is not None
     _encode_fields(sub, v, w)
 
 
-def _enc_struct_array(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_struct_array(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     sub = _field(lay, name).struct
     assert sub is not None
     blob = b"".join(encode(sub, item) for item in v)
     w.fixed += _U32.pack(w.add_data(blob) if v else 0)
 
 
-def _enc_ref_struct_array(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_ref_struct_array(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     sub = _field(lay, name).struct
     assert sub is not None
     for item in v:
         w.ref(encode(sub, item))
 
 
-def _enc_string_array(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_string_array(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     for item in v:
         _enc_string(lay, name, item, w)
 
 
-def _enc_ref_ipv4(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_ref_ipv4(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     w.fixed += _U32.pack(0 if v is None else w.add_data(IPv4Address(v).packed))
 
 
-def _enc_ref_ipv6(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_ref_ipv6(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     w.fixed += _U32.pack(0 if v is None else w.add_data(IPv6Address(v).packed))
 
 
-def _enc_ipv4_array(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_ipv4_array(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     blob = b"".join(IPv4Address(a).packed for a in v)
     w.fixed += _U32.pack(w.add_data(blob) if v else 0)
 
 
-def _enc_ipv6_array(lay: Layout, name: str, v: Any, w: _Writer) -> None:
+def _enc_ipv6_array(lay: InfoLayout, name: str, v: Any, w: _Writer) -> None:
     blob = b"".join(IPv6Address(a).packed for a in v)
     w.fixed += _U32.pack(w.add_data(blob) if v else 0)
 
@@ -436,12 +437,12 @@ class _Reader:
         return self.buf[offset:offset + size]
 
 
-def decode(layout: Layout, buf: bytes | memoryview) -> dict[str, Any]:
+def decode(layout: InfoLayout, buf: bytes | memoryview) -> dict[str, Any]:
     """Decode an information buffer; trailing bytes after the items are allowed."""
     return _decode_fields(layout, _Reader(buf))
 
 
-def _decode_fields(layout: Layout, r: _Reader) -> dict[str, Any]:
+def _decode_fields(layout: InfoLayout, r: _Reader) -> dict[str, Any]:
     counts: dict[str, int] = {}
     out: dict[str, Any] = {}
     for f, is_count, decoder in layout.decode_steps:
@@ -578,4 +579,4 @@ _DECODERS: dict[Kind, _Decoder] = {
 }
 assert set(_ENCODERS) == set(_DECODERS) == set(Kind)
 
-EMPTY = Layout("Empty")
+EMPTY = InfoLayout("Empty")

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from iosm_cuse.hw.bus import BAR0, BAR2, Bus, BusError, doorbell_offset
-from iosm_cuse.hw.channels import channel_of_pipe
-from iosm_cuse.hw.layout import (
+from iosm_cuse.bus.base import BAR0, BAR2, Bus, BusError, doorbell_offset
+from iosm_cuse.wire.channels import channel_of_pipe
+from iosm_cuse.wire.ipc import (
     CAP_DL_AGGR,
     CAP_UL_AGGR,
     CHIP_INFO_SIZE,
@@ -43,7 +43,7 @@ from iosm_cuse.hw.layout import (
     MsgType,
     TdStatus,
 )
-from iosm_cuse.hw.protocol import Rejects
+from iosm_cuse.wire.rejects import Rejects
 
 log = logging.getLogger("iosm_cuse.sim.device")
 

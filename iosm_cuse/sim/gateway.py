@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any
 
-from iosm_cuse.link.gso import VNET_HDR_LEN, Coalescer, checksum, segment
+from iosm_cuse.net.gso import VNET_HDR_LEN, Coalescer, checksum, segment
 from iosm_cuse.sim.config import ModemConfig
 
 log = logging.getLogger(__name__)
@@ -362,7 +362,7 @@ class Gateway:
     async def start(self) -> None:
         if self.mode == "echo":
             return
-        from iosm_cuse.link.tun import Tun
+        from iosm_cuse.net.tun import Tun
 
         self._loop = asyncio.get_running_loop()
         tun = Tun.create(self.tun_name, mtu=self.config.mtu, txqueuelen=1000, offload=True)

@@ -24,15 +24,15 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from iosm_cuse.hw.channels import MuxMode
-from iosm_cuse.hw.mux.codec import (
+from iosm_cuse.wire.channels import MuxMode
+from iosm_cuse.wire.mux import (
     AGGR_BUF,
     COMMANDS,
     DL_HEAD_PAD,
     FLOW_MASK_STOP,
-    HEADER,
     LITE_BUF,
     MAX_SESSIONS,
+    MUX_HEADER_SIZE,
     RESP_SUCCESS,
     AdbBuilder,
     Command,
@@ -50,7 +50,7 @@ from iosm_cuse.hw.mux.codec import (
     max_ip_packet,
     signature_of,
 )
-from iosm_cuse.hw.protocol import Rejects
+from iosm_cuse.wire.rejects import Rejects
 
 log = logging.getLogger("iosm_cuse.sim.mux")
 
@@ -339,10 +339,10 @@ class MuxDevice:
             c["dl_dropped_too_big"] += 1
             return False
         if self.mode is MuxMode.LITE:
-            extra = self._dl_pad.get(if_id, DL_HEAD_PAD) - HEADER
+            extra = self._dl_pad.get(if_id, DL_HEAD_PAD) - MUX_HEADER_SIZE
             if extra < 0:
                 extra = 0
-            if HEADER + extra + n > LITE_BUF:
+            if MUX_HEADER_SIZE + extra + n > LITE_BUF:
                 c["dl_dropped_too_big"] += 1
                 return False
             if not self._send(encode_adgh(if_id, ip_packet, extra)):

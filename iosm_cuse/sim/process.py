@@ -32,9 +32,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from iosm_cuse.hw.bus import BAR2
-from iosm_cuse.hw.layout import SCRATCHPAD, ExecStage
-from iosm_cuse.hw.shm import ShmBus, ShmLayout, send_bus_fds
+from iosm_cuse.bus.base import BAR2
+from iosm_cuse.bus.shm import ShmBus, ShmLayout, send_bus_fds
+from iosm_cuse.wire.ipc import SCRATCHPAD, ExecStage
 
 log = logging.getLogger("iosm_cuse.sim.process")
 
@@ -206,7 +206,7 @@ def load_factory(spec: str) -> Any:
 async def child_main(sock_fd: int) -> int:
     """The model process: receive the bus, build the model, serve commands until EOF (the
     parent closed the socket or died) or SIGTERM/SIGINT; then close what the factory opened."""
-    from iosm_cuse.hw.shm import recv_bus_fds
+    from iosm_cuse.bus.shm import recv_bus_fds
     from iosm_cuse.sim.device import DeviceConfig, DeviceModel
 
     _die_with_parent()
@@ -321,7 +321,7 @@ def _command(model: Any, line: bytes) -> dict[str, Any]:
 async def serve_file(path: Path, functions: str | None, mux: str = "lite",
                      options: dict[str, Any] | None = None) -> int:
     """Serve a single shared file (ivshmem layout): the device side for the UIO test VM."""
-    from iosm_cuse.hw.shm import DEVICE
+    from iosm_cuse.bus.shm import DEVICE
     from iosm_cuse.sim.device import DeviceConfig, DeviceModel
 
     bus = ShmBus.open_file(path, DEVICE)

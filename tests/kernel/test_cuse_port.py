@@ -1,5 +1,5 @@
 """The MBIM port on a real CUSE /dev/wwan0mbim0 in the Debian-kernel guest, with the modem
-model's MBIM function in the server process (`python -m iosm_cuse.chardev`, no IPC engine).
+model's MBIM function in the server process (`python -m iosm_cuse.port_alone`, no IPC engine).
 
 One server for the module (Python is ~11x slower under TCG); the last test kills it.
 """
@@ -36,7 +36,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 @pytest.fixture(scope="module")
 def server() -> Iterator[subprocess.Popen[str]]:
     subprocess.run(["modprobe", "-q", "cuse"], check=False)
-    proc = subprocess.Popen([sys.executable, "-m", "iosm_cuse.chardev", "--transport", "cuse",
+    proc = subprocess.Popen([sys.executable, "-m", "iosm_cuse.port_alone", "--transport", "cuse",
                              "--devname", NAME], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

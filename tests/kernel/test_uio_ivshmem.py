@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from iosm_cuse.hw.pci import IVSHMEM_PCI_ID, PciDevice, find_iosm_devices, read_device
-from iosm_cuse.hw.uio import open_uio_bus
+from iosm_cuse.bus.pci import IVSHMEM_PCI_ID, PciDevice, find_iosm_devices, read_device
+from iosm_cuse.bus.uio import open_uio_bus
 
 pytestmark = pytest.mark.kernel
 
@@ -91,7 +91,7 @@ def test_bar2_bus_is_shared_with_the_host_file(ivshmem_dev: PciDevice,
     info = _runner_info()
     _unbind(ivshmem_dev.bdf)
     _bind_uio(ivshmem_dev.bdf)
-    caplog.set_level("INFO", logger="iosm_cuse.hw.uio")
+    caplog.set_level("INFO", logger="iosm_cuse.bus.uio")
     bus = open_uio_bus(f"uio:{ivshmem_dev.bdf}")
     try:
         assert bus.device.pci.driver == "uio_pci_generic"

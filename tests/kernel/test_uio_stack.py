@@ -45,8 +45,8 @@ def test_engine_over_ivshmem_against_the_model_on_the_host(
         ivshmem: Any, host_process: Callable[[list[str]], str]) -> None:
     """The IPC boot handshake and a channel opening across the VM boundary: the engine in the
     guest on the UIO bus (polled: no interrupt), the bare model on the host on the file."""
+    from iosm_cuse.bus.uio import open_uio_bus
     from iosm_cuse.hw.engine import IpcEngine
-    from iosm_cuse.hw.uio import open_uio_bus
 
     host_process([sys.executable, "-m", "iosm_cuse.sim", "--shm", ivshmem.host_path])
 
@@ -101,7 +101,7 @@ def test_watch_starts_the_stack_on_bind(ivshmem: Any, host_process: Callable[[li
                                         tmp_path: Path) -> None:
     """`iosm-cuse watch` running before the device is bound starts `up` when the bind uevent
     arrives (MBIM port appears) and stops it on unbind (the port goes away)."""
-    from iosm_cuse.hw.pci import read_device
+    from iosm_cuse.bus.pci import read_device
 
     port = Path("/dev/wwan2mbim0")
     bdf = ivshmem.bdf

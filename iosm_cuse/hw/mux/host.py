@@ -40,14 +40,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from iosm_cuse.hw.channels import IP_MUX_CHANNEL, MuxMode
-from iosm_cuse.hw.mux.codec import (
+from iosm_cuse.wire.channels import IP_MUX_CHANNEL, MuxMode
+from iosm_cuse.wire.mux import (
     ADGH_S,
     COMMANDS,
     DL_HEAD_PAD,
     FLOW_MASK_STOP,
-    HEADER,
     MAX_SESSIONS,
+    MUX_HEADER_SIZE,
     RESP_SUCCESS,
     AdbBuilder,
     Command,
@@ -66,7 +66,7 @@ from iosm_cuse.hw.mux.codec import (
     signature_of,
     ul_pad,
 )
-from iosm_cuse.hw.protocol import Rejects
+from iosm_cuse.wire.rejects import Rejects
 
 log = logging.getLogger("iosm_cuse.hw.mux")
 
@@ -471,9 +471,10 @@ class MuxHost:
                             break
                         s.credits -= n
                     pkt = q.popleft()
-                    out.append(pack(sig, HEADER + len(pad) + n, if_id, 0, 0, k) + pad + pkt)
-                    sizes.append(HEADER + len(pad) + n)
-                    self.pending_bytes += HEADER + len(pad) + n
+                    size = MUX_HEADER_SIZE + len(pad) + n
+                    out.append(pack(sig, size, if_id, 0, 0, k) + pad + pkt)
+                    sizes.append(size)
+                    self.pending_bytes += size
                     s.tx_packets += 1
                     s.tx_bytes += n
                     mine += 1

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from iosm_cuse.hw.bus import BAR0, BAR2, Bus, BusError, DmaPool
+from iosm_cuse.bus.base import BAR0, BAR2, Bus, BusError, DmaPool
 
 HOST = "host"
 DEVICE = "device"

@@ -72,7 +72,7 @@ def dma_bytes_needed(channels: tuple[int, ...] = (0, 6), mux_mode: MuxMode = Mux
     """DMA memory the engine allocates for the AP shared area plus `channels` open at once
     (TD rings and one buffer slot per TD, both directions): what a shared region must offer.
     Lite channel 0 alone takes about 4.1 MB."""
-    from iosm_cuse.hw.layout import AP_SHARED, TD_SIZE
+    from iosm_cuse.wire.ipc import AP_SHARED, TD_SIZE
 
     def up(n: int) -> int:
         return -(-n // align) * align
@@ -97,7 +97,7 @@ def channel_of_pipe(pipe: int) -> int | None:
 
 def mux_mode_from_caps(cp_version: int, caps: int) -> MuxMode:
     """Aggregation only when the CP announces both UL and DL aggregation (bits 8/9)."""
-    from iosm_cuse.hw.layout import CAP_DL_AGGR, CAP_UL_AGGR, CP_VERSION_MIN
+    from iosm_cuse.wire.ipc import CAP_DL_AGGR, CAP_UL_AGGR, CP_VERSION_MIN
 
     if cp_version >= CP_VERSION_MIN and caps & CAP_UL_AGGR and caps & CAP_DL_AGGR:
         return MuxMode.AGGREGATION

@@ -166,7 +166,7 @@ class Tun:
 
         `offload`: every read and write carries a virtio_net_hdr (IFF_VNET_HDR) and the kernel
         may hand over and accept TCP super-packets of up to 64 KiB (TSO4/TSO6 with checksum
-        offload); `link/gso.py` turns them into MTU-sized packets and back."""
+        offload); `net/gso.py` turns them into MTU-sized packets and back."""
         try:
             socket.if_nametoindex(name)
         except OSError:

@@ -1,7 +1,7 @@
 """MUX Lite and MUX Aggregation wire structures (iosm-protocol.md §4), declared once, as data.
 
 Both the host MUX (`hw/mux/host.py`) and the modem model's MUX (`sim/mux.py`) use these tables.
-The record layouts are `iosm_cuse.record` tables; for the hot path each layout's `record`
+The record layouts are `iosm_cuse.wire.record` tables; for the hot path each layout's `record`
 Struct packs the declared fields in offset order (reserved bytes are pad and always zero).
 
 Every decoder takes untrusted bytes and either returns a value or raises `MuxDecodeError`
@@ -15,8 +15,8 @@ import enum
 import struct
 from dataclasses import dataclass, field
 
-from iosm_cuse.hw.channels import MuxMode, mux_mode_from_caps
-from iosm_cuse.hw.layout import CAP_UL_FLOW_CREDIT, CP_VERSION_MIN, F, Layout
+from iosm_cuse.wire.channels import MuxMode, mux_mode_from_caps
+from iosm_cuse.wire.ipc import CAP_UL_FLOW_CREDIT, CP_VERSION_MIN, F, Record
 
 Buffer = bytes | bytearray | memoryview
 
@@ -52,39 +52,39 @@ SIGNATURES = frozenset(int(s) for s in Sig)
 
 # ---- the layouts -------------------------------------------------------------------------------
 
-ADGH = Layout("adgh", 16, [
+ADGH = Record("adgh", 16, [
     F("signature", 0, "I"), F("length", 4, "H"), F("if_id", 6, "B"), F("ip_hint", 7, "B"),
     F("service_class", 8, "B"), F("next_count", 9, "B"),
 ])
-LITE_CMDH = Layout("lite_cmdh", 16, [
+LITE_CMDH = Record("lite_cmdh", 16, [
     F("signature", 0, "I"), F("cmd_len", 4, "H"), F("if_id", 6, "B"),
     F("command_type", 8, "I"), F("transaction_id", 12, "I"),
 ])
 # Lite generic table: QLTH (UL, value = packets queued) and FCTH (DL, value = credit bytes)
-LITE_TABLE = Layout("lite_table", 20, [
+LITE_TABLE = Record("lite_table", 20, [
     F("signature", 0, "I"), F("length", 4, "H"), F("if_id", 6, "B"), F("vfl_length", 7, "B"),
     F("value", 16, "I"),
 ])
-ACBH = Layout("acbh", 16, [
+ACBH = Record("acbh", 16, [
     F("signature", 0, "I"), F("sequence_nr", 6, "H"), F("block_length", 8, "I"),
     F("first_cmd_index", 12, "I"),
 ])
-AGGR_CMDH = Layout("aggr_cmdh", 20, [
+AGGR_CMDH = Record("aggr_cmdh", 20, [
     F("signature", 0, "I"), F("cmd_len", 4, "H"), F("if_id", 6, "B"),
     F("next_cmd_index", 8, "I"), F("command_type", 12, "I"), F("transaction_id", 16, "I"),
 ])
-ADBH = Layout("adbh", 16, [
+ADBH = Record("adbh", 16, [
     F("signature", 0, "I"), F("sequence_nr", 6, "H"), F("block_length", 8, "I"),
     F("first_table_index", 12, "I"),
 ])
-ADTH = Layout("adth", 16, [
+ADTH = Record("adth", 16, [
     F("signature", 0, "I"), F("table_length", 4, "H"), F("if_id", 6, "B"), F("ip_hint", 7, "B"),
     F("next_table_index", 8, "I"),
 ])
-ADTH_ENTRY = Layout("adth_entry", 8, [
+ADTH_ENTRY = Record("adth_entry", 8, [
     F("datagram_index", 0, "I"), F("datagram_length", 4, "H"), F("service_class", 6, "B"),
 ])
-AGGR_QLTH = Layout("aggr_qlth", 20, [
+AGGR_QLTH = Record("aggr_qlth", 20, [
     F("signature", 0, "I"), F("table_length", 4, "H"), F("if_id", 6, "B"),
     F("next_table_index", 8, "I"), F("queue_level", 16, "I"),
 ])
@@ -103,7 +103,7 @@ ENTRY_S = ADTH_ENTRY.record  # datagram_index, datagram_length, service_class
 AGGR_QLTH_S = AGGR_QLTH.record  # signature, table_length, if_id, next, queue_level
 _U32 = struct.Struct("<I")
 
-HEADER = 16  # ADGH, Lite CMDH, ACBH, ADBH, ADTH (without entries)
+MUX_HEADER_SIZE = 16  # ADGH, Lite CMDH, ACBH, ADBH, ADTH (without entries)
 AGGR_CMD_HEADER = AGGR_CMDH.size  # 20
 TABLE_SIZE = LITE_TABLE.size  # 20
 QLTH_SIZE = AGGR_QLTH.size  # 20
@@ -115,9 +115,9 @@ VFL_LENGTH = 4
 
 LITE_BUF = 2048  # Lite UL/DL buffers
 AGGR_BUF = 16 * 1024  # Aggregation ADB buffers
-LITE_MAX_IP = LITE_BUF - HEADER  # 2032
+LITE_MAX_IP = LITE_BUF - MUX_HEADER_SIZE  # 2032
 # an ADB holding one datagram: ADBH + 16 pad + ADTH(1 entry) + QLTH (UL only)
-AGGR_MAX_IP = AGGR_BUF - HEADER - DL_HEAD_PAD - (HEADER + ENTRY_SIZE) - QLTH_SIZE
+AGGR_MAX_IP = AGGR_BUF - MUX_HEADER_SIZE - DL_HEAD_PAD - (MUX_HEADER_SIZE + ENTRY_SIZE) - QLTH_SIZE
 
 
 def ul_credit_from_caps(cp_version: int, caps: int) -> bool:
@@ -131,8 +131,8 @@ def max_ip_packet(mode: MuxMode) -> int:
 
 def ul_pad(mode: MuxMode, ul_head_pad_len: int) -> int:
     """The UL head pad the host puts before each datagram (§4.2/§4.3; note the asymmetry)."""
-    if ul_head_pad_len > HEADER:
-        return ul_head_pad_len - HEADER
+    if ul_head_pad_len > MUX_HEADER_SIZE:
+        return ul_head_pad_len - MUX_HEADER_SIZE
     return 0 if mode is MuxMode.LITE else ul_head_pad_len
 
 
@@ -166,16 +166,16 @@ CMD_INVALID = 255
 RESP_SUCCESS = 0
 FLOW_MASK_STOP = 0xFFFFFFFF
 
-PARAMS: dict[str, Layout] = {
-    "open_session": Layout("open_session", 8, [
+PARAMS: dict[str, Record] = {
+    "open_session": Record("open_session", 8, [
         F("flow_ctrl", 0, "B"), F("ipv4v6_hints", 1, "B"), F("dl_head_pad_len", 4, "I")]),
-    "open_session_resp": Layout("open_session_resp", 12, [
+    "open_session_resp": Record("open_session_resp", 12, [
         F("response", 0, "I"), F("flow_ctrl", 4, "B"), F("ipv4v6_hints", 5, "B"),
         F("ul_head_pad_len", 8, "I")]),
-    "close_session_resp": Layout("close_session_resp", 4, [F("response", 0, "I")]),
-    "flow_ctl": Layout("flow_ctl", 4, [F("mask", 0, "I")]),
-    "link_status": Layout("link_status", 1, [F("payload", 0, "B")]),
-    "link_status_resp": Layout("link_status_resp", 4, [F("response", 0, "I")]),
+    "close_session_resp": Record("close_session_resp", 4, [F("response", 0, "I")]),
+    "flow_ctl": Record("flow_ctl", 4, [F("mask", 0, "I")]),
+    "link_status": Record("link_status", 1, [F("payload", 0, "B")]),
+    "link_status_resp": Record("link_status_resp", 4, [F("response", 0, "I")]),
 }
 
 
@@ -229,29 +229,29 @@ def _decode_params(mode: MuxMode, cmd: Command, raw: Buffer) -> None:
 
 def encode_lite_cmd(cmd: Command) -> bytes:
     params = encode_params(MuxMode.LITE, cmd.code, cmd.params)
-    head = LITE_CMDH_S.pack(Sig.CMDH, HEADER + len(params), cmd.if_id, cmd.code,
+    head = LITE_CMDH_S.pack(Sig.CMDH, MUX_HEADER_SIZE + len(params), cmd.if_id, cmd.code,
                             cmd.transaction_id)
     return head + params
 
 
 def decode_lite_cmd(buf: Buffer) -> Command:
     n = len(buf)
-    if n < HEADER:
+    if n < MUX_HEADER_SIZE:
         raise MuxDecodeError("short", f"CMDH of {n} bytes")
     sig, cmd_len, if_id, code, tid = LITE_CMDH_S.unpack_from(buf, 0)
     if sig != Sig.CMDH:
         raise MuxDecodeError("signature", f"{sig:#010x} where CMDH was expected")
-    if not HEADER <= cmd_len <= n:
+    if not MUX_HEADER_SIZE <= cmd_len <= n:
         raise MuxDecodeError("cmd_len", f"CMDH cmd_len {cmd_len} in a buffer of {n}")
     cmd = Command(code, if_id, tid)
-    _decode_params(MuxMode.LITE, cmd, memoryview(buf)[HEADER:cmd_len])
+    _decode_params(MuxMode.LITE, cmd, memoryview(buf)[MUX_HEADER_SIZE:cmd_len])
     return cmd
 
 
 def encode_acb(cmds: list[Command], sequence_nr: int = 0) -> bytes:
     """ACBH + a chain of aggregated CMDHs (each 4-byte aligned); block_length = the total."""
     parts: list[bytes] = []
-    pos = HEADER
+    pos = MUX_HEADER_SIZE
     for i, cmd in enumerate(cmds):
         params = encode_params(MuxMode.AGGREGATION, cmd.code, cmd.params)
         length = AGGR_CMD_HEADER + len(params)
@@ -260,8 +260,8 @@ def encode_acb(cmds: list[Command], sequence_nr: int = 0) -> bytes:
                                 cmd.transaction_id) + params
         parts.append(body + bytes((nxt - pos - length) if nxt else 0))
         pos = nxt
-    total = HEADER + sum(len(p) for p in parts)
-    first = HEADER if cmds else 0
+    total = MUX_HEADER_SIZE + sum(len(p) for p in parts)
+    first = MUX_HEADER_SIZE if cmds else 0
     return ACBH_S.pack(Sig.ACBH, sequence_nr & 0xFFFF, total, first) + b"".join(parts)
 
 
@@ -269,14 +269,14 @@ def decode_acb(buf: Buffer, *, use_block_length: bool = True) -> list[Command]:
     """The command chain of an ACB. The host-built ACB leaves block_length at 16 (a kernel
     quirk), so the device side decodes with use_block_length=False: the TD size bounds it."""
     n = len(buf)
-    if n < HEADER:
+    if n < MUX_HEADER_SIZE:
         raise MuxDecodeError("short", f"ACBH of {n} bytes")
     sig, _seq, block_length, first = ACBH_S.unpack_from(buf, 0)
     if sig != Sig.ACBH:
         raise MuxDecodeError("signature", f"{sig:#010x} where ACBH was expected")
     end = n
     if use_block_length:
-        if not HEADER <= block_length <= n:
+        if not MUX_HEADER_SIZE <= block_length <= n:
             raise MuxDecodeError("block_length", f"ACB block_length {block_length} of {n}")
         end = block_length
     if first == 0:
@@ -289,7 +289,7 @@ def decode_acb(buf: Buffer, *, use_block_length: bool = True) -> list[Command]:
         if idx in seen:
             raise MuxDecodeError("chain_loop", f"ACB command chain revisits {idx}")
         seen.add(idx)
-        if idx < HEADER or idx + AGGR_CMD_HEADER > end:
+        if idx < MUX_HEADER_SIZE or idx + AGGR_CMD_HEADER > end:
             raise MuxDecodeError("index", f"CMDH at {idx} outside the block of {end}")
         sig, cmd_len, if_id, nxt, code, tid = AGGR_CMDH_S.unpack_from(buf, idx)
         if sig != Sig.CMDH:
@@ -308,7 +308,7 @@ def decode_acb(buf: Buffer, *, use_block_length: bool = True) -> list[Command]:
 
 def encode_adgh(if_id: int, packet: Buffer, pad: int = 0, service_class: int = 0,
                 next_count: int = 0) -> bytes:
-    length = HEADER + pad + len(packet)
+    length = MUX_HEADER_SIZE + pad + len(packet)
     head = ADGH_S.pack(Sig.ADGH, length, if_id, 0, service_class, next_count)
     return head + bytes(pad) + packet if pad else head + packet
 
@@ -316,12 +316,12 @@ def encode_adgh(if_id: int, packet: Buffer, pad: int = 0, service_class: int = 0
 def decode_adgh(buf: Buffer, pad: int = 0) -> tuple[int, bytes, int]:
     """(if_id, IP packet, service_class); the packet lies at 16 + pad, up to `length`."""
     n = len(buf)
-    if n < HEADER:
+    if n < MUX_HEADER_SIZE:
         raise MuxDecodeError("short", f"ADGH of {n} bytes")
     sig, length, if_id, _hint, service_class, _next = ADGH_S.unpack_from(buf, 0)
     if sig != Sig.ADGH:
         raise MuxDecodeError("signature", f"{sig:#010x} where ADGH was expected")
-    start = HEADER + pad
+    start = MUX_HEADER_SIZE + pad
     if not start < length <= n:
         raise MuxDecodeError("length", f"ADGH length {length} in a buffer of {n}")
     if if_id >= MAX_SESSIONS:
@@ -369,7 +369,7 @@ class AdbBuilder:
         self._reset()
 
     def _reset(self) -> None:
-        self._offset = HEADER
+        self._offset = MUX_HEADER_SIZE
         self._entries: dict[int, list[tuple[int, int, int]]] = {}
         self._tables = 0  # bytes the tables will take at finish
         self.count = 0
@@ -390,7 +390,7 @@ class AdbBuilder:
         entries = self._entries.get(if_id)
         extra = ENTRY_SIZE
         if entries is None:
-            extra += HEADER + (QLTH_SIZE if self.qlth else 0)
+            extra += MUX_HEADER_SIZE + (QLTH_SIZE if self.qlth else 0)
         elif len(entries) >= self.max_per_session:
             return False
         length = pad + len(packet)
@@ -418,10 +418,10 @@ class AdbBuilder:
             entries = self._entries[if_id]
             if link_at >= 0:
                 _U32.pack_into(buf, link_at, pos)
-            size = HEADER + ENTRY_SIZE * len(entries)
+            size = MUX_HEADER_SIZE + ENTRY_SIZE * len(entries)
             ADTH_S.pack_into(buf, pos, Sig.ADTH, size, if_id, 0, 0)
             link_at = pos + 8
-            p = pos + HEADER
+            p = pos + MUX_HEADER_SIZE
             for at, length, sc in entries:
                 ENTRY_S.pack_into(buf, p, at, length, sc)
                 p += ENTRY_SIZE
@@ -453,12 +453,12 @@ def decode_adb(buf: Buffer, pad: int, *, allow_qlth: bool = False) -> AdbContent
     first non-ADTH table, as the kernel does; the uplink (model side) accepts QLTH tables.
     Every offset is checked against block_length, itself inside the buffer."""
     n = len(buf)
-    if n < HEADER:
+    if n < MUX_HEADER_SIZE:
         raise MuxDecodeError("short", f"ADBH of {n} bytes")
     sig, _seq, block_length, idx = ADBH_S.unpack_from(buf, 0)
     if sig != Sig.ADBH:
         raise MuxDecodeError("signature", f"{sig:#010x} where ADBH was expected")
-    if not HEADER <= block_length <= n:
+    if not MUX_HEADER_SIZE <= block_length <= n:
         raise MuxDecodeError("block_length", f"ADB block_length {block_length} of {n}")
     if idx == 0:
         raise MuxDecodeError("empty", "ADB without tables (first_table_index 0)")
@@ -468,7 +468,7 @@ def decode_adb(buf: Buffer, pad: int, *, allow_qlth: bool = False) -> AdbContent
         if idx in seen:
             raise MuxDecodeError("chain_loop", f"ADB table chain revisits {idx}")
         seen.add(idx)
-        if idx < HEADER or idx + HEADER > block_length:
+        if idx < MUX_HEADER_SIZE or idx + MUX_HEADER_SIZE > block_length:
             raise MuxDecodeError("index", f"table at {idx} outside the block of {block_length}")
         tsig = _U32.unpack_from(buf, idx)[0]
         if tsig == Sig.ADTH:
@@ -483,15 +483,16 @@ def decode_adb(buf: Buffer, pad: int, *, allow_qlth: bool = False) -> AdbContent
 
 def _adth(buf: Buffer, idx: int, block_length: int, pad: int, out: AdbContent) -> int:
     _, table_length, if_id, _hint, nxt = ADTH_S.unpack_from(buf, idx)
-    if table_length < HEADER + ENTRY_SIZE or (table_length - HEADER) % ENTRY_SIZE or \
+    entries_length = table_length - MUX_HEADER_SIZE
+    if entries_length < ENTRY_SIZE or entries_length % ENTRY_SIZE or \
             idx + table_length > block_length:
         raise MuxDecodeError("table_length", f"ADTH at {idx}: table_length {table_length}")
     if if_id >= MAX_SESSIONS:
         raise MuxDecodeError("if_id", f"ADTH at {idx} for if_id {if_id}")
     dgs = out.datagrams
-    for p in range(idx + HEADER, idx + table_length, ENTRY_SIZE):
+    for p in range(idx + MUX_HEADER_SIZE, idx + table_length, ENTRY_SIZE):
         at, length, sc = ENTRY_S.unpack_from(buf, p)
-        if at < HEADER:
+        if at < MUX_HEADER_SIZE:
             raise MuxDecodeError("datagram_index", f"datagram at {at} inside the ADBH")
         if length <= pad or at + length > block_length:
             raise MuxDecodeError("datagram", f"datagram {at}+{length} (pad {pad}) outside "

@@ -20,8 +20,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from iosm_cuse.hw.bus import BAR0, BAR2, Bus, BusError, DmaPool
-from iosm_cuse.hw.pci import (
+from iosm_cuse.bus.base import BAR0, BAR2, Bus, BusError, DmaPool
+from iosm_cuse.bus.pci import (
     IOSM_PCI_IDS,
     IVSHMEM_PCI_ID,
     SYSFS,
@@ -32,9 +32,9 @@ from iosm_cuse.hw.pci import (
     read_device,
     require_uio,
 )
-from iosm_cuse.hw.shm import BAR0_SIZE, BAR2_SIZE, ShmLayout
+from iosm_cuse.bus.shm import BAR0_SIZE, BAR2_SIZE, ShmLayout
 
-log = logging.getLogger("iosm_cuse.hw.uio")
+log = logging.getLogger("iosm_cuse.bus.uio")
 
 DEV = Path("/dev")
 PAGE = mmap.PAGESIZE

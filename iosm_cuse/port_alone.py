@@ -1,5 +1,7 @@
-"""`python -m iosm_cuse.chardev`: the MBIM port alone, with the modem model's MBIM function
-behind it in-process (no IPC engine). For kernel-tier tests, benchmarks and trying a client.
+"""`python -m iosm_cuse.port_alone`: the MBIM port alone, with the modem model's MBIM function
+behind it in-process (no IPC engine, no bus). For kernel-tier tests, benchmarks and trying a
+client. It wires a host part (`chardev/`) to a device part (`sim/`), so, like the daemon, it lives
+at the top of the package and not in either side's folder.
 
 Prints one line `ready <path> (<transport>)` on stdout once the port can be opened, then serves
 until SIGTERM/SIGINT.
@@ -77,7 +79,7 @@ async def serve(args: argparse.Namespace) -> int:
             transport = await start_transport(port, transport=args.transport,
                                               devname=args.devname, link=args.link)
     except (CuseUnavailable, OSError) as exc:
-        print(f"iosm-cuse chardev: {exc}", file=sys.stderr)
+        print(f"iosm-cuse port_alone: {exc}", file=sys.stderr)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -93,7 +95,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m iosm_cuse.chardev", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m iosm_cuse.port_alone", description=__doc__)
     parser.add_argument("--transport", choices=("auto", "cuse", "pty"), default="auto")
     parser.add_argument("--devname", default=DEFAULT_DEVNAME)
     parser.add_argument("--link", default=str(DEFAULT_LINK), help="PTY symlink")

@@ -1,6 +1,6 @@
 """Wire layouts of the IOSM IPC protocol, declared once, as data (iosm-protocol.md §1-§2).
 
-Each message is an `iosm_cuse.record.Layout` (a table of named fields with offsets), so the
+Each message is an `iosm_cuse.wire.record.Record` (a table of named fields with offsets), so the
 host engine and the device model share every offset and neither hand-packs a message.
 """
 
@@ -11,9 +11,9 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-from iosm_cuse.record import Buffer as Buffer  # re-exported for users of the IPC layouts
-from iosm_cuse.record import Field as Field
-from iosm_cuse.record import Layout as Layout
+from iosm_cuse.wire.record import Buffer as Buffer  # re-exported for users of the IPC layouts
+from iosm_cuse.wire.record import Field as Field
+from iosm_cuse.wire.record import Record as Record
 
 
 def F(name: str, offset: int, fmt: str, **kw: Any) -> Field:  # table shorthand
@@ -22,7 +22,7 @@ def F(name: str, offset: int, fmt: str, **kw: Any) -> Field:  # table shorthand
 
 # ---- §1.2 scratchpad (BAR2) -------------------------------------------------------------------
 
-SCRATCHPAD = Layout("scratchpad", 0x100, [
+SCRATCHPAD = Record("scratchpad", 0x100, [
     F("exec_stage", 0x00, "I"),
     F("chip_info", 0x04, "60s"),
     F("rom_exit_code", 0x40, "I"),
@@ -91,7 +91,7 @@ class Hpda(enum.IntEnum):
 NUM_PIPES = 24
 MSG_RING_ENTRIES = 128
 
-CONTEXT_INFO = Layout("context_info", 56, [
+CONTEXT_INFO = Record("context_info", 56, [
     F("device_info_address", 0x00, "Q"),
     F("head_array_address", 0x08, "Q"),
     F("tail_array_address", 0x10, "Q"),
@@ -103,13 +103,13 @@ CONTEXT_INFO = Layout("context_info", 56, [
     F("device_info_irq_vector", 0x33, "B"),
 ])
 
-DEVICE_INFO = Layout("device_info", 12, [
+DEVICE_INFO = Record("device_info", 12, [
     F("exec_stage", 0, "I"),
     F("ipc_status", 4, "I"),
     F("sleep_notification", 8, "I"),
 ])
 
-AP_SHARED = Layout("ap_shared", 0xD10, [
+AP_SHARED = Record("ap_shared", 0xD10, [
     F("context_info", 0x000, "56s"),
     F("device_info", 0x038, "12s"),
     F("msg_head", 0x044, "I"),
@@ -148,26 +148,26 @@ SLEEP_EXIT = 1
 
 _TAIL = [F("type", MSG_TYPE_OFFSET, "B"), F("status", MSG_STATUS_OFFSET, "I")]
 
-MESSAGES: Mapping[MsgType, Layout] = {
-    MsgType.OPEN_PIPE: Layout("open_pipe", MSG_SIZE, [
+MESSAGES: Mapping[MsgType, Record] = {
+    MsgType.OPEN_PIPE: Record("open_pipe", MSG_SIZE, [
         F("td_ring_address", 0, "Q"), F("td_count", 8, "H"), F("pipe", 10, "B"),
         F("type", MSG_TYPE_OFFSET, "B"), F("irq_vector", 12, "I"), F("backoff_us", 16, "I"),
         F("status", MSG_STATUS_OFFSET, "I")]),
-    MsgType.CLOSE_PIPE: Layout("close_pipe", MSG_SIZE, [F("pipe", 10, "B"), *_TAIL]),
-    MsgType.ABORT_PIPE: Layout("abort_pipe", MSG_SIZE, [F("pipe", 10, "B"), *_TAIL]),
-    MsgType.SLEEP: Layout("sleep", MSG_SIZE, [
+    MsgType.CLOSE_PIPE: Record("close_pipe", MSG_SIZE, [F("pipe", 10, "B"), *_TAIL]),
+    MsgType.ABORT_PIPE: Record("abort_pipe", MSG_SIZE, [F("pipe", 10, "B"), *_TAIL]),
+    MsgType.SLEEP: Record("sleep", MSG_SIZE, [
         F("target", 8, "B"), F("state", 9, "B"), *_TAIL]),
-    MsgType.FEATURE_SET: Layout("feature_set", MSG_SIZE, [F("features", 10, "B"), *_TAIL]),
+    MsgType.FEATURE_SET: Record("feature_set", MSG_SIZE, [F("features", 10, "B"), *_TAIL]),
 }
-MSG_HEADER = Layout("msg_header", MSG_SIZE, list(_TAIL))
+MSG_HEADER = Record("msg_header", MSG_SIZE, list(_TAIL))
 
 
-def encode_message(kind: MsgType, **values: Any) -> bytes:
+def encode_ring_message(kind: MsgType, **values: Any) -> bytes:
     """One ring entry of type `kind`; reserved bytes zero, status 0."""
     return MESSAGES[kind].pack(type=int(kind), **values)
 
 
-def decode_message(raw: Buffer) -> tuple[MsgType, dict[str, Any]]:
+def decode_ring_message(raw: Buffer) -> tuple[MsgType, dict[str, Any]]:
     """(type, fields) of a ring entry; ValueError on a short entry or an unknown type."""
     if len(raw) < MSG_SIZE:
         raise ValueError(f"ring entry of {len(raw)} bytes, need {MSG_SIZE}")
@@ -184,7 +184,7 @@ def decode_message(raw: Buffer) -> tuple[MsgType, dict[str, Any]]:
 TD_SIZE = 16
 TD_MAX_SIZE = (1 << 24) - 1
 
-TD = Layout("td", TD_SIZE, [
+TD = Record("td", TD_SIZE, [
     F("address", 0, "Q"),
     F("size", 8, "I", bits=(0, 24)),
     F("status", 8, "I", bits=(24, 8)),

@@ -1,8 +1,8 @@
 """Fixed-size little-endian records declared once, as data.
 
-A `Layout` is a table of `Field`s (name, offset, struct format, optional bit range or array
+A `Record` is a table of `Field`s (name, offset, struct format, optional bit range or array
 count). From the table it derives one precompiled `struct.Struct` for whole-record pack/unpack and
-one per field for single-field access. The IOSM IPC layouts (`hw/layout.py`), the MUX codecs and
+one per field for single-field access. The IOSM IPC layouts (`wire/ipc.py`), the MUX codecs and
 the CUSE wire structs (`chardev/cuse.py`) are all tables of this one kind.
 """
 
@@ -29,7 +29,7 @@ class Field:
 
 
 @dataclass
-class Layout:
+class Record:
     """A fixed-size little-endian record."""
 
     name: str
@@ -64,7 +64,7 @@ class Layout:
         self._slots = slots
 
     @classmethod
-    def sequential(cls, name: str, *fields: tuple[str, str]) -> Layout:
+    def sequential(cls, name: str, *fields: tuple[str, str]) -> Record:
         """A C struct written in declaration order, as (name, struct code) pairs: offsets follow
         from the sizes. A name starting with "_" is reserved (packed as zero, never returned) and
         a code ending in "x" is padding."""

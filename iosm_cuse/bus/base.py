@@ -12,7 +12,7 @@ A Bus offers
 - `notify()`: tell the other side to look (host: after a doorbell register write; device: raise
   the interrupt). `doorbell(n, value)` is the host's register write + notify.
 
-Backends: `hw/shm.py` (memfds + eventfds shared with the model process), `hw/uio.py` (a UIO-bound
+Backends: `bus/shm.py` (memfds + eventfds shared with the model process), `bus/uio.py` (a UIO-bound
 PCI device). The engine only sees this interface, so a VFIO backend can be added without
 touching it.
 """
