@@ -27,7 +27,7 @@ from dataclasses import dataclass
 BAR0 = 0  # doorbell ("IPC regs") region
 BAR2 = 2  # scratchpad ("MMIO") region
 
-DOORBELL_BASE = 0x10  # BAR0 offset of doorbell 0 (iosm-protocol.md §1.4)
+DOORBELL_BASE = 0x10  # BAR0 offset of doorbell 0 (docs/iosm-protocol.md §1.4)
 DOORBELL_STRIDE = 0x20
 
 _U32 = struct.Struct("<I")

@@ -5,7 +5,7 @@ or notification (fs/fuse/dev.c). `decode_request(bytes)` turns one request into 
 the `reply_*` / `notify_poll` functions turn answers back into bytes. Nothing here does I/O.
 
 Structs and opcodes are declared once, as data (`LAYOUTS`, `OPCODES`), after
-include/uapi/linux/fuse.h (little-endian, no implicit padding; see libraries.md §1.4).
+include/uapi/linux/fuse.h (little-endian, no implicit padding; see docs/cuse.md §3).
 """
 
 from __future__ import annotations

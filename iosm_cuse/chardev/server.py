@@ -5,7 +5,7 @@ a `send` callable); `CuseServer` is the asyncio adapter that reads /dev/cuse (or
 SOCK_SEQPACKET socket standing in for it) one request per read, and writes one reply per write.
 
 Every request gets an answer, error paths and shutdown included: a client whose request is in
-the server's hands sleeps uninterruptibly until it is answered (libraries.md §1.4, "Danger").
+the server's hands sleeps uninterruptibly until it is answered (docs/cuse.md §8).
 """
 
 from __future__ import annotations

@@ -231,7 +231,7 @@ class IpcEngine:
         self._listeners.append(cb)
 
     async def start(self) -> None:
-        """The boot handshake of iosm-protocol.md §1.6; EngineError with the reason on failure.
+        """The boot handshake of docs/iosm-protocol.md §1.6; EngineError with the reason on failure.
         Also used after DOWN: everything from the previous run is forgotten first."""
         self._loop = asyncio.get_running_loop()
         self._teardown_run()
@@ -483,7 +483,8 @@ class IpcEngine:
             log.exception("servicing the interrupt")
 
     def _service(self) -> None:
-        """One interrupt (§1.5): exec stage, message completions, every open pipe."""
+        """One interrupt (docs/iosm-protocol.md §1.5): exec stage, message completions, every
+        open pipe."""
         self.interrupts += 1
         if self.state not in (EngineState.RUNNING, EngineState.STARTING):
             return
@@ -504,7 +505,8 @@ class IpcEngine:
                 continue
             n, drained = ch.dl.reap(self._receiver(ch))
             if n:
-                # control pipes: doorbell per batch; IP MUX: only if the ring ran dry (§2.8)
+                # control pipes: doorbell per batch; IP MUX: only if the ring ran dry
+                # (docs/iosm-protocol.md §2.8)
                 ring_dl |= (not ch.cfg.is_ip_mux) or drained
             if ch.ul.reap():
                 if ch.on_ul_done is not None:
@@ -544,7 +546,8 @@ class IpcEngine:
         stage = self._reg32("exec_stage")
         if stage == ExecStage.RUN and self._area is not None and \
                 self.state is EngineState.RUNNING:
-            stage = self._area.device_exec_stage()  # §1.3: read there once RUNNING
+            # read there once RUNNING (docs/iosm-protocol.md §1.3)
+            stage = self._area.device_exec_stage()
         if stage == ExecStage.RUN:
             return False
         if stage == ExecStage.CRASH:

@@ -1,4 +1,4 @@
-"""Sans-IO core of the host side of the IOSM IPC protocol (iosm-protocol.md §2).
+"""Sans-IO core of the host side of the IOSM IPC protocol (docs/iosm-protocol.md §2).
 
 Everything here works on memoryviews of the AP shared area and of DMA regions: no fds, no
 asyncio, no time. `hw/engine.py` drives it from interrupts and timers.

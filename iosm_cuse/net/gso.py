@@ -1,9 +1,10 @@
 """TCP segmentation and coalescing for TUN devices with IFF_VNET_HDR (sans-IO).
 
 Why: a TUN fd has no recvmmsg/sendmmsg, so without offloads every 1500-byte packet costs one
-syscall and one pass of the interpreter on each side of a Python bridge (about 1 Gbit/s,
-shared/reference/libraries.md §5). With IFF_VNET_HDR and TUNSETOFFLOAD(CSUM|TSO4|TSO6) the
-kernel hands over up to 64 KiB TCP super-packets and accepts them back, as wireguard-go does.
+syscall and one pass of the interpreter on each side of a Python bridge (about 1 Gbit/s: the
+README's "Figures"; docs/tun.md §1). With IFF_VNET_HDR and TUNSETOFFLOAD(CSUM|TSO4|TSO6) the
+kernel hands over up to 64 KiB TCP super-packets and accepts them back, as wireguard-go does
+(docs/tun.md §2).
 
 Neither the MUX nor a modem carries super-packets: every MUX datagram must be an IP packet the
 link's MTU allows, with complete checksums, exactly what the kernel's software GSO gives a

@@ -1,4 +1,4 @@
-"""The static channel table (iosm-protocol.md §3): index = channel id.
+"""The static channel table (docs/iosm-protocol.md §3): index = channel id.
 
 Channel 0 (IP MUX) depends on the MUX mode chosen from the CP capabilities; `channel_config`
 resolves it. UL buffers are sized like the channel's DL buffers: the largest transfer a pipe

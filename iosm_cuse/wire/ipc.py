@@ -1,4 +1,5 @@
-"""Wire layouts of the IOSM IPC protocol, declared once, as data (iosm-protocol.md §1-§2).
+"""Wire layouts of the IOSM IPC protocol, declared once, as data
+(docs/iosm-protocol.md §1-§2).
 
 Each message is an `iosm_cuse.wire.record.Record` (a table of named fields with offsets), so the
 host engine and the device model share every offset and neither hand-packs a message.
@@ -20,7 +21,7 @@ def F(name: str, offset: int, fmt: str, **kw: Any) -> Field:  # table shorthand
     return Field(name, offset, fmt, **kw)
 
 
-# ---- §1.2 scratchpad (BAR2) -------------------------------------------------------------------
+# ---- scratchpad (BAR2), docs/iosm-protocol.md §1.2 ----------------------------------------------
 
 SCRATCHPAD = Record("scratchpad", 0x100, [
     F("exec_stage", 0x00, "I"),
@@ -86,7 +87,7 @@ class Hpda(enum.IntEnum):
     PORT_OPEN = 9
 
 
-# ---- §2.1/§2.2 AP shared area and context info -------------------------------------------------
+# ---- AP shared area and context info, docs/iosm-protocol.md §2.1/§2.2 ---------------------------
 
 NUM_PIPES = 24
 MSG_RING_ENTRIES = 128
@@ -119,7 +120,7 @@ AP_SHARED = Record("ap_shared", 0xD10, [
     F("msg_ring", 0x110, "24s", count=MSG_RING_ENTRIES),
 ])
 
-# ---- §2.3 message ring ---------------------------------------------------------------------------
+# ---- message ring, docs/iosm-protocol.md §2.3 ---------------------------------------------------
 
 MSG_SIZE = 24
 MSG_TYPE_OFFSET = 11
@@ -179,7 +180,7 @@ def decode_ring_message(raw: Buffer) -> tuple[MsgType, dict[str, Any]]:
     return kind, MESSAGES[kind].unpack(raw)
 
 
-# ---- §2.5 transfer descriptor --------------------------------------------------------------------
+# ---- transfer descriptor, docs/iosm-protocol.md §2.5 --------------------------------------------
 
 TD_SIZE = 16
 TD_MAX_SIZE = (1 << 24) - 1

@@ -1,4 +1,4 @@
-"""MUX Lite and MUX Aggregation wire structures (iosm-protocol.md §4), declared once, as data.
+"""MUX Lite and MUX Aggregation wire structures, declared once, as data (docs/iosm-protocol.md §4).
 
 Both the host MUX (`hw/mux/host.py`) and the modem model's MUX (`sim/mux.py`) use these tables.
 The record layouts are `iosm_cuse.wire.record` tables; for the hot path each layout's `record`
@@ -121,7 +121,8 @@ AGGR_MAX_IP = AGGR_BUF - MUX_HEADER_SIZE - DL_HEAD_PAD - (MUX_HEADER_SIZE + ENTR
 
 
 def ul_credit_from_caps(cp_version: int, caps: int) -> bool:
-    """UL flow on credits (bit 21), honoured only from CP version 0x0100 on (§1.2, §4.4)."""
+    """UL flow on credits (bit 21), honoured only from CP version 0x0100 on
+    (docs/iosm-protocol.md §1.2, §4.4)."""
     return cp_version >= CP_VERSION_MIN and bool(caps & CAP_UL_FLOW_CREDIT)
 
 
@@ -130,7 +131,8 @@ def max_ip_packet(mode: MuxMode) -> int:
 
 
 def ul_pad(mode: MuxMode, ul_head_pad_len: int) -> int:
-    """The UL head pad the host puts before each datagram (§4.2/§4.3; note the asymmetry)."""
+    """The UL head pad the host puts before each datagram (docs/iosm-protocol.md §4.2/§4.3:
+    note the asymmetry)."""
     if ul_head_pad_len > MUX_HEADER_SIZE:
         return ul_head_pad_len - MUX_HEADER_SIZE
     return 0 if mode is MuxMode.LITE else ul_head_pad_len
