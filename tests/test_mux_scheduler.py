@@ -6,9 +6,11 @@ Every UL transfer the scheduler hands out is decoded here with the codecs of `io
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import itertools
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -135,6 +137,19 @@ def test_the_scheduler_needs_no_event_loop() -> None:
     sched, _rec = make(MuxMode.LITE, sessions=range(1))
     assert sched.push(0, packet(0, 0))
     assert datagrams(sched.pull()) == [(0, packet(0, 0))]
+
+
+def test_the_scheduler_module_imports_no_loop_clock_or_io() -> None:
+    """Sans-IO by construction: time and I/O belong to the adapter (host.py)."""
+    import iosm_cuse.hw.mux.scheduler as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported, "no imports found: the check would prove nothing"
+    assert not imported & {"asyncio", "time", "socket", "selectors", "threading", "os"}
 
 
 # ---- fairness
