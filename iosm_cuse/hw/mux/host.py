@@ -12,7 +12,7 @@ This is the asyncio adapter: it owns channel 0, the command lock and futures, an
 call_soon / call_later; every decision (queues, round-robin, the 110 KiB stop, credits, encoding,
 flow control, DL dispatch, counters) is the sans-IO `scheduler.MuxScheduler`'s.
 
-What the kernel driver does here (iosm-protocol.md §4):
+What the kernel driver does here (docs/iosm-protocol.md §4):
 - OPEN_SESSION carries dl_head_pad_len 16; the response is matched by command type within 1 s
   (commands are serialized, so that match is unambiguous) and gives ul_head_pad_len.
 - The uplink is pulled once per batch: `transmit` schedules one drain with call_soon, so the
@@ -51,7 +51,7 @@ from iosm_cuse.wire.rejects import Rejects
 
 log = logging.getLogger("iosm_cuse.hw.mux")
 
-CMD_TIMEOUT = 1.0  # §2.9 MUX command
+CMD_TIMEOUT = 1.0  # MUX command answer (docs/iosm-protocol.md §2.9)
 POLL_PENDING = 0.0005  # while stopped on pending bytes: how often to look at completions
 # (only for channels that cannot report UL completions; the engine's on_ul_done restarts the
 # uplink from the interrupt that reaped them, with no timer)

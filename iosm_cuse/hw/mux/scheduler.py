@@ -295,7 +295,8 @@ class MuxScheduler:
 
     def _qlth_tables(self, out: list[bytes], sizes: list[int]) -> None:
         """Lite: after data went out, queue levels of every active, not flow-controlled
-        session, in credit mode or once 10 KiB are pending (§4.2; once per pull here)."""
+        session, in credit mode or once 10 KiB are pending (docs/iosm-protocol.md §4.2; once
+        per pull here)."""
         if not (self.ul_credit or self.pending_bytes >= UL_LOW):
             return
         for s in self.sessions:
