@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -52,13 +53,21 @@ def until(predicate: Callable[[], object], timeout: float, what: What,
 
 async def until_async(predicate: Callable[[], object], timeout: float, what: What,
                       poll: float = ASYNC_POLL_S) -> float:
-    """until() for code on an event loop: sleeps with asyncio so the loop keeps running."""
+    """until() for code on an event loop: sleeps with asyncio so the loop keeps running. The
+    predicate may be a coroutine function (e.g. one that asks the model for a report)."""
     t0 = time.monotonic()
-    while not predicate():
+    while not await _holds(predicate):
         if time.monotonic() - t0 > timeout:
             raise _failure(what, timeout)
         await asyncio.sleep(poll)
     return time.monotonic() - t0
+
+
+async def _holds(predicate: Callable[[], object]) -> bool:
+    result = predicate()
+    if inspect.isawaitable(result):
+        result = await result
+    return bool(result)
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:

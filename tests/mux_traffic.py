@@ -45,7 +45,7 @@ class Checker:
             self.next[if_id] = seq + 1
         elif len(self.bad) < 20:
             got = HEAD.unpack_from(pkt) if len(pkt) >= HEAD.size else pkt
-            self.bad.append(f"session {if_id}: expected #{seq}, got {got} ({len(pkt)} bytes)")
+            self.bad.append(f"session {if_id}: expected #{seq}, got {got!r} ({len(pkt)} bytes)")
 
     def uplink(self, if_id: int, pkt: bytes) -> None:  # the device MUX's gateway interface
         self(if_id, pkt)

@@ -103,15 +103,14 @@ class Host:
         return await asyncio.wait_for(self.reports.get(), 5)
 
     async def report_when(self, cond: Any, timeout: float, what: str) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            r = await self.report()
-            if cond(r):
-                return r
-            if loop.time() > deadline:
-                raise AssertionError(f"{what}: not within {timeout} s; last report {r}")
-            await asyncio.sleep(0.05)
+        last: list[dict[str, Any]] = []
+
+        async def reported() -> bool:
+            last.append(await self.report())
+            return bool(cond(last[-1]))
+
+        await until_async(reported, timeout, lambda: f"{what}; last report {last[-1]}", poll=0.05)
+        return last[-1]
 
 
 @pytest.mark.parametrize("mode", [MuxMode.LITE, MuxMode.AGGREGATION])

@@ -42,7 +42,7 @@ def _imported_by_name(node: ast.Call) -> list[str]:
     return []
 
 
-def test_modules_imported(source: str, filename: str = "<source>") -> list[str]:
+def imported_test_modules(source: str, filename: str = "<source>") -> list[str]:
     """The test modules `source` imports, in the order they appear."""
     found: list[str] = []
     for node in ast.walk(ast.parse(source, filename)):
@@ -53,9 +53,6 @@ def test_modules_imported(source: str, filename: str = "<source>") -> list[str]:
         elif isinstance(node, ast.Call):
             found += _imported_by_name(node)
     return found
-
-
-test_modules_imported.__test__ = False  # type: ignore[attr-defined]  # a checker, not a test
 
 
 def _python_files() -> list[Path]:
@@ -75,12 +72,12 @@ def _python_files() -> list[Path]:
     ("from hypothesis import given\nfrom iosm_cuse.wire import ipc\n", []),
 ])
 def test_the_checker_sees_test_module_imports(source: str, expected: list[str]) -> None:
-    assert test_modules_imported(source) == expected
+    assert imported_test_modules(source) == expected
 
 
 def test_no_file_under_tests_imports_a_test_module() -> None:
     files = _python_files()
     assert len(files) > 40  # the walk found the suite, not an empty folder
     offenders = {str(p.relative_to(TESTS)): names for p in files
-                 if (names := test_modules_imported(p.read_text(), str(p)))}
+                 if (names := imported_test_modules(p.read_text(), str(p)))}
     assert offenders == {}, "move what they share into a helper module or a fixture"
