@@ -48,7 +48,6 @@ def test_ul_tds_are_completed_before_the_function_runs(shm_pair: ShmPair) -> Non
             assert {t for _, t in fn.seen} == {20}
             await ch.drain(timeout=2)
             assert ch.pending == 0
-            await eng.stop()
 
     run(body())
 
@@ -82,6 +81,5 @@ def test_what_on_ul_done_sends_leaves_with_the_interrupts_doorbell(shm_pair: Shm
             ch.send(b"first")
             await until_async(lambda: len(fn.seen) == 41, 2.0, "41 UL transfers")
             assert not late and left == [0]
-            await eng.stop()
 
     run(body())
