@@ -3,6 +3,17 @@
 On the host, `kernel`-marked tests are skipped (tests/vm runs them in a Debian-kernel guest).
 Inside the guest (IOSM_IN_GUEST=1, set by tests/vm), only `kernel`-marked tests run.
 
+Host-side fixtures (each cleans up after its yield, also when the test fails):
+  netns          a network namespace, created for the test and always deleted
+  netns_name     a namespace name no one uses yet, for the code under test to create (or the
+                 test: `ip netns add`); deleted after the test if it exists. Ask for it
+                 before start_up, so daemons are reaped before it goes
+  start_up       start `iosm-cuse up` (tests/daemon_up.py's Up) in `netns`; every daemon it
+                 started is killed (if still running) and reaped after the test
+  up             one daemon started with the defaults by start_up
+  shm_pair       the host and device ends of a shared-memory bus, both closed after the test;
+                 run the engine against the model on it with helpers.engine_running
+
 Guest-side fixtures for kernel tests (see tests/vm/README.md):
   ivshmem        the ivshmem-plain device bound to uio_pci_generic, its BAR2 and the host file
   host_run       run a command on the HOST beside the guest and get its result
@@ -21,6 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_up import StartUp, Up, namespace_name, network_namespace
+from helpers import ShmPair, device_view
+
+from iosm_cuse.bus.shm import ShmBus
 
 IN_GUEST = os.environ.get("IOSM_IN_GUEST") == "1"
 KERNEL_SKIP = "kernel tier: runs in the guest via tests/vm"
@@ -37,6 +52,60 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("kernel") is not None:
             item.add_marker(skip)
+
+
+# --- a network namespace and the daemon in it (host) -----------------------------------------
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    with network_namespace(namespace_name()) as name:
+        yield name
+
+
+@pytest.fixture
+def netns_name() -> Iterator[str]:
+    with network_namespace(namespace_name("iosmgw"), create=False) as name:
+        yield name
+
+
+@pytest.fixture
+def start_up(netns: str, tmp_path: Path) -> Iterator[StartUp]:
+    """start_up(*extra, mount_ns=True) -> Up: `iosm-cuse up --device sim --transport pty
+    *extra` in `netns` with the run directory tmp_path/run."""
+    started: list[Up] = []
+
+    def start(*extra: str, mount_ns: bool = True) -> Up:
+        daemon = Up(netns, tmp_path / "run", *extra, mount_ns=mount_ns)
+        started.append(daemon)
+        return daemon
+
+    try:
+        yield start
+    finally:
+        for daemon in started:
+            daemon.reap()
+
+
+@pytest.fixture
+def up(start_up: StartUp) -> Up:
+    return start_up()
+
+
+# --- the engine and the model in one process (host) -------------------------------------------
+
+
+@pytest.fixture
+def shm_pair() -> Iterator[ShmPair]:
+    host = ShmBus.create()
+    try:
+        dev = device_view(host)
+        try:
+            yield ShmPair(host, dev)
+        finally:
+            dev.close()
+    finally:
+        host.close()
 
 
 # --- the ivshmem device (guest) -------------------------------------------------------------

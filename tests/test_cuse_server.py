@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from helpers import until_async
+
 from iosm_cuse.chardev import cuse
 from iosm_cuse.chardev.cuse import Op
 from iosm_cuse.chardev.loopback import LoopbackOpener, Responder, answer_open
@@ -384,10 +386,7 @@ def test_a_dead_connection_is_reported_once() -> None:
             u = await r.kernel.read(fh)
             await r.kernel.silent()
             r.kernel.sock.close()  # the connection goes away under the server
-            deadline = asyncio.get_running_loop().time() + 2
-            while not told:
-                assert asyncio.get_running_loop().time() < deadline, "death not reported"
-                await asyncio.sleep(0.01)
+            await until_async(lambda: bool(told), 2, "death not reported", poll=0.01)
             assert len(told) == 1 and "/dev/cuse" in told[0], told
             assert r.server.session.closed and u not in r.server.session.parked
         assert len(told) == 1  # close() after death: no second report

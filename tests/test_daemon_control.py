@@ -121,21 +121,23 @@ def test_server_socket_is_private_and_answers_in_order(tmp_path: Path) -> None:
     async def main() -> None:
         server = ControlServer(path, echo)
         await server.start()
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-        # Two requests in one write, a bad one in between: three answers, in order.
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        writer.write(b'{"id":1,"op":"status"}\nbad\n{"id":2,"op":"link.show"}\n')
-        lines = [json.loads(await reader.readline()) for _ in range(3)]
-        assert [(o["id"], o["ok"]) for o in lines] == [(1, True), (0, False), (2, True)]
-        # The blocking client, as the CLI uses it.
-        result = await asyncio.to_thread(call, path, "link.show", {"dev": "wwan0"})
-        assert result == {"op": "link.show", "args": {"dev": "wwan0"}}
-        with pytest.raises(ControlError) as info:
-            await asyncio.to_thread(call, path, "link.add", {"linkid": 1})
-        assert info.value.errno == errno.EBUSY
-        writer.close()
-        await server.close()
+        try:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+            # Two requests in one write, a bad one in between: three answers, in order.
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(b'{"id":1,"op":"status"}\nbad\n{"id":2,"op":"link.show"}\n')
+            lines = [json.loads(await reader.readline()) for _ in range(3)]
+            assert [(o["id"], o["ok"]) for o in lines] == [(1, True), (0, False), (2, True)]
+            # The blocking client, as the CLI uses it.
+            result = await asyncio.to_thread(call, path, "link.show", {"dev": "wwan0"})
+            assert result == {"op": "link.show", "args": {"dev": "wwan0"}}
+            with pytest.raises(ControlError) as info:
+                await asyncio.to_thread(call, path, "link.add", {"linkid": 1})
+            assert info.value.errno == errno.EBUSY
+            writer.close()
+        finally:
+            await server.close()
         assert not path.exists()
 
     run(main())
@@ -147,14 +149,16 @@ def test_oversized_line_is_refused_and_the_server_survives(tmp_path: Path) -> No
     async def main() -> None:
         server = ControlServer(path, echo)
         await server.start()
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        writer.write(b"x" * (MAX_LINE + 100))
-        err = json.loads(await reader.readline())
-        assert err["errno"] == errno.EMSGSIZE
-        assert await reader.read() == b""  # the server hung up on that client only
-        writer.close()
-        assert (await asyncio.to_thread(call, path, "status"))["op"] == "status"
-        await server.close()
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(b"x" * (MAX_LINE + 100))
+            err = json.loads(await reader.readline())
+            assert err["errno"] == errno.EMSGSIZE
+            assert await reader.read() == b""  # the server hung up on that client only
+            writer.close()
+            assert (await asyncio.to_thread(call, path, "status"))["op"] == "status"
+        finally:
+            await server.close()
 
     run(main())
 

@@ -9,116 +9,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import selectors
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from daemon_up import IOSM_CUSE, StartUp, Up, ip
+from helpers import until
 
 pytestmark = pytest.mark.host
-
-IOSM_CUSE = [str(Path(sys.executable).parent / "iosm-cuse")]
-READY = re.compile(r"^iosm-cuse: .* ready; MBIM port (\S+) \((cuse|pty fallback[^)]*)\); "
-                   r"data link (\S+) \(session 0\); MUX (\S+)$")
-MBIMCLI_TIMEOUT = 20
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"iosmd{os.getpid()}"
-    _ip("netns", "add", name)
-    _ip("-n", name, "link", "set", "lo", "up")
-    try:
-        yield name
-    finally:
-        _ip("netns", "del", name, check=False)
-
-
-class Up:
-    """A running `iosm-cuse up`; every command runs in its namespace with its run directory."""
-
-    def __init__(self, ns: str, run_dir: Path, *extra: str, mount_ns: bool = True) -> None:
-        self.ns = ns
-        self.run_dir = run_dir
-        self.env = {**os.environ, "IOSM_CUSE_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
-        self.env.pop("IOSM_CUSE_SOCKET", None)
-        t0 = time.monotonic()
-        # `ip netns exec` also gives a mount namespace of its own: a namespace the model creates
-        # there is invisible outside. nsenter switches the network namespace only.
-        enter = ["ip", "netns", "exec", ns] if mount_ns else ["nsenter", f"--net=/run/netns/{ns}"]
-        self.proc = subprocess.Popen(
-            [*enter, *IOSM_CUSE, "up", "--device", "sim", "--transport", "pty",
-             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
-            start_new_session=not mount_ns)  # a process group of its own, as under a shell
-        self.ready_line = self._read_ready(timeout=15)
-        self.startup_s = time.monotonic() - t0
-        m = READY.match(self.ready_line)
-        assert m, self.ready_line
-        self.port = m.group(1)
-
-    def _read_ready(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            self.proc.kill()
-            pytest.fail(f"no ready line within {timeout} s: {self.proc.stderr.read()}")  # type: ignore[union-attr]
-        line = self.proc.stdout.readline().rstrip("\n")
-        if not line:
-            self.proc.wait(5)
-            pytest.fail(f"up exited {self.proc.returncode}: {self.proc.stderr.read()}")  # type: ignore[union-attr]
-        return line
-
-    def run(self, *argv: str, timeout: float = MBIMCLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", self.ns, *argv], capture_output=True,
-                              text=True, env=self.env, timeout=timeout)
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.run(*IOSM_CUSE, *args)
-
-    def mbimcli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.run("mbimcli", "-d", self.port, *args)
-
-    def status(self) -> dict[str, Any]:
-        res = self.cli("status", "--json")
-        assert res.returncode == 0, res.stderr
-        st: dict[str, Any] = json.loads(res.stdout)
-        return st
-
-    def links(self) -> dict[str, int]:
-        """name -> ifindex of every link but lo in the namespace."""
-        out = _ip("-n", self.ns, "-j", "link", "show").stdout
-        return {ln["ifname"]: ln["ifindex"] for ln in json.loads(out) if ln["ifname"] != "lo"}
-
-    def terminate(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
-        self.proc.send_signal(sig)
-        try:
-            _, err = self.proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-            pytest.fail(f"up did not exit within 15 s of SIGTERM: {err}")
-        return self.proc.returncode, err
-
-
-@pytest.fixture
-def up(netns: str, tmp_path: Path) -> Iterator[Up]:
-    daemon = Up(netns, tmp_path / "run")
-    try:
-        yield daemon
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait(10)
 
 
 def _connect_and_ping(up: Up, link: str, session: int) -> None:
@@ -131,8 +31,8 @@ def _connect_and_ping(up: Up, link: str, session: int) -> None:
     addr = re.search(r"IP \[0\]: '([0-9.]+/[0-9]+)'", res.stdout)
     gw = re.search(r"Gateway: '([0-9.]+)'", res.stdout)
     assert addr and gw, res.stdout
-    _ip("-n", up.ns, "addr", "replace", addr.group(1), "dev", link)
-    _ip("-n", up.ns, "link", "set", link, "up")
+    ip("-n", up.ns, "addr", "replace", addr.group(1), "dev", link)
+    ip("-n", up.ns, "link", "set", link, "up")
     ping = up.run("ping", "-c", "2", "-W", "2", "-I", link, gw.group(1))
     assert ping.returncode == 0, ping.stdout + ping.stderr
 
@@ -217,22 +117,23 @@ def test_model_crash_is_recovered_and_links_kept(up: Up, how: str) -> None:
         os.kill(model_pid, signal.SIGSTOP)
         up.run("ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", "wwan0-1", "10.99.1.1")
 
-    deadline = time.monotonic() + 20
-    while True:
-        st = up.status()
-        if st["modem"]["restarts"] >= 1 and st["modem"]["ipc_state"] == "RUNNING":
-            break
-        assert time.monotonic() < deadline, st
-        time.sleep(0.2)
+    seen: list[dict[str, Any]] = []
+
+    def restarted() -> bool:
+        seen.append(up.status())
+        return bool(seen[-1]["modem"]["restarts"] >= 1 and
+                    seen[-1]["modem"]["ipc_state"] == "RUNNING")
+
+    until(restarted, 20, lambda: seen[-1], poll=0.2)
+    st = seen[-1]
     assert st["modem"]["pid"] != model_pid
     assert not Path(f"/proc/{model_pid}").exists() or \
         Path(f"/proc/{model_pid}/stat").read_text().split()[2] == "Z", "old model left running"
     assert up.links() == before, "links must survive a modem restart"
     # The MUX session of the link that was up is open again by itself.
-    deadline = time.monotonic() + 10
-    while next(ln for ln in up.status()["links"] if ln["name"] == "wwan0-1")["session"] != "open":
-        assert time.monotonic() < deadline, up.status()["links"]
-        time.sleep(0.2)
+    until(lambda: next(ln for ln in up.status()["links"]
+                       if ln["name"] == "wwan0-1")["session"] == "open",
+          10, lambda: up.status()["links"], poll=0.2)
     # Channel 6: MBIM works again. Channel 0: packets flow on the kept link after a connect.
     caps = up.mbimcli("--query-device-caps")
     assert caps.returncode == 0, caps.stderr
@@ -253,108 +154,88 @@ def test_model_crash_is_recovered_and_links_kept(up: Up, how: str) -> None:
     assert not Path(f"/proc/{new_pid}").exists(), "model process left behind"
 
 
-def test_aggregation_mux_and_a_gateway_namespace(netns: str, tmp_path: Path) -> None:
+def test_aggregation_mux_and_a_gateway_namespace(netns_name: str, start_up: StartUp) -> None:
     """--mux reaches the model (the engine then reads Aggregation from its capabilities) and
     --gateway netns:NAME puts the model's gateway TUN into that namespace, where the kernel,
     not the model, answers the ping."""
-    gw_ns = f"{netns}gw"
-    _ip("netns", "add", gw_ns)
-    up = Up(netns, tmp_path / "run", "--mux", "aggregation", "--gateway", f"netns:{gw_ns}")
-    try:
-        assert up.ready_line.endswith("MUX aggregation")
-        assert up.status()["modem"]["mux_mode"] == "aggregation"
-        _connect_and_ping(up, "wwan0", 0)
-        gw_links = json.loads(_ip("-n", gw_ns, "-j", "link", "show").stdout)
-        assert "iosmgw0" in [ln["ifname"] for ln in gw_links]
-        code, err = up.terminate()
-        assert code == 0, err
-        gw_links = json.loads(_ip("-n", gw_ns, "-j", "link", "show").stdout)
-        assert "iosmgw0" not in [ln["ifname"] for ln in gw_links], "gateway TUN left behind"
-    finally:
-        if up.proc.poll() is None:
-            up.proc.kill()
-            up.proc.wait(10)
-        _ip("netns", "del", gw_ns, check=False)
+    gw_ns = netns_name
+    ip("netns", "add", gw_ns)
+    up = start_up("--mux", "aggregation", "--gateway", f"netns:{gw_ns}")
+    assert up.ready_line.endswith("MUX aggregation")
+    assert up.status()["modem"]["mux_mode"] == "aggregation"
+    _connect_and_ping(up, "wwan0", 0)
+    gw_links = json.loads(ip("-n", gw_ns, "-j", "link", "show").stdout)
+    assert "iosmgw0" in [ln["ifname"] for ln in gw_links]
+    code, err = up.terminate()
+    assert code == 0, err
+    gw_links = json.loads(ip("-n", gw_ns, "-j", "link", "show").stdout)
+    assert "iosmgw0" not in [ln["ifname"] for ln in gw_links], "gateway TUN left behind"
 
 
-def test_a_killed_daemon_leaves_nothing_that_blocks_the_next(netns: str, tmp_path: Path) -> None:
+def test_a_killed_daemon_leaves_nothing_that_blocks_the_next(start_up: StartUp) -> None:
     """SIGKILL: no cleanup code runs. The kernel drops the locks and the TUN devices, the model
     sees its socket close and exits; the next `up` takes over the stale socket and symlink."""
-    first = Up(netns, tmp_path / "run")
+    first = start_up()
     model_pid = first.status()["modem"]["pid"]
     first.proc.kill()
     first.proc.wait(10)
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{model_pid}").exists():
-        assert time.monotonic() < deadline, "model outlived its daemon"
-        time.sleep(0.1)
+    until(lambda: not Path(f"/proc/{model_pid}").exists(), 10, "model outlived its daemon",
+          poll=0.1)
     assert first.links() == {}
-    second = Up(netns, tmp_path / "run")
-    try:
-        assert second.mbimcli("--query-device-caps").returncode == 0
-        assert [ln["name"] for ln in second.status()["links"]] == ["wwan0"]
-        code, err = second.terminate()
-        assert code == 0, err
-        assert list(second.run_dir.iterdir()) == []
-    finally:
-        if second.proc.poll() is None:
-            second.proc.kill()
-            second.proc.wait(10)
+    second = start_up()
+    assert second.mbimcli("--query-device-caps").returncode == 0
+    assert [ln["name"] for ln in second.status()["links"]] == ["wwan0"]
+    code, err = second.terminate()
+    assert code == 0, err
+    assert list(second.run_dir.iterdir()) == []
 
 
-def test_modem_gateway_namespace_is_removed_on_sigint(tmp_path: Path) -> None:
+def test_modem_gateway_namespace_is_removed_on_sigint(netns_name: str, tmp_path: Path) -> None:
     """`iosm-cuse modem --gateway netns:NAME` creates the namespace with the gateway TUN in it,
     and removes both when interrupted."""
-    gw_ns = f"iosmgw{os.getpid()}"
-    assert gw_ns not in _ip("netns", "list").stdout
-    proc = subprocess.Popen([*IOSM_CUSE, "modem", "--shm", str(tmp_path / "shm"), "--gateway",
-                             f"netns:{gw_ns}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.monotonic() + 20
-        # Up is the gateway's last configuration step.
-        while ",UP" not in _ip("-n", gw_ns, "link", "show", "iosmgw0", check=False).stdout:
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no gateway TUN in the namespace"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(15) == 0, proc.communicate()
-        assert gw_ns not in _ip("netns", "list").stdout, "gateway namespace left behind"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        _ip("netns", "del", gw_ns, check=False)
+    gw_ns = netns_name
+    assert gw_ns not in ip("netns", "list").stdout
+    with subprocess.Popen([*IOSM_CUSE, "modem", "--shm", str(tmp_path / "shm"), "--gateway",
+                           f"netns:{gw_ns}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            def gateway_up() -> bool:
+                assert proc.poll() is None, proc.communicate()
+                # Up is the gateway's last configuration step.
+                return ",UP" in ip("-n", gw_ns, "link", "show", "iosmgw0", check=False).stdout
+
+            until(gateway_up, 20, "no gateway TUN in the namespace", poll=0.2)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(15) == 0, proc.communicate()
+            assert gw_ns not in ip("netns", "list").stdout, "gateway namespace left behind"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 @pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
-def test_up_removes_the_gateway_namespace_it_created(netns: str, tmp_path: Path,
+def test_up_removes_the_gateway_namespace_it_created(netns_name: str, start_up: StartUp,
                                                      how: str) -> None:
     """`up --gateway netns:NAME` with no such namespace: the model creates it, and removes it
     when the daemon stops the model - on SIGTERM, and on a terminal's Ctrl-C, which reaches
     the whole foreground process group but only the daemon acts on it (the model is in a
     session of its own and is stopped by the daemon, not by the signal)."""
-    gw_ns = f"iosmug{os.getpid()}"
-    assert gw_ns not in _ip("netns", "list").stdout
-    up = Up(netns, tmp_path / "run", "--gateway", f"netns:{gw_ns}", mount_ns=False)
-    try:
-        deadline = time.monotonic() + 20
-        while ",UP" not in _ip("-n", gw_ns, "link", "show", "iosmgw0", check=False).stdout:
-            assert up.proc.poll() is None
-            assert time.monotonic() < deadline, "no gateway TUN in the namespace"
-            time.sleep(0.2)
-        model_pid = up.status()["modem"]["pid"]
-        if how == "sigterm":
-            code, err = up.terminate()
-        else:  # the terminal signals the daemon's whole process group
-            os.killpg(up.proc.pid, signal.SIGINT)
-            code, err = up.terminate(0)  # signal 0: just wait
-        assert code == 0, err
-        assert "exited with" not in err, err  # the daemon stopped the model, not a signal
-        assert not Path(f"/proc/{model_pid}").exists(), "model process left behind"
-        assert gw_ns not in _ip("netns", "list").stdout, "gateway namespace left behind"
-    finally:
-        if up.proc.poll() is None:
-            up.proc.kill()
-            up.proc.wait(10)
-        _ip("netns", "del", gw_ns, check=False)
+    gw_ns = netns_name
+    assert gw_ns not in ip("netns", "list").stdout
+    up = start_up("--gateway", f"netns:{gw_ns}", mount_ns=False)
+
+    def gateway_up() -> bool:
+        assert up.proc.poll() is None
+        return ",UP" in ip("-n", gw_ns, "link", "show", "iosmgw0", check=False).stdout
+
+    until(gateway_up, 20, "no gateway TUN in the namespace", poll=0.2)
+    model_pid = up.status()["modem"]["pid"]
+    if how == "sigterm":
+        code, err = up.terminate()
+    else:  # the terminal signals the daemon's whole process group
+        os.killpg(up.proc.pid, signal.SIGINT)
+        code, err = up.terminate(0)  # signal 0: just wait
+    assert code == 0, err
+    assert "exited with" not in err, err  # the daemon stopped the model, not a signal
+    assert not Path(f"/proc/{model_pid}").exists(), "model process left behind"
+    assert gw_ns not in ip("netns", "list").stdout, "gateway namespace left behind"

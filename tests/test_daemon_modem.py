@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from helpers import until_async
 
 from iosm_cuse import daemon
 from iosm_cuse.bus.shm import HOST, ShmBus
@@ -158,10 +159,8 @@ def test_daemon_model_grants_ul_credit_when_its_capabilities_say_so() -> None:
             mux = MuxHost(engine)
             assert mux.ul_credit
             await asyncio.wait_for(mux.open_session(0), 10)
-            deadline = time.monotonic() + 5
-            while mux.status()["sessions"][0]["credits"] <= 0:
-                assert time.monotonic() < deadline, "no UL credit granted"
-                await asyncio.sleep(0.05)
+            await until_async(lambda: mux.status()["sessions"][0]["credits"] > 0, 5,
+                              "no UL credit granted", poll=0.05)
             assert mux.status()["sessions"][0]["credits"] == daemon.MODEL_CREDIT_WINDOW
         finally:
             await engine.stop()

@@ -16,12 +16,12 @@ import logging
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from helpers import until_async
 
 from iosm_cuse.link.loopback import LoopbackMux
 from iosm_cuse.link.manager import LinkManager
@@ -55,14 +55,6 @@ async def ok(*argv: str, timeout: float = 60) -> str:
 
 def nsexec(ns: str, *argv: str) -> tuple[str, ...]:
     return ("ip", "netns", "exec", ns, *argv)
-
-
-async def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -147,7 +139,7 @@ async def datapath(links: range = range(8), poll_interval: float = 30.0,
             engine = IpcEngine(model.bus)
             await engine.start()
             mux = MuxHost(engine)
-            await wait_for(lambda: echo or subprocess.run(
+            await until_async(lambda: echo or subprocess.run(
                 ["ip", "-n", gw_ns, "link", "show", gw_tun], capture_output=True).returncode
                 == 0, 10, "the model's gateway TUN")
         mgr = LinkManager(mux, BASE, poll_interval=poll_interval)
@@ -165,8 +157,8 @@ async def datapath(links: range = range(8), poll_interval: float = 30.0,
             await ok("ip", "-n", ns, "addr", "add", str(ip.ipv6), "dev", dp.name(n), "nodad")
             await ok("ip", "-n", ns, "link", "set", dp.name(n), "up")
         for n in links:
-            await wait_for(lambda n=n: mgr.show(dp.name(n))[0].session == "open", 5,  # type: ignore[misc, union-attr]
-                           f"session {n} to open on admin up")
+            await until_async(lambda n=n: mgr.show(dp.name(n))[0].session == "open",  # type: ignore[misc, union-attr]
+                              5, f"session {n} to open on admin up")
         yield dp
     finally:
         if mgr is not None:
@@ -240,15 +232,15 @@ def test_admin_down_closes_the_session_and_up_reopens_it() -> None:
             connect(dp, 1)
             ns, name = dp.client_ns[1], dp.name(1)
             await ok("ip", "-n", ns, "link", "set", name, "down")
-            await wait_for(lambda: dp.mux.sessions == {0}, 2, "session 1 to close")
+            await until_async(lambda: dp.mux.sessions == {0}, 2, "session 1 to close")
             assert dp.links.show(name)[0].session == "closed"
             await ok("ip", "-n", ns, "link", "set", name, "up")
-            await wait_for(lambda: 1 in dp.mux.sessions, 2, "session 1 to reopen")
+            await until_async(lambda: 1 in dp.mux.sessions, 2, "session 1 to reopen")
             # The address went with the down/up of a TUN? No: addresses stay; routes too.
             assert await dp.ping(1, count=3) == 3
             await ok("ip", "-n", dp.client_ns[0], "link", "set", dp.name(0), "down")
             await ok("ip", "-n", ns, "link", "set", name, "down")
-            await wait_for(lambda: not dp.mux.channel_open, 2, "MUX channel to close")
+            await until_async(lambda: not dp.mux.channel_open, 2, "MUX channel to close")
     run(body)
 
 
@@ -258,8 +250,8 @@ def test_deleting_a_client_namespace_removes_its_link_and_closes_the_session() -
             connect(dp, 1, 2)
             ns = dp.client_ns.pop(2)
             await ok("ip", "netns", "del", ns)
-            await wait_for(lambda: [i.linkid for i in dp.links.show()] == [0, 1], 5,
-                           "link 2 to go with its namespace")
+            await until_async(lambda: [i.linkid for i in dp.links.show()] == [0, 1], 5,
+                              "link 2 to go with its namespace")
             assert 2 not in dp.mux.sessions
             assert await dp.ping(1, count=3) == 3
     run(body)

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
+from helpers import until_async
 
 from iosm_cuse.hw.engine import ChannelError, EngineState, IpcChannel, IpcEngine
 from iosm_cuse.sim.device import DeviceModel, Send
@@ -137,32 +138,28 @@ def run(coro: Coroutine[Any, Any, T], timeout: float = 90) -> T:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def with_model(body: Callable[[ModelProcess], Awaitable[None]], functions: str,
+async def with_model(body: Callable[[ModelProcess, IpcEngine], Awaitable[None]],
+                     functions: str, engine_options: dict[str, Any] | None = None,
                      **kw: Any) -> None:
+    """The model process and an engine on its bus (not started: the body does that); the
+    engine is stopped and the model closed whatever the body did."""
     mp = await ModelProcess.spawn(functions=functions, **kw)
     try:
-        await body(mp)
+        eng = IpcEngine(mp.bus, **(engine_options or {}))
+        try:
+            await body(mp, eng)
+        finally:
+            await eng.stop()
     finally:
         await mp.close()
         assert not mp.alive
-
-
-async def until(cond: Callable[[], bool], timeout: float, what: str) -> float:
-    """Wait for cond(); returns the seconds it took."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - t0
 
 
 # ---- 10,000 transfers each way on channels 0 and 6 ---------------------------------------------
 
 
 def test_ten_thousand_each_way_on_channels_0_and_6() -> None:
-    async def body(mp: ModelProcess) -> None:
-        eng = IpcEngine(mp.bus)
+    async def body(mp: ModelProcess, eng: IpcEngine) -> None:
         await eng.start()
         assert eng.state is EngineState.RUNNING and str(eng.mux_mode) == "lite"
         baseline = mp.bus.dma.in_use
@@ -179,7 +176,7 @@ def test_ten_thousand_each_way_on_channels_0_and_6() -> None:
 
         await asyncio.gather(*(upload(ch) for ch in chans.values()))
         for c in chans:
-            await until(lambda c=c: len(got[c]) > N, 30, f"channel {c} DL stream + report")
+            await until_async(lambda c=c: len(got[c]) > N, 30, f"channel {c} DL stream + report")
 
         for c, ch in chans.items():
             expect = Stream(_seeds(c)[1], LIMITS[c])
@@ -209,8 +206,7 @@ def test_ten_thousand_each_way_on_channels_0_and_6() -> None:
 def test_ul_completion_callback_reports_each_consumed_batch() -> None:
     """on_ul_done() runs after the device consumed UL transfers, with `pending` already lower:
     what lets the host MUX restart a stopped uplink without a timer."""
-    async def body(mp: ModelProcess) -> None:
-        eng = IpcEngine(mp.bus)
+    async def body(mp: ModelProcess, eng: IpcEngine) -> None:
         await eng.start()
         seen: list[int] = []
         got: list[bytes] = []
@@ -227,7 +223,7 @@ def test_ul_completion_callback_reports_each_consumed_batch() -> None:
             quiet.send(b"y")
         await ch.drain(timeout=10)
         await quiet.drain(timeout=10)
-        await until(lambda: len(got) >= 300, 10, "the echoes")
+        await until_async(lambda: len(got) >= 300, 10, "the echoes")
         assert seen and seen[-1] == 0 and all(p < 300 for p in seen)
         assert got == [b"x%d" % i for i in range(300)]
         await eng.stop()
@@ -252,7 +248,7 @@ async def _echo_round_trip(chans: dict[int, IpcChannel], got: dict[int, list[byt
     for c, ch in chans.items():
         before = len(got[c])
         ch.send(b"ping %d" % c)
-        await until(lambda c=c, before=before: len(got[c]) > before, 2, f"echo on {c}")
+        await until_async(lambda c=c, before=before: len(got[c]) > before, 2, f"echo on {c}")
         assert got[c][-1] == b"ping %d" % c
 
 
@@ -264,8 +260,7 @@ def _down_times(eng: IpcEngine) -> list[float]:
 
 
 def test_crash_mid_transfer_is_reported_and_a_new_handshake_recovers() -> None:
-    async def body(mp: ModelProcess) -> None:
-        eng = IpcEngine(mp.bus)
+    async def body(mp: ModelProcess, eng: IpcEngine) -> None:
         await eng.start()
         down = _down_times(eng)
         errors: list[ChannelError] = []
@@ -280,10 +275,10 @@ def test_crash_mid_transfer_is_reported_and_a_new_handshake_recovers() -> None:
                 await asyncio.sleep(0)
 
         task = asyncio.ensure_future(traffic())
-        await until(lambda: len(got[0]) > 200 and len(got[6]) > 200, 5, "traffic flowing")
+        await until_async(lambda: len(got[0]) > 200 and len(got[6]) > 200, 5, "traffic flowing")
         t0 = time.monotonic()
         await mp.crash()
-        await until(lambda: bool(down), 2, "DOWN after the crash")
+        await until_async(lambda: bool(down), 2, "DOWN after the crash")
         assert down[0] - t0 < 2.0
         assert eng.state is EngineState.DOWN and "crash" in (eng.last_error or "")
         with pytest.raises(ChannelError) as exc:
@@ -309,8 +304,7 @@ def test_crash_mid_transfer_is_reported_and_a_new_handshake_recovers() -> None:
 
 
 def test_hang_is_detected_by_the_ul_watchdog_and_by_ring_timeouts() -> None:
-    async def body(mp: ModelProcess) -> None:
-        eng = IpcEngine(mp.bus, ul_stall_timeout=1.0)
+    async def body(mp: ModelProcess, eng: IpcEngine) -> None:
         await eng.start()
         down = _down_times(eng)
         chans, got = await _open_echo(eng)
@@ -318,7 +312,7 @@ def test_hang_is_detected_by_the_ul_watchdog_and_by_ring_timeouts() -> None:
         await mp.hang()
         t0 = time.monotonic()
         chans[6].send(b"anyone there?")
-        await until(lambda: bool(down), 3, "DOWN after the hang")
+        await until_async(lambda: bool(down), 3, "DOWN after the hang")
         assert down[0] - t0 < 1.5
         assert "timeout" in (eng.last_error or "")
 
@@ -339,19 +333,18 @@ def test_hang_is_detected_by_the_ul_watchdog_and_by_ring_timeouts() -> None:
         await _echo_round_trip(chans, got)
         await eng.stop()
 
-    run(with_model(body, ECHO))
+    run(with_model(body, ECHO, engine_options={"ul_stall_timeout": 1.0}))
 
 
 def test_model_process_death_is_link_down_and_recover_respawns() -> None:
-    async def body(mp: ModelProcess) -> None:
-        eng = IpcEngine(mp.bus)
+    async def body(mp: ModelProcess, eng: IpcEngine) -> None:
         await eng.start()
         down = _down_times(eng)
         chans, got = await _open_echo(eng)
         old = mp.pid
         assert old is not None
         os.kill(old, signal.SIGKILL)
-        await until(lambda: bool(down), 2, "DOWN after the model died")
+        await until_async(lambda: bool(down), 2, "DOWN after the model died")
         assert "link down" in (eng.last_error or "")
         await mp.recover()
         assert mp.pid != old and mp.alive
@@ -364,8 +357,7 @@ def test_model_process_death_is_link_down_and_recover_respawns() -> None:
 
 
 def test_aggregation_capability_selects_aggregation_buffers() -> None:
-    async def body(mp: ModelProcess) -> None:
-        eng = IpcEngine(mp.bus)
+    async def body(mp: ModelProcess, eng: IpcEngine) -> None:
         await eng.start()
         assert str(eng.mux_mode) == "aggregation"
         assert eng.capabilities & CAP_DL_AGGR and not eng.ul_flow_credit
@@ -374,7 +366,7 @@ def test_aggregation_capability_selects_aggregation_buffers() -> None:
         assert (ch.ul.count, ch.dl.count, ch.dl.buf_size) == (60, 60, 16384)
         big = os.urandom(16384)
         ch.send(big)
-        await until(lambda: bool(got), 2, "16 KiB echo")
+        await until_async(lambda: bool(got), 2, "16 KiB echo")
         assert got == [big]
         with pytest.raises(ChannelError) as exc:
             ch.send(bytes(16385))
@@ -385,18 +377,17 @@ def test_aggregation_capability_selects_aggregation_buffers() -> None:
 
 
 def test_idle_hang_is_found_by_the_optional_heartbeat() -> None:
-    async def body(mp: ModelProcess) -> None:
-        eng = IpcEngine(mp.bus, heartbeat=0.3)
+    async def body(mp: ModelProcess, eng: IpcEngine) -> None:
         await eng.start()
         down = _down_times(eng)
         await asyncio.sleep(1.0)  # idle but answering: the probes are completed
         assert not down and eng.state is EngineState.RUNNING
         await mp.hang()
         t0 = time.monotonic()
-        await until(lambda: bool(down), 3, "DOWN of an idle hung model")
+        await until_async(lambda: bool(down), 3, "DOWN of an idle hung model")
         assert down[0] - t0 < 1.5 and "timeout" in (eng.last_error or "")
         await mp.recover()
         await eng.start()
         await eng.stop()
 
-    run(with_model(body, ECHO))
+    run(with_model(body, ECHO, engine_options={"heartbeat": 0.3}))

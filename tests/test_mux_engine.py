@@ -17,17 +17,8 @@ from dataclasses import asdict
 from typing import Any
 
 import pytest
-from test_mux_pair import (
-    DOWN,
-    UP,
-    Checker,
-    FlowWatch,
-    device_send,
-    host_send,
-    packet,
-    run,
-    until,
-)
+from helpers import run, until_async
+from mux_traffic import DOWN, UP, Checker, FlowWatch, device_send, host_send, packet
 
 from iosm_cuse.hw.engine import EngineState, IpcEngine
 from iosm_cuse.hw.mux.host import QUEUE_LIMIT_FC, MuxHost
@@ -112,15 +103,14 @@ class Host:
         return await asyncio.wait_for(self.reports.get(), 5)
 
     async def report_when(self, cond: Any, timeout: float, what: str) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            r = await self.report()
-            if cond(r):
-                return r
-            if loop.time() > deadline:
-                raise AssertionError(f"{what}: not within {timeout} s; last report {r}")
-            await asyncio.sleep(0.05)
+        last: list[dict[str, Any]] = []
+
+        async def reported() -> bool:
+            last.append(await self.report())
+            return bool(cond(last[-1]))
+
+        await until_async(reported, timeout, lambda: f"{what}; last report {last[-1]}", poll=0.05)
+        return last[-1]
 
 
 @pytest.mark.parametrize("mode", [MuxMode.LITE, MuxMode.AGGREGATION])
@@ -140,8 +130,8 @@ def test_two_processes_8_sessions_10k_each_way_and_flow_control(mode: MuxMode) -
 
             h.control(f"START {N}")
             await host_send(mux, h.flow, N)
-            await until(lambda: h.down.total == 8 * N, 60,
-                        f"DL packets ({h.down.total} of {8 * N})")
+            await until_async(lambda: h.down.total == 8 * N, 60,
+                              f"DL packets ({h.down.total} of {8 * N})")
             r = await h.report_when(lambda r: sum(r["next"]) >= 8 * N, 60, "UL packets")
             assert r["mode"] == str(mode)
             assert r["next"] == [N] * 8 and not r["bad"], r
@@ -158,8 +148,8 @@ def test_two_processes_8_sessions_10k_each_way_and_flow_control(mode: MuxMode) -
 
             # flow control asserted by the model stops session 3's uplink, and releases it
             h.control("FLOW 3 1")
-            await until(lambda: mux.status()["sessions"][3]["device_flow_ctl"] == 1, 5,
-                        "FLOW_CTL taken")
+            await until_async(lambda: mux.status()["sessions"][3]["device_flow_ctl"] == 1, 5,
+                              "FLOW_CTL taken")
             ok = sum(mux.transmit(3, packet(UP, 3, N + i)) for i in range(QUEUE_LIMIT_FC + 10))
             assert ok == QUEUE_LIMIT_FC and h.flow.stopped[3]   # the link stops when full
             assert mux.status()["sessions"][3]["tx_dropped_queue_full"] == 10
@@ -169,7 +159,7 @@ def test_two_processes_8_sessions_10k_each_way_and_flow_control(mode: MuxMode) -
             assert r["next"][3] == N and r["flow_asserted"] == [3]
             assert r["counters"]["flow_ctl_acks"] == 1
             h.control("FLOW 3 0")
-            await until(lambda: not h.flow.stopped[3], 5, "on_flow(3, released)")
+            await until_async(lambda: not h.flow.stopped[3], 5, "on_flow(3, released)")
             r = await h.report_when(lambda r: r["next"][3] == N + QUEUE_LIMIT_FC, 10,
                                     "the queued packets of session 3")
             assert not r["bad"] and r["counters"]["flow_ctl_acks"] == 2
@@ -199,13 +189,13 @@ def test_sessions_come_back_by_themselves_after_a_modem_restart() -> None:
             await h.report_when(lambda r: r["next"][2] == 100, 10, "first packets")
 
             await mp.crash()
-            await until(lambda: eng.state is EngineState.DOWN, 5, "engine DOWN")
+            await until_async(lambda: eng.state is EngineState.DOWN, 5, "engine DOWN")
             assert h.flow.stopped[0] and h.flow.stopped[2]  # links stop reading
             assert mux.sessions == [] and not mux.transmit(2, packet(UP, 2, 100))
 
             await mp.recover()
             await eng.start()
-            await until(lambda: mux.sessions == [0, 2], 5, "sessions reopened")
+            await until_async(lambda: mux.sessions == [0, 2], 5, "sessions reopened")
             assert not h.flow.stopped[0] and not h.flow.stopped[2]
             for i in range(100, 200):
                 assert mux.transmit(2, packet(UP, 2, i))
@@ -236,11 +226,12 @@ def test_two_processes_credit_mode_from_the_capability_register(mode: MuxMode) -
             assert mux.mode is mode and mux.ul_credit
             h = Host(mux)
             await asyncio.gather(*(mux.open_session(i) for i in range(8)))
-            await until(lambda: all(c["credits"] > 0 for c in mux.status()["sessions"].values()),
-                        5, "the first grants")
+            await until_async(
+                lambda: all(c["credits"] > 0 for c in mux.status()["sessions"].values()),
+                5, "the first grants")
             h.control("START 2000")
             await host_send(mux, h.flow, 2000)
-            await until(lambda: h.down.total == 8 * 2000, 60, "DL packets")
+            await until_async(lambda: h.down.total == 8 * 2000, 60, "DL packets")
             r = await h.report_when(lambda r: sum(r["next"]) >= 8 * 2000, 60, "UL packets")
             assert r["next"] == [2000] * 8 and not r["bad"] and not h.down.bad
             assert r["counters"]["credit_grants"] > 8 and not r["rejects"]

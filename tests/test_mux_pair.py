@@ -2,8 +2,8 @@
 
 `MemLink.open_channel` stands in for `engine.open_channel(0, ...)`: UL transfers go to the
 device MUX, DL transfers to the host, each a loop iteration later, never larger than the pipe's
-buffers (Lite 2 KiB, Aggregation 16 KiB). The traffic helpers here are also used by the
-two-process test over the real engine (test_mux_engine.py).
+buffers (Lite 2 KiB, Aggregation 16 KiB). The traffic helpers (mux_traffic.py) are shared
+with the two-process test over the real engine (test_mux_engine.py).
 """
 
 from __future__ import annotations
@@ -11,15 +11,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
-import random
-import struct
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
+from helpers import until_async
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mux_traffic import (
+    DOWN,
+    HEAD,
+    SESSIONS,
+    UP,
+    Checker,
+    FlowWatch,
+    device_send,
+    host_send,
+    packet,
+)
 
 from iosm_cuse.hw.mux.host import QUEUE_LIMIT, QUEUE_LIMIT_FC, UL_HIGH, MuxError, MuxHost
 from iosm_cuse.sim.mux import MuxDevice
@@ -40,106 +50,6 @@ from iosm_cuse.wire.mux import (
 T = TypeVar("T")
 MODES = [MuxMode.LITE, MuxMode.AGGREGATION]
 BUF = {MuxMode.LITE: 2048, MuxMode.AGGREGATION: 16 * 1024}
-UP, DOWN = 1, 2
-SESSIONS = range(8)
-
-# ---- traffic: reproducible packets of 20..1500 bytes, checked in order per session -----------
-
-_BLOCK = random.Random(11).randbytes(4096)
-_HEAD = struct.Struct("<BBI")
-
-
-def packet(direction: int, if_id: int, seq: int) -> bytes:
-    """Packet `seq` of a session's stream; the first is 20 bytes, the second 1500."""
-    if seq < 2:
-        size = (20, 1500)[seq]
-    else:
-        size = 20 + (seq * 7919 + if_id * 104729 + direction * 15485863) % 1481
-    off = (seq * 131 + if_id * 17) % 2048
-    return _HEAD.pack(direction, if_id, seq) + _BLOCK[off:off + size - _HEAD.size]
-
-
-class Checker:
-    """Receives (if_id, packet): each must be the next of its own session's stream."""
-
-    def __init__(self, direction: int) -> None:
-        self.direction = direction
-        self.next = [0] * 8
-        self.bad: list[str] = []
-
-    def __call__(self, if_id: int, pkt: bytes) -> None:
-        seq = self.next[if_id]
-        if pkt == packet(self.direction, if_id, seq):
-            self.next[if_id] = seq + 1
-        elif len(self.bad) < 20:
-            got = _HEAD.unpack_from(pkt) if len(pkt) >= _HEAD.size else pkt
-            self.bad.append(f"session {if_id}: expected #{seq}, got {got} ({len(pkt)} bytes)")
-
-    def uplink(self, if_id: int, pkt: bytes) -> None:  # the device MUX's gateway interface
-        self(if_id, pkt)
-
-    @property
-    def total(self) -> int:
-        return sum(self.next)
-
-
-class FlowWatch:
-    """The host's on_flow: which sessions are stopped, and every change seen."""
-
-    def __init__(self) -> None:
-        self.stopped = [False] * 8
-        self.log: list[tuple[int, bool]] = []
-        self.changed = asyncio.Event()
-
-    def __call__(self, if_id: int, stopped: bool) -> None:
-        self.stopped[if_id] = stopped
-        self.log.append((if_id, stopped))
-        self.changed.set()
-
-
-async def host_send(mux: MuxHost, flow: FlowWatch, n: int, sessions: range = SESSIONS,
-                    batch: int = 32) -> None:
-    """n packets per session, honouring on_flow (a refused transmit fails the test)."""
-    seqs = dict.fromkeys(sessions, 0)
-    while any(s < n for s in seqs.values()):
-        sent = False
-        for if_id in sessions:
-            if flow.stopped[if_id]:
-                continue
-            for _ in range(min(batch, n - seqs[if_id])):
-                assert mux.transmit(if_id, packet(UP, if_id, seqs[if_id])), \
-                    f"session {if_id} refused packet {seqs[if_id]}: {mux.status()}"
-                seqs[if_id] += 1
-                sent = True
-                if flow.stopped[if_id]:  # e.g. the queue just became full
-                    break
-        if sent:
-            await asyncio.sleep(0)
-        else:
-            flow.changed.clear()
-            await asyncio.wait_for(flow.changed.wait(), 5)
-
-
-async def device_send(dev: MuxDevice, n: int, sessions: range = SESSIONS,
-                      batch: int = 32) -> None:
-    """n packets per session towards the host; a refused downlink is offered again later."""
-    seqs = dict.fromkeys(sessions, 0)
-    while any(s < n for s in seqs.values()):
-        for if_id in sessions:
-            for _ in range(min(batch, n - seqs[if_id])):
-                if not dev.downlink(if_id, packet(DOWN, if_id, seqs[if_id])):
-                    break
-                seqs[if_id] += 1
-        await asyncio.sleep(0)
-
-
-async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(0.002)
-
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
     return asyncio.run(asyncio.wait_for(coro, timeout))
@@ -264,8 +174,8 @@ def test_ten_thousand_each_way_on_all_8_sessions_at_once(mode: MuxMode) -> None:
         await p.open_all()
         assert len(p.link.channels) == 1  # one channel for all sessions
         await asyncio.gather(host_send(p.mux, p.flow, N), device_send(p.dev, N))
-        await until(lambda: p.up.total == 8 * N and p.down.total == 8 * N, 30,
-                    f"all packets ({p.up.total} up, {p.down.total} down)")
+        await until_async(lambda: p.up.total == 8 * N and p.down.total == 8 * N, 30,
+                          f"all packets ({p.up.total} up, {p.down.total} down)")
         assert not p.up.bad and not p.down.bad, (p.up.bad, p.down.bad)
         assert p.up.next == [N] * 8 and p.down.next == [N] * 8
         st = p.mux.status()
@@ -292,8 +202,8 @@ def test_device_flow_control_stops_the_uplink_and_releases_it(mode: MuxMode) -> 
         p = Pair(mode)
         await p.open_all()
         assert p.dev.assert_flow_control(3, True)
-        await until(lambda: p.mux.status()["sessions"][3]["device_flow_ctl"] == 1, 2,
-                    "FLOW_CTL taken")
+        await until_async(lambda: p.mux.status()["sessions"][3]["device_flow_ctl"] == 1, 2,
+                          "FLOW_CTL taken")
         assert p.dev.counters["flow_ctl_acks"] == 1
         # as the kernel's netdev queue: the link goes on queueing up to the flow-controlled
         # limit, and is stopped when that is full; beyond it packets are dropped (counted)
@@ -305,18 +215,19 @@ def test_device_flow_control_stops_the_uplink_and_releases_it(mode: MuxMode) -> 
         # the other sessions are not blocked
         for i in range(50):
             assert p.mux.transmit(4, packet(UP, 4, i))
-        await until(lambda: p.up.next[4] == 50, 2, "session 4 traffic")
+        await until_async(lambda: p.up.next[4] == 50, 2, "session 4 traffic")
         await asyncio.sleep(0.05)
         assert p.up.next[3] == 0  # nothing of session 3 crossed while stopped
         c3 = p.mux.status()["sessions"][3]
         assert c3["tx_dropped_queue_full"] == 10 and c3["queued"] == QUEUE_LIMIT_FC
         assert c3["flow_ctl_on"] == 1
         assert p.dev.assert_flow_control(3, False)
-        await until(lambda: p.up.next[3] == QUEUE_LIMIT_FC, 2, "the queued packets after release")
+        await until_async(lambda: p.up.next[3] == QUEUE_LIMIT_FC, 2,
+                                "the queued packets after release")
         assert not p.flow.stopped[3] and p.dev.counters["flow_ctl_acks"] == 2
         assert (3, True) in p.flow.log and p.flow.log[-1] == (3, False)
         assert p.mux.transmit(3, packet(UP, 3, QUEUE_LIMIT_FC))
-        await until(lambda: p.up.next[3] == QUEUE_LIMIT_FC + 1, 2, "traffic after release")
+        await until_async(lambda: p.up.next[3] == QUEUE_LIMIT_FC + 1, 2, "traffic after release")
         assert not p.up.bad
 
     run(main())
@@ -348,9 +259,9 @@ def test_pending_bytes_stop_every_session_and_restart_below_10k(mode: MuxMode) -
         await asyncio.sleep(0.02)
         assert p.mux.global_stop and p.up.total == 0
         ch.release()
-        await until(lambda: not p.mux.global_stop, 2, "restart")
-        await until(lambda: p.up.next[1] == seq[1] and p.up.next[2] == seq[2] and
-                    p.up.next[5] == seq[5], 2, "everything queued")
+        await until_async(lambda: not p.mux.global_stop, 2, "restart")
+        await until_async(lambda: p.up.next[1] == seq[1] and p.up.next[2] == seq[2] and
+                          p.up.next[5] == seq[5], 2, "everything queued")
         assert not any(p.flow.stopped) and not p.up.bad
         assert p.mux.status()["ul_stops"] >= 1
 
@@ -365,8 +276,8 @@ def test_queue_limit_without_flow_control_is_256(mode: MuxMode) -> None:
         ok = sum(p.mux.transmit(0, packet(UP, 0, i)) for i in range(QUEUE_LIMIT + 5))
         assert ok == QUEUE_LIMIT  # all in one batch: the drain has not run yet
         assert p.flow.stopped[0]
-        await until(lambda: p.up.next[0] == QUEUE_LIMIT, 2, "the queue")
-        await until(lambda: not p.flow.stopped[0], 2, "flow back on")
+        await until_async(lambda: p.up.next[0] == QUEUE_LIMIT, 2, "the queue")
+        await until_async(lambda: not p.flow.stopped[0], 2, "flow back on")
         assert p.mux.status()["sessions"][0]["tx_dropped_queue_full"] == 5
 
     run(main())
@@ -387,11 +298,11 @@ def test_credit_mode_sends_only_what_fcth_grants_cover(mode: MuxMode) -> None:
         await asyncio.sleep(0.02)
         assert p.up.next[2] == 0
         assert p.dev.grant_credits(2, 1 + len(pkts[1]) + len(pkts[2]))  # exactly three
-        await until(lambda: p.up.next[2] == 3, 2, "three packets on credit")
+        await until_async(lambda: p.up.next[2] == 3, 2, "three packets on credit")
         await asyncio.sleep(0.02)
         assert p.up.next[2] == 3 and p.mux.status()["sessions"][2]["credits"] == 0
         assert p.dev.grant_credits(2, 100_000)
-        await until(lambda: p.up.next[2] == 10, 2, "the rest")
+        await until_async(lambda: p.up.next[2] == 10, 2, "the rest")
         assert not p.up.bad and p.mux.status()["ul_stops"] == 0
         if mode is MuxMode.LITE:  # credit mode: queue levels reported after data
             assert p.dev.counters["qlth"] >= 1 and 2 in p.dev.queue_levels
@@ -425,7 +336,7 @@ def test_channel_opens_with_the_first_session_and_closes_after_the_last(mode: Mu
         await p.mux.open_session(0)  # a new channel for a new first session
         assert len(p.link.channels) == 2
         assert p.mux.transmit(0, packet(UP, 0, 0))
-        await until(lambda: p.up.next[0] == 1, 2, "traffic on the new channel")
+        await until_async(lambda: p.up.next[0] == 1, 2, "traffic on the new channel")
         with pytest.raises(MuxError) as ei:
             await p.mux.open_session(8)
         assert ei.value.errno == errno.EINVAL
@@ -446,12 +357,12 @@ def test_sizes_at_the_limit(mode: MuxMode) -> None:
         assert not p.mux.transmit(0, pkt + b"x")
         got: list[bytes] = []
         p.dev._uplink = lambda i, b: got.append(b)
-        await until(lambda: len(got) == 1, 2, "the largest packet")
+        await until_async(lambda: len(got) == 1, 2, "the largest packet")
         assert got == [pkt]
         assert p.dev.downlink(0, pkt) and not p.dev.downlink(0, pkt + b"x")
         rx: list[bytes] = []
         p.mux.on_receive = lambda i, b: rx.append(b)
-        await until(lambda: len(rx) == 1, 2, "the largest DL packet")
+        await until_async(lambda: len(rx) == 1, 2, "the largest DL packet")
         assert rx == [pkt] and p.link.ch.dl_oversize == 0
         assert p.mux.status()["sessions"][0]["tx_dropped_too_big"] == 1
 
@@ -510,7 +421,7 @@ def test_link_status_report_is_answered(mode: MuxMode) -> None:
         p = Pair(mode)
         await p.mux.open_session(0)
         assert p.dev.link_status_report(0)
-        await until(lambda: p.dev.counters["link_status_resps"] == 1, 2, "the response")
+        await until_async(lambda: p.dev.counters["link_status_resps"] == 1, 2, "the response")
         assert not p.dev.rejects.counters and not p.mux.rejects.counters
 
     run(main())
@@ -532,7 +443,7 @@ def test_device_rejects_bad_host_structures_and_keeps_serving(mode: MuxMode) -> 
             dev.receive(raw)
         assert sum(dev.rejects.counters.values()) == len(bad)
         assert p.mux.transmit(0, packet(UP, 0, 0))  # still serving
-        await until(lambda: p.up.next[0] == 1, 2, "traffic after rejects")
+        await until_async(lambda: p.up.next[0] == 1, 2, "traffic after rejects")
 
     run(main())
 
@@ -546,11 +457,11 @@ def test_host_counts_dl_for_sessions_not_open_and_bad_dl(mode: MuxMode) -> None:
         ch.dl_send(encode_adgh(5, b"E" * 30))  # session 5 is not open on the host
         ch.dl_send(b"ADGH" + bytes(12))  # length 0
         ch.dl_send(b"WHAT" + bytes(30))
-        await until(lambda: p.mux.dl_transfers >= 3, 2, "DL transfers")
+        await until_async(lambda: p.mux.dl_transfers >= 3, 2, "DL transfers")
         assert p.mux.status()["dl_no_session"] == 1
         assert sum(p.mux.rejects.counters.values()) == 2
         assert p.dev.downlink(0, packet(DOWN, 0, 0))
-        await until(lambda: p.down.next[0] == 1, 2, "good DL after bad")
+        await until_async(lambda: p.down.next[0] == 1, 2, "good DL after bad")
 
     run(main())
 
@@ -600,7 +511,7 @@ def test_flow_ctl_mask_decides_as_in_the_kernel(mode: MuxMode) -> None:
         for n, (code, mask, stopped) in enumerate(steps):
             acks.clear()
             ch.dl_send(cmd_bytes(code, 100 + n, mask))
-            await until(lambda: len(acks) == 1, 2, f"the ACK of step {n}")
+            await until_async(lambda: len(acks) == 1, 2, f"the ACK of step {n}")
             ack = decode_lite_cmd(acks[0]) if mode is MuxMode.LITE else decode_acb(acks[0])[0]
             assert (ack.code, ack.transaction_id, ack.if_id) == (c.flow_ctl_ack, 100 + n, 3)
             assert p.mux.status()["sessions"][3]["device_flow_ctl"] == stopped, f"step {n}"
@@ -628,7 +539,7 @@ def test_property_accepted_packets_arrive_once_in_order(mode: MuxMode, credit: b
                                                         ops: list[tuple[str, Any, Any]]) -> None:
     async def main() -> None:
         got: dict[int, list[int]] = {i: [] for i in SESSIONS}
-        p = Pair(mode, gateway=lambda i, b: got[i].append(_HEAD.unpack_from(b)[2]),
+        p = Pair(mode, gateway=lambda i, b: got[i].append(HEAD.unpack_from(b)[2]),
                  ul_credit=credit)
         await p.open_all()
         accepted: dict[int, list[int]] = {i: [] for i in SESSIONS}
@@ -663,14 +574,14 @@ def test_property_accepted_packets_arrive_once_in_order(mode: MuxMode, credit: b
             if credit:
                 p.dev.grant_credits(i, 10_000_000)
         p.link.ch.release()
-        await until(lambda: all(len(got[i]) == len(accepted[i]) for i in SESSIONS), 5,
-                    "every accepted packet")
+        await until_async(lambda: all(len(got[i]) == len(accepted[i]) for i in SESSIONS), 5,
+                          "every accepted packet")
         assert got == accepted
         st_ = p.mux.status()["sessions"]
         assert [st_[i]["tx_dropped_queue_full"] for i in SESSIONS] == refused
         assert [st_[i]["tx_packets"] for i in SESSIONS] == [len(accepted[i]) for i in SESSIONS]
         assert not p.dev.rejects.counters and not p.mux.rejects.counters
-        await until(lambda: not any(p.flow.stopped), 5, "every session allowed again")
+        await until_async(lambda: not any(p.flow.stopped), 5, "every session allowed again")
 
     run(main(), timeout=30)
 
@@ -684,10 +595,10 @@ def test_model_credit_window_carries_a_stream_in_credit_mode(mode: MuxMode) -> N
         p = Pair(mode, ul_credit=True)
         p.dev.credit_window = 16 * 1024
         await p.open_all()
-        await until(lambda: all(p.mux.status()["sessions"][i]["credits"] == 16 * 1024
-                                for i in SESSIONS), 2, "the initial grants")
+        await until_async(lambda: all(p.mux.status()["sessions"][i]["credits"] == 16 * 1024
+                                      for i in SESSIONS), 2, "the initial grants")
         await host_send(p.mux, p.flow, 1000)
-        await until(lambda: p.up.total == 8000, 10, f"all packets ({p.up.total})")
+        await until_async(lambda: p.up.total == 8000, 10, f"all packets ({p.up.total})")
         assert not p.up.bad and p.mux.status()["ul_stops"] == 0
         assert p.dev.counters["credit_grants"] > 8
         for i in SESSIONS:

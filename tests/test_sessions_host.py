@@ -7,36 +7,15 @@ to the model's gateway, and traffic of session N seen on link N and MUX session 
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from test_daemon_host import Up
+from daemon_up import StartUp, Up, disable_ipv6, ip
 
 pytestmark = pytest.mark.host
 
 SESSIONS = range(8)
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"iosmses{os.getpid()}"
-    _ip("netns", "add", name)
-    # No IPv6 here: router solicitations and MLD reports would move counters on their own.
-    for key in ("all", "default"):
-        _ip("netns", "exec", name, "sysctl", "-q", "-w", f"net.ipv6.conf.{key}.disable_ipv6=1")
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def _link(n: int) -> str:
@@ -56,40 +35,36 @@ def _traffic(up: Up) -> dict[int, tuple[int, int, int, int]]:
     return out
 
 
-def test_eight_mbim_sessions_each_on_its_own_link(netns: str, tmp_path: Path) -> None:
-    up = Up(netns, tmp_path / "run")
-    try:
-        assert up.mbimcli("--attach-packet-service").returncode == 0
-        for n in SESSIONS[1:]:
-            add = up.cli("link", "add", "dev", _link(n), "parentdev-name", "wwan0", "type",
-                         "wwan", "linkid", str(n))
-            assert add.returncode == 0, add.stderr
-        gateways = {}
-        for n in SESSIONS:
-            con = up.mbimcli(f"--connect=session-id={n},access-string=internet,ip-type=ipv4")
-            assert con.returncode == 0 and "'activated'" in con.stdout, con.stdout + con.stderr
-            cfg = up.mbimcli(f"--query-ip-configuration={n}")
-            addr = re.search(r"IP \[0\]: '([0-9.]+/[0-9]+)'", cfg.stdout)
-            gw = re.search(r"Gateway: '([0-9.]+)'", cfg.stdout)
-            assert cfg.returncode == 0 and addr and gw, cfg.stdout + cfg.stderr
-            _ip("-n", netns, "addr", "add", addr.group(1), "dev", _link(n))
-            _ip("-n", netns, "link", "set", _link(n), "up")
-            gateways[n] = gw.group(1)
+def test_eight_mbim_sessions_each_on_its_own_link(netns: str, start_up: StartUp) -> None:
+    disable_ipv6(netns)
+    up = start_up()
+    assert up.mbimcli("--attach-packet-service").returncode == 0
+    for n in SESSIONS[1:]:
+        add = up.cli("link", "add", "dev", _link(n), "parentdev-name", "wwan0", "type",
+                     "wwan", "linkid", str(n))
+        assert add.returncode == 0, add.stderr
+    gateways = {}
+    for n in SESSIONS:
+        con = up.mbimcli(f"--connect=session-id={n},access-string=internet,ip-type=ipv4")
+        assert con.returncode == 0 and "'activated'" in con.stdout, con.stdout + con.stderr
+        cfg = up.mbimcli(f"--query-ip-configuration={n}")
+        addr = re.search(r"IP \[0\]: '([0-9.]+/[0-9]+)'", cfg.stdout)
+        gw = re.search(r"Gateway: '([0-9.]+)'", cfg.stdout)
+        assert cfg.returncode == 0 and addr and gw, cfg.stdout + cfg.stderr
+        ip("-n", netns, "addr", "add", addr.group(1), "dev", _link(n))
+        ip("-n", netns, "link", "set", _link(n), "up")
+        gateways[n] = gw.group(1)
 
-        for n, gw in gateways.items():
-            before = _traffic(up)
-            ping = up.run("ping", "-c", "3", "-W", "2", "-I", _link(n), gw)
-            assert ping.returncode == 0 and " 0% packet loss" in ping.stdout, ping.stdout
-            after = _traffic(up)
-            for m in SESSIONS:
-                moved = [a - b for a, b in zip(after[m], before[m], strict=True)]
-                if m == n:
-                    assert all(d >= 3 for d in moved), (n, moved)
-                else:
-                    assert moved == [0, 0, 0, 0], f"ping over {_link(n)} moved session {m}"
-        code, err = up.terminate()
-        assert code == 0, err
-    finally:
-        if up.proc.poll() is None:
-            up.proc.kill()
-            up.proc.wait(10)
+    for n, gw in gateways.items():
+        before = _traffic(up)
+        ping = up.run("ping", "-c", "3", "-W", "2", "-I", _link(n), gw)
+        assert ping.returncode == 0 and " 0% packet loss" in ping.stdout, ping.stdout
+        after = _traffic(up)
+        for m in SESSIONS:
+            moved = [a - b for a, b in zip(after[m], before[m], strict=True)]
+            if m == n:
+                assert all(d >= 3 for d in moved), (n, moved)
+            else:
+                assert moved == [0, 0, 0, 0], f"ping over {_link(n)} moved session {m}"
+    code, err = up.terminate()
+    assert code == 0, err

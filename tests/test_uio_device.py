@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -169,11 +170,9 @@ def test_interrupt_only_with_an_irq_line(fs: FakeSysfs, tmp_path: Path) -> None:
     """uio_pci_generic registers no interrupt for a device without an IRQ line (ivshmem-plain):
     the bus then offers no event fd and polls."""
     fs.bind(IVSHMEM, "uio_pci_generic", "uio0")
-    d = UioDevice("/dev/uio0", frozenset({IVSHMEM_PCI_ID}), fs.root, _dev(fs))
-    assert d.pci.irq == 0 and not d.has_irq
-    d.close()
+    with closing(UioDevice("/dev/uio0", frozenset({IVSHMEM_PCI_ID}), fs.root, _dev(fs))) as d:
+        assert d.pci.irq == 0 and not d.has_irq
     (fs.dev_dir(IVSHMEM) / "irq").write_text("11\n")
-    d = UioDevice("/dev/uio0", frozenset({IVSHMEM_PCI_ID}), fs.root, _dev(fs))
-    assert d.pci.irq == 11 and d.has_irq  # the re-arm write was accepted
-    assert (_dev(fs) / "uio0").read_bytes() == (1).to_bytes(4, "little")
-    d.close()
+    with closing(UioDevice("/dev/uio0", frozenset({IVSHMEM_PCI_ID}), fs.root, _dev(fs))) as d:
+        assert d.pci.irq == 11 and d.has_irq  # the re-arm write was accepted
+        assert (_dev(fs) / "uio0").read_bytes() == (1).to_bytes(4, "little")

@@ -53,6 +53,7 @@ def test_engine_boots_and_opens_a_channel_against_the_bare_model(shared: FakeSys
             await engine.stop()
             return state, engine.state.name
         finally:
+            await engine.stop()  # idempotent: after a failure too, before the bus goes
             bus.close()
 
     try:
@@ -93,9 +94,9 @@ def test_engine_boots_and_mbim_open_round_trips_through_the_file(shared: FakeSys
                 ch.send(struct.pack("<IIII", MBIM_OPEN, 16, 1, 4096))
                 reply = await asyncio.wait_for(got.get(), 10)
                 await ch.close()
-                await engine.stop()
                 return reply
             finally:
+                await engine.stop()
                 bus.close()
 
         reply = asyncio.run(main())

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import until
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # tests/vm is run as `python3 -m tests.vm` from the root
@@ -136,10 +137,7 @@ def _ask(agent: HostAgent, name: str, message: dict[str, object]) -> dict[str, o
     tmp.write_text(json.dumps(message))
     tmp.rename(agent.directory / f"{name}.req")
     response = agent.directory / f"{name}.resp"
-    deadline = time.monotonic() + 30
-    while not response.exists():
-        assert time.monotonic() < deadline, "no response"
-        time.sleep(0.02)
+    until(response.exists, 30, "no response", poll=0.02)
     answer: dict[str, object] = json.loads(response.read_text())
     return answer
 
@@ -153,10 +151,8 @@ def test_host_agent_runs_starts_and_stops(tmp_path: Path) -> None:
         assert done["stdout"] == f"/dev/shm/x\n{tmp_path}\n"
         started = _ask(agent, "b", {"op": "start", "argv": ["sh", "-c", "echo up; sleep 600"]})
         log = agent.directory / f"{started['handle']}.log"
-        deadline = time.monotonic() + 30
-        while log.read_text() != "up\n":
-            assert time.monotonic() < deadline, "the started process never wrote"
-            time.sleep(0.02)
+        until(lambda: log.read_text() == "up\n", 30, "the started process never wrote",
+              poll=0.02)
         stopped = _ask(agent, "c", {"op": "stop", "handle": started["handle"]})
         assert stopped["returncode"] == -15
         assert stopped["output"] == "up\n"

@@ -8,10 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import until, until_async
 from hypothesis import given
 from hypothesis import strategies as st
 from uio_fakesys import FakeSysfs
@@ -246,11 +246,7 @@ def _lines(log: Path) -> list[str]:
     return log.read_text().split("\n")[:-1] if log.exists() else []
 
 
-async def _until(cond: object, timeout: float = 30.0, what: object = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out: {what() if what else ''}"  # type: ignore[operator]
-        await asyncio.sleep(0.02)
+CHILD_TIMEOUT = 30.0  # seconds for a child to start, crash, restart or stop
 
 
 def test_watcher_starts_stops_and_restarts_children(sysfs: FakeSysfs, tmp_path: Path) -> None:
@@ -268,18 +264,23 @@ def test_watcher_starts_stops_and_restarts_children(sysfs: FakeSysfs, tmp_path: 
         sysfs.bind(A, "uio_pci_generic", "uio0")
         w.on_uevent({"ACTION": "bind", "SUBSYSTEM": "pci", "PCI_ID": "8086:7560",
                      "DEVPATH": f"/devices/pci0000:00/{A}"})
-        await _until(lambda: sum(x.startswith("start") for x in _lines(log)) >= 2)
-        mode.write_text("run")  # crashes twice at least, then stays up
-        # a child that read "run" (earlier ones may still crash once more)
-        await _until(lambda: A in w.children and w.children[A].returncode is None
-                     and core.started_at.get(A) is not None
-                     and _lines(log)[-1] == f"start {A} {w.children[A].pid} run")
-        pid = w.children[A].pid
-        sysfs.unbind(A)
-        w.on_uevent({"ACTION": "unbind", "SUBSYSTEM": "pci",
-                     "DEVPATH": f"/devices/pci0000:00/{A}"})
-        await _until(lambda: f"term {A} {pid}" in _lines(log), what=lambda: _lines(log))
-        await w.shutdown()
+        try:
+            await until_async(lambda: sum(x.startswith("start") for x in _lines(log)) >= 2,
+                              CHILD_TIMEOUT, lambda: _lines(log), poll=0.02)
+            mode.write_text("run")  # crashes twice at least, then stays up
+            # a child that read "run" (earlier ones may still crash once more)
+            await until_async(lambda: A in w.children and w.children[A].returncode is None
+                              and core.started_at.get(A) is not None
+                              and _lines(log)[-1] == f"start {A} {w.children[A].pid} run",
+                              CHILD_TIMEOUT, lambda: _lines(log), poll=0.02)
+            pid = w.children[A].pid
+            sysfs.unbind(A)
+            w.on_uevent({"ACTION": "unbind", "SUBSYSTEM": "pci",
+                         "DEVPATH": f"/devices/pci0000:00/{A}"})
+            await until_async(lambda: f"term {A} {pid}" in _lines(log), CHILD_TIMEOUT,
+                              lambda: _lines(log), poll=0.02)
+        finally:
+            await w.shutdown()  # stops every child still running, also after a failure
         assert A not in w.children
 
     asyncio.run(main())
@@ -297,11 +298,11 @@ def test_cli_sigterm_stops_all_children(sysfs: FakeSysfs, tmp_path: Path) -> Non
                              "--test-device", "1af4:1110", "--exec", cmd],
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while len([x for x in _lines(log) if x.startswith("start")]) < 2:
+        def both_started() -> bool:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+            return len([x for x in _lines(log) if x.startswith("start")]) >= 2
+
+        until(both_started, 20, lambda: _lines(log))
         pids = {int(x.split()[2]) for x in _lines(log)}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
