@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import struct
 from collections.abc import Callable
 
-from iosm_cuse.mbim.constants import MessageType
-from iosm_cuse.mbim.message import HEADER
+from iosm_cuse.mbim.constants import MessageType, Status
+from iosm_cuse.mbim.message import (
+    CloseDone,
+    CommandDone,
+    MessageError,
+    OpenDone,
+    command_target,
+    encode_message,
+    peek_header,
+)
 
 Responder = Callable[[bytes], list[bytes]]
 
@@ -72,16 +79,17 @@ class LoopbackOpener:
 
 def answer_open(data: bytes) -> list[bytes]:
     """The least an MBIM device does: OPEN -> OPEN_DONE, CLOSE -> CLOSE_DONE (status 0, same
-    TID), COMMAND -> COMMAND_DONE echoing service and CID with status 0 and no payload."""
-    if len(data) < HEADER.size:
-        return []
-    mtype, _, tid = HEADER.unpack_from(data)
-    if mtype == MessageType.OPEN:
-        return [HEADER.pack(MessageType.OPEN_DONE, 16, tid) + struct.pack("<I", 0)]
-    if mtype == MessageType.CLOSE:
-        return [HEADER.pack(MessageType.CLOSE_DONE, 16, tid) + struct.pack("<I", 0)]
-    if mtype == MessageType.COMMAND and len(data) >= 48:
-        service_cid = data[20:40]
-        body = struct.pack("<II", 1, 0) + service_cid + struct.pack("<II", 0, 0)
-        return [HEADER.pack(MessageType.COMMAND_DONE, HEADER.size + len(body), tid) + body]
+    TID), COMMAND -> COMMAND_DONE echoing service and CID with status 0 and no payload.
+    Anything else, or a message too short for what it claims, gets no answer."""
+    try:
+        mtype, _, tid = peek_header(data)
+        if mtype == MessageType.OPEN:
+            return [encode_message(OpenDone(tid, Status.NONE))]
+        if mtype == MessageType.CLOSE:
+            return [encode_message(CloseDone(tid, Status.NONE))]
+        if mtype == MessageType.COMMAND:
+            service, cid = command_target(data)
+            return [encode_message(CommandDone(tid, service, cid, Status.NONE))]
+    except MessageError:
+        pass
     return []

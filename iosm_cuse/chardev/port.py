@@ -21,19 +21,17 @@ import collections
 import errno
 import logging
 import select
-import struct
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from iosm_cuse.mbim.constants import MessageType
-from iosm_cuse.mbim.message import HEADER
+from iosm_cuse.mbim.message import open_max_control_transfer
+from iosm_cuse.wire.rejects import Rejects
 
 log = logging.getLogger("iosm_cuse.chardev.port")
 
 FIONREAD = 0x541B
 IOCTL_WDM_MAX_COMMAND = 0x800248A0  # _IOR('H', 0xA0, __u16), <linux/usb/cdc-wdm.h>
 LIBMBIM_MAX = 4096  # larger WDM answers overflow libmbim's read buffer
-OPEN_SIZE = HEADER.size + 4  # MBIM OPEN: header + MaxControlTransfer
 MIN_CONTROL = 64  # MBIM's minimum MaxControlTransfer; smaller OPENs don't change the limit
 RX_LIMIT = 1 << 20  # bytes queued for nobody reading before the oldest transfers are dropped
 
@@ -76,7 +74,8 @@ class MbimPort:
         self._closing: set[asyncio.Task[None]] = set()
         self.generation = 0  # bumped by hangup(): handles of older generations get EIO
         self.gone: str | None = None  # why the modem went away
-        self.dropped = 0  # DL transfers dropped because nobody read them (RX_LIMIT)
+        # DL transfers dropped because nobody read them (RX_LIMIT)
+        self.rejects = Rejects(log, what="MBIM port", kinds=("dropped",))
         self.stats = {"rx": 0, "tx": 0, "emsgsize": 0}
 
     # -- listeners (the transports)
@@ -209,12 +208,16 @@ class MbimPort:
         self._wake()
 
     def _drop_head(self) -> None:
-        dropped = self._rx.popleft()
-        self._queued -= len(dropped) - self._head
+        oldest = self._rx.popleft()
+        self._queued -= len(oldest) - self._head
         self._head = 0
-        self.dropped += 1
-        if self.dropped == 1 or self.dropped % 100 == 0:
-            log.warning("MBIM port: nobody reads, %d DL transfers dropped", self.dropped)
+        self.rejects("dropped", "nobody reads: the oldest DL transfer (%d bytes) dropped",
+                     len(oldest))
+
+    @property
+    def dropped(self) -> int:
+        """DL transfers dropped because nobody read them (`status` shows it)."""
+        return self.rejects["dropped"]
 
     def _purge(self) -> None:
         self._rx.clear()
@@ -258,12 +261,9 @@ class MbimPort:
 
     def _note_open(self, data: bytes) -> None:
         """The host's MBIM OPEN sets the negotiated control message size for later writes."""
-        if len(data) != OPEN_SIZE:
+        mct = open_max_control_transfer(data)
+        if mct is None:
             return
-        mtype, length, _ = HEADER.unpack_from(data)
-        if mtype != MessageType.OPEN or length != OPEN_SIZE:
-            return
-        (mct,) = struct.unpack_from("<I", data, HEADER.size)
         if mct < MIN_CONTROL:
             log.info("MBIM port: OPEN with MaxControlTransfer %d ignored", mct)
             return
@@ -324,9 +324,9 @@ class PortHandle:
         """The ioctl's output bytes; OSError(ENOTTY) for anything but FIONREAD/WDM."""
         self._check("ioctl")
         if cmd == FIONREAD:
-            return struct.pack("<i", self.port.queued_bytes)
+            return self.port.queued_bytes.to_bytes(4, "little", signed=True)  # an int
         if cmd == IOCTL_WDM_MAX_COMMAND:
-            return struct.pack("<H", self.port.max_command)
+            return self.port.max_command.to_bytes(2, "little")  # a __u16
         raise _oserror(errno.ENOTTY, f"ioctl {cmd:#x}")
 
     async def close(self) -> None:

@@ -31,59 +31,66 @@ import tty
 from pathlib import Path
 
 from iosm_cuse.chardev.port import MbimPort, PortHandle
-from iosm_cuse.mbim.constants import MessageType
-from iosm_cuse.mbim.message import HEADER
+from iosm_cuse.mbim.message import TYPE_AND_LENGTH_SIZE, MessageError, stream_message_length
+from iosm_cuse.wire.rejects import Rejects
 
 log = logging.getLogger("iosm_cuse.chardev.pty")
 
 DEFAULT_LINK = Path("/run/iosm-cuse/wwan0mbim0")
 MAX_MESSAGE = 64 * 1024  # a longer "message" is garbage (libmbim never writes above 4096)
 READ_CHUNK = 65536
-_TYPES = frozenset(int(t) for t in MessageType)
+
+
+def pty_rejects() -> Rejects:
+    """What the PTY transport throws away: garbage in the stream, host messages the port
+    refused."""
+    return Rejects(log, what="MBIM over PTY", kinds=("resyncs", "dropped_writes"))
 
 
 class MbimFramer:
     """Sans-IO: bytes from a stream in, whole MBIM messages out."""
 
-    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+    def __init__(self, max_message: int = MAX_MESSAGE, rejects: Rejects | None = None) -> None:
         self.max_message = max_message
+        self.rejects = rejects if rejects is not None else pty_rejects()
         self._buf = bytearray()
-        self.resyncs = 0
         self.discarded = 0
 
-    def _plausible(self, at: int) -> bool | None:
-        """Whether a header could start at `at`; None if too few bytes to tell."""
-        if len(self._buf) - at < 8:
-            return None
-        mtype = int.from_bytes(self._buf[at:at + 4], "little")
-        length = int.from_bytes(self._buf[at + 4:at + 8], "little")
-        return mtype in _TYPES and HEADER.size <= length <= self.max_message
+    @property
+    def resyncs(self) -> int:
+        return self.rejects["resyncs"]
+
+    def _length_at(self, at: int) -> int | None:
+        """The length of a message that could start at `at`: None if too few bytes to tell;
+        MessageError if none can."""
+        return stream_message_length(self._buf, at, self.max_message)
 
     def feed(self, data: bytes) -> list[bytes]:
         self._buf += data
         out: list[bytes] = []
         while True:
-            ok = self._plausible(0)
-            if ok is None:
-                return out
-            if not ok:
+            try:
+                length = self._length_at(0)
+            except MessageError:
                 self._resync()
                 continue
-            length = int.from_bytes(self._buf[4:8], "little")
-            if len(self._buf) < length:
+            if length is None or len(self._buf) < length:
                 return out
             out.append(bytes(self._buf[:length]))
             del self._buf[:length]
 
     def _resync(self) -> None:
         at = 1
-        while (ok := self._plausible(at)) is False:
-            at += 1
-        if ok is None:  # no header in sight: keep only what could be the start of one
-            at = max(1, len(self._buf) - 7)
-        self.resyncs += 1
+        while True:
+            try:
+                if self._length_at(at) is None:
+                    # No header in sight: keep only what could be the start of one.
+                    at = max(1, len(self._buf) - (TYPE_AND_LENGTH_SIZE - 1))
+                break
+            except MessageError:
+                at += 1
         self.discarded += at
-        log.warning("MBIM over PTY: %d bytes of garbage skipped to resynchronise", at)
+        self.rejects("resyncs", "%d bytes of garbage skipped to resynchronise", at)
         del self._buf[:at]
 
 
@@ -101,8 +108,8 @@ class PtyTransport:
         self.master = -1
         self.slave = -1
         self.slave_path = ""
-        self.framer = MbimFramer()
-        self.dropped_writes = 0
+        self.rejects = pty_rejects()
+        self.framer = MbimFramer(rejects=self.rejects)
         self._handle: PortHandle | None = None
         self._reopening: asyncio.Task[None] | None = None
         self._held: list[bytes] = []  # host messages waiting for the reopened handle
@@ -176,10 +183,14 @@ class PtyTransport:
         except OSError as exc:
             self._dropped(msg, exc)
 
+    @property
+    def dropped_writes(self) -> int:
+        """Host messages the port refused (a PTY write cannot fail in the client)."""
+        return self.rejects["dropped_writes"]
+
     def _dropped(self, msg: bytes, exc: OSError) -> None:
-        self.dropped_writes += 1
-        log.warning("MBIM over PTY: host message of %d bytes dropped: %s", len(msg),
-                    os.strerror(exc.errno) if exc.errno else exc)
+        self.rejects("dropped_writes", "host message of %d bytes dropped: %s", len(msg),
+                     os.strerror(exc.errno) if exc.errno else exc)
 
     def _reopen(self) -> None:
         if self._reopening is None and self._loop is not None:

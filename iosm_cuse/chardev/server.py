@@ -24,6 +24,7 @@ from typing import Any
 
 from iosm_cuse.chardev import cuse
 from iosm_cuse.chardev.port import MbimPort, PortHandle
+from iosm_cuse.wire.rejects import Rejects
 
 log = logging.getLogger("iosm_cuse.chardev.server")
 
@@ -65,12 +66,21 @@ class ParkedRead:
     size: int
 
 
+def _request_rejects() -> Rejects:
+    return Rejects(log, what="CUSE", kinds=("rejected", "unknown_fh"))
+
+
 @dataclass
 class SessionStats:
     requests: int = 0
-    rejected: int = 0
     notifications: int = 0
     by_opcode: collections.Counter[int] = field(default_factory=collections.Counter)
+    # Requests that cannot be served: malformed ("rejected"), or for a file never opened.
+    rejects: Rejects = field(default_factory=_request_rejects)
+
+    @property
+    def rejected(self) -> int:
+        return self.rejects["rejected"]
 
 
 class CuseSession:
@@ -104,8 +114,7 @@ class CuseSession:
         event = cuse.decode_request(data)
         self.stats.requests += 1
         if isinstance(event, cuse.Rejected):
-            self.stats.rejected += 1
-            log.warning("CUSE: rejected request: %s", event.reason)
+            self.stats.rejects("rejected", "rejected request: %s", event.reason)
             if event.unique is not None:
                 self._error(event.unique, event.errno)
             return
@@ -126,7 +135,7 @@ class CuseSession:
     def _file(self, unique: int, fh: int) -> OpenFile | None:
         f = self.files.get(fh)
         if f is None:
-            log.warning("CUSE: request %d for unknown fh %d", unique, fh)
+            self.stats.rejects("unknown_fh", "request %d for unknown fh %d", unique, fh)
             self._error(unique, errno.EBADF)
         return f
 

@@ -8,7 +8,8 @@ While the MUX says a session is flow-controlled, its fd is not read at all: the 
 
 Downlink: `deliver(pkt)` writes one packet to the TUN fd.
 
-No per-packet logging: every drop is counted by reason and logged once per reason.
+No per-packet logging: every drop is counted by reason and logged as one line per reason
+(`wire.rejects`, rate-limited with the running count).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from iosm_cuse.wire.rejects import PACKET_LOG_EVERY, Rejects, merged
+
 log = logging.getLogger(__name__)
 
 READ_BUDGET = 256           # packets per wake-up before yielding to the other sessions
@@ -27,44 +30,35 @@ BUFFER_SIZE = 65536         # a whole TUN frame, so an oversized packet is seen,
 Transmit = Callable[[int, bytes], bool]
 
 
+DROPS = ("tx_dropped_too_big", "tx_dropped_not_ip", "tx_dropped_mux", "rx_dropped_not_ip",
+         "rx_dropped_write")
+# The order `status` shows a link's counters in.
+COUNTERS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", *DROPS, "flow_stops")
+
+
 @dataclass
 class Counters:
-    """Per link, in the kernel's netdev sense: tx = uplink (to the modem), rx = downlink."""
+    """Per link, in the kernel's netdev sense: tx = uplink (to the modem), rx = downlink.
+    Plain traffic counters, bumped per packet; the drops are counted by `SessionBridge.drops`."""
 
     tx_packets: int = 0
     tx_bytes: int = 0
     rx_packets: int = 0
     rx_bytes: int = 0
-    tx_dropped_too_big: int = 0
-    tx_dropped_not_ip: int = 0
-    tx_dropped_mux: int = 0
-    rx_dropped_not_ip: int = 0
-    rx_dropped_write: int = 0
     flow_stops: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
-class LogOnce:
-    """Log a reason the first time it happens only (packet-rate events must not flood logs)."""
-
-    def __init__(self) -> None:
-        self._seen: set[str] = set()
-
-    def __call__(self, key: str, msg: str, *args: object) -> None:
-        if key not in self._seen:
-            self._seen.add(key)
-            log.warning(msg + " (logged once)", *args)
-
-
 class SessionBridge:
     def __init__(self, link_id: int, fd: int, name: str, transmit: Transmit,
-                 max_ip_packet: int, log_once: LogOnce | None = None) -> None:
+                 max_ip_packet: int) -> None:
         self.link_id = link_id
         self.fd = fd
         self.name = name
         self.counters = Counters()
+        self.drops = Rejects(log, PACKET_LOG_EVERY, name, kinds=DROPS)
         self._transmit = transmit
         self._max = max_ip_packet
         self._buf = bytearray(BUFFER_SIZE)
@@ -74,8 +68,11 @@ class SessionBridge:
         self._reading = False
         self.running = False        # session open: uplink is read
         self.stopped = False        # flow-controlled by the modem
-        self._log_once = log_once or LogOnce()
         self.on_dead: Callable[[SessionBridge], None] | None = None
+
+    def snapshot(self) -> dict[str, int]:
+        """Every counter of the link, drops included, in `COUNTERS` order (for `status`)."""
+        return merged(self.counters.as_dict(), self.drops, COUNTERS)
 
     # -- control
 
@@ -110,7 +107,7 @@ class SessionBridge:
     def _on_readable(self) -> None:
         fd, bufs, buf, view = self.fd, self._bufs, self._buf, self._view
         transmit, link_id, limit = self._transmit, self.link_id, self._max
-        c = self.counters
+        drops = self.drops
         packets = nbytes = 0
         for _ in range(READ_BUDGET):
             try:
@@ -127,30 +124,29 @@ class SessionBridge:
                 self._dead("end of file on the TUN fd")
                 break
             if n > limit:
-                c.tx_dropped_too_big += 1
-                self._log_once("big", "%s: dropped an uplink packet of %d bytes: the MUX "
-                               "carries at most %d", self.name, n, limit)
+                drops("tx_dropped_too_big", "dropped an uplink packet of %d bytes: the MUX "
+                      "carries at most %d", n, limit)
                 continue
             version = buf[0] >> 4 if n else 0
             if version != 4 and version != 6:
-                c.tx_dropped_not_ip += 1
-                self._log_once("notip", "%s: dropped a non-IP uplink packet (version nibble "
-                               "%d)", self.name, version)
+                drops("tx_dropped_not_ip", "dropped a non-IP uplink packet (version nibble "
+                      "%d)", version)
                 continue
             if transmit(link_id, bytes(view[:n])):
                 packets += 1
                 nbytes += n
             else:
-                c.tx_dropped_mux += 1
+                drops.count("tx_dropped_mux")   # the MUX counts and reports its own reason
             if self.stopped or not self.running:
                 break           # on_flow/close ran inside transmit
+        c = self.counters
         c.tx_packets += packets
         c.tx_bytes += nbytes
 
     def _dead(self, why: str) -> None:
         """Stop reading a fd that will never work again (the level-triggered reader would spin)
         and tell the owner, who removes the link."""
-        self._log_once("read", "%s: %s", self.name, why)
+        log.warning("%s: %s", self.name, why)   # once: the fd is not read again
         self.running = False
         self._update_reader()
         if self.on_dead is not None:
@@ -160,14 +156,12 @@ class SessionBridge:
 
     def deliver(self, pkt: bytes) -> None:
         if not pkt or (pkt[0] >> 4) not in (4, 6):
-            self.counters.rx_dropped_not_ip += 1
-            self._log_once("dlnotip", "%s: dropped a non-IP downlink packet", self.name)
+            self.drops("rx_dropped_not_ip", "dropped a non-IP downlink packet")
             return
         try:
             os.write(self.fd, pkt)
         except OSError as exc:
-            self.counters.rx_dropped_write += 1
-            self._log_once("write", "%s: TUN write failed: %s", self.name, exc)
+            self.drops("rx_dropped_write", "TUN write failed: %s", exc)
             return
         self.counters.rx_packets += 1
         self.counters.rx_bytes += len(pkt)

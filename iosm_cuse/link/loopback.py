@@ -12,6 +12,8 @@ import asyncio
 import errno
 from collections.abc import Callable
 
+from iosm_cuse.wire.rejects import Rejects
+
 LITE_MAX_IP = 2032
 
 
@@ -29,8 +31,16 @@ class LoopbackMux:
         self.hang_close = hang_close          # a modem that never answers CLOSE_SESSION
         self.opens: list[int] = []
         self.closes: list[int] = []
-        self.ul_dropped = 0
-        self.dl_dropped = 0
+        # Refused packets, counted as the MUX counts them; the caller is told by the False.
+        self.drops = Rejects(what="loopback MUX", kinds=("ul_dropped", "dl_dropped"))
+
+    @property
+    def ul_dropped(self) -> int:
+        return self.drops["ul_dropped"]
+
+    @property
+    def dl_dropped(self) -> int:
+        return self.drops["dl_dropped"]
 
     async def open_session(self, if_id: int) -> None:
         if if_id in self.fail_open:
@@ -49,7 +59,7 @@ class LoopbackMux:
 
     def transmit(self, if_id: int, pkt: bytes) -> bool:
         if if_id not in self.sessions or len(pkt) > self.max_ip_packet or self.uplink is None:
-            self.ul_dropped += 1
+            self.drops.count("ul_dropped")
             return False
         self.uplink(if_id, pkt)
         return True
@@ -58,7 +68,7 @@ class LoopbackMux:
         """The device MUX's `downlink`: towards the host's on_receive."""
         if if_id not in self.sessions or len(pkt) > self.max_ip_packet or \
                 self.on_receive is None:
-            self.dl_dropped += 1
+            self.drops.count("dl_dropped")
             return False
         self.on_receive(if_id, pkt)
         return True

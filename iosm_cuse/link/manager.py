@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from iosm_cuse.link.args import LinkError, check_ifname
-from iosm_cuse.link.bridge import Counters, LogOnce, SessionBridge
+from iosm_cuse.link.bridge import Counters, SessionBridge
 from iosm_cuse.net.tun import IFF_UP, Tun, TunDevice, flag_names, link_event_socket
+from iosm_cuse.wire.rejects import PACKET_LOG_EVERY, Rejects
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,8 @@ class LinkManager:
         self._poll_interval = poll_interval
         self._links: dict[str, _Link] = {}            # by name at creation
         self._by_id: list[_Link | None] = [None] * MAX_LINKS
-        self._log_once = LogOnce()
-        self.dl_unknown_link = 0                     # DL packets for an if_id with no link
+        # DL packets for an if_id with no link
+        self.drops = Rejects(log, PACKET_LOG_EVERY, "links", kinds=("dl_unknown_link",))
         self._events: socket.socket | None = None
         self._event_source = event_socket
         self._poller: asyncio.Task[None] | None = None
@@ -147,8 +148,7 @@ class LinkManager:
         except OSError as exc:
             err = exc.errno or errno.EIO
             raise LinkError(err, f"cannot create {name}: {exc.strerror or exc}") from exc
-        bridge = SessionBridge(link_id, tun.fd, name, self.mux.transmit, max_mtu,
-                               self._log_once)
+        bridge = SessionBridge(link_id, tun.fd, name, self.mux.transmit, max_mtu)
         link = _Link(link_id, tun, bridge)
         bridge.on_dead = lambda _b: self._schedule_gone_check()
         self._links[name] = link
@@ -225,7 +225,7 @@ class LinkManager:
 
     def counters(self) -> dict[str, Any]:
         """Manager-wide counters for `status`."""
-        return {"dl_unknown_link": self.dl_unknown_link}
+        return self.drops.as_dict()
 
     # -- names
 
@@ -248,7 +248,7 @@ class LinkManager:
             flags, ifindex, mtu = link.tun.flags(), link.tun.ifindex(), link.tun.mtu()
         except OSError:
             flags, ifindex, mtu = 0, 0, 0
-        counters = link.bridge.counters.as_dict()
+        counters = link.bridge.snapshot()
         counters["session_open_errors"] = link.open_errors
         return LinkInfo(self._name_of(link), self.base_name, link.link_id, ifindex, mtu,
                         bool(flags & IFF_UP), link.session, flag_names(flags), counters)
@@ -355,9 +355,8 @@ class LinkManager:
     def _on_receive(self, if_id: int, pkt: bytes) -> None:
         link = self._by_id[if_id] if 0 <= if_id < MAX_LINKS else None
         if link is None:
-            self.dl_unknown_link += 1
-            self._log_once("dl-unknown", "dropped a downlink packet for if_id %d: no link",
-                           if_id)
+            self.drops("dl_unknown_link", "dropped a downlink packet for if_id %d: no link",
+                       if_id)
             return
         link.bridge.deliver(pkt)
 

@@ -250,6 +250,63 @@ def _decode_body(mtype: MessageType, tid: int, body: bytes) -> Message:
     return _CLASSES[mtype](tid=tid, **values)
 
 
+# ------------------------------------------------------------------ peeking (ports, hot path)
+
+# Where a stream can tell a message's type and length: the header without its TransactionId.
+TYPE_AND_LENGTH = struct.Struct("<II")
+TYPE_AND_LENGTH_SIZE = TYPE_AND_LENGTH.size
+OPEN_SIZE = HEADER_SIZE + _BODY_STRUCTS[MessageType.OPEN].size
+_COMMAND_TARGET = struct.Struct("<16sI")   # service, cid: the start of a COMMAND body
+
+
+def stream_message_length(buf: bytes | bytearray, at: int, max_length: int) -> int | None:
+    """The MessageLength of a message starting at `at` of a byte stream: None while fewer than
+    the 8 bytes that tell are in; MessageError if no message starts there (an unknown type, a
+    length below a header's or above `max_length`). One unpack per message: the PTY framer
+    calls this for every message it reassembles."""
+    if len(buf) - at < TYPE_AND_LENGTH_SIZE:
+        return None
+    mtype, length = TYPE_AND_LENGTH.unpack_from(buf, at)
+    if mtype not in _TYPES:
+        raise MessageError(ProtocolError.UNKNOWN, None, f"unknown message type {mtype:#x}")
+    if not HEADER_SIZE <= length <= max_length:
+        raise MessageError(ProtocolError.LENGTH_MISMATCH, None,
+                           f"MessageLength {length} outside {HEADER_SIZE}..{max_length}")
+    return int(length)
+
+
+def open_max_control_transfer(data: bytes) -> int | None:
+    """The MaxControlTransfer of `data` if it is exactly one well-formed OPEN, else None (any
+    other message, a truncated or oversized OPEN, or a MessageLength that disagrees). Cheap
+    for the non-OPEN case: the port asks this of every host write."""
+    if len(data) != OPEN_SIZE:
+        return None
+    mtype, length, _tid, mct = _OPEN_WHOLE.unpack_from(data)
+    if mtype != MessageType.OPEN or length != OPEN_SIZE:
+        return None
+    return int(mct)
+
+
+_OPEN_WHOLE = struct.Struct(HEADER.format + _BODY_STRUCTS[MessageType.OPEN].format[1:])
+
+
+def command_target(data: bytes) -> tuple[UUID, int]:
+    """(service, cid) of a COMMAND transfer that carries them: the whole message or its first
+    fragment. MessageError for another type, a later fragment, or too few bytes."""
+    mtype, _, tid = peek_header(data)
+    if mtype != MessageType.COMMAND:
+        raise MessageError(ProtocolError.UNKNOWN, tid, f"message type {mtype:#x}, not COMMAND")
+    if len(data) < FRAGMENT_HEADER_SIZE + _BODY_STRUCTS[MessageType.COMMAND].size:
+        raise MessageError(ProtocolError.LENGTH_MISMATCH, tid,
+                           f"COMMAND of {len(data)} bytes: no room for its body")
+    total, current = FRAGMENT.unpack_from(data, HEADER_SIZE)
+    if current != 0 or total == 0:
+        raise MessageError(ProtocolError.FRAGMENT_OUT_OF_SEQUENCE, tid,
+                           f"fragment {current} of {total} carries no service and CID")
+    service, cid = _COMMAND_TARGET.unpack_from(data, FRAGMENT_HEADER_SIZE)
+    return UUID(bytes=service), int(cid)
+
+
 # ------------------------------------------------------------------------------- reassembly
 
 

@@ -113,7 +113,7 @@ class DeviceModel:
     def __init__(self, bus: Bus, config: DeviceConfig | None = None) -> None:
         self.bus = bus
         self.config = config or DeviceConfig()
-        self.rejects = Rejects(log, what="host input")
+        self.rejects = Rejects(log, what="rejected host input")
         self.functions: dict[int, ChannelFunction] = {}
         self.channels: dict[int, _Channel] = {}
         self.pipes: dict[int, _Pipe] = {}
@@ -121,7 +121,6 @@ class DeviceModel:
         self.crashed = False
         self.hung = False
         self.features = 0
-        self.dropped_dl = 0  # lost: did not fit the posted buffer
         self.dl_refused = 0  # send() returned False: backlog full
         self.ul_transfers = 0
         self.dl_transfers = 0
@@ -134,6 +133,12 @@ class DeviceModel:
         self.power_on()
 
     # ---- configuration
+
+    @property
+    def dropped_dl(self) -> int:
+        """DL transfers lost: they did not fit the buffer the host posted (each a `dl_td`
+        reject)."""
+        return self.rejects["dl_td"]
 
     def attach(self, channel_id: int, fn: ChannelFunction) -> None:
         self.functions[channel_id] = fn
@@ -477,8 +482,7 @@ class DeviceModel:
         off = addr - pool.base_addr
         if n > room or off < 0 or off + room > pool.size:
             # a transfer the buffer cannot hold is lost, not split (PARTIAL is not reassembled)
-            self.rejects("dl_td", f"TD {i}: {n} bytes for a buffer {addr:#x}+{room}")
-            self.dropped_dl += 1
+            self.rejects("dl_td", "TD %d: %d bytes for a buffer %#x+%d", i, n, addr, room)
             return False
         pool.mem[off:off + n] = data
         TD_STRUCT.pack_into(ring, i * TD_SIZE, addr, n | _END)

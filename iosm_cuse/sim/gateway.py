@@ -32,6 +32,7 @@ from typing import Any
 
 from iosm_cuse.net.gso import VNET_HDR_LEN, Coalescer, checksum, segment
 from iosm_cuse.sim.config import ModemConfig
+from iosm_cuse.wire.rejects import PACKET_LOG_EVERY, Rejects, merged
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +150,11 @@ class SessionAddresses:
         object.__setattr__(self, "v6_key", v6)
 
 
-COUNTERS = ("ul_packets", "ul_bytes", "dl_packets", "dl_bytes", "ul_gso_frames",
-            "dl_gso_frames", "echo_replies", "drop_not_connected", "drop_source",
-            "drop_link_local", "drop_malformed", "drop_not_echo", "drop_no_session",
-            "drop_downlink", "drop_tun_write")
+DROPS = ("drop_not_connected", "drop_source", "drop_link_local", "drop_malformed",
+         "drop_not_echo", "drop_no_session", "drop_downlink", "drop_tun_write")
+TRAFFIC = ("ul_packets", "ul_bytes", "dl_packets", "dl_bytes", "ul_gso_frames",
+           "dl_gso_frames", "echo_replies")
+COUNTERS = (*TRAFFIC, *DROPS)  # what `counters` shows, in this order
 
 
 # ---- the gateway ------------------------------------------------------------------------------
@@ -172,11 +174,8 @@ class Gateway:
         self.ul_packets = self.ul_bytes = self.dl_packets = self.dl_bytes = 0
         # TCP super-packets written to (coalesced) and read from (segmented) the gateway TUN
         self.ul_gso_frames = self.dl_gso_frames = 0
-        self.echo_replies = self.drop_not_connected = self.drop_source = 0
-        self.drop_link_local = 0
-        self.drop_malformed = self.drop_not_echo = self.drop_no_session = 0
-        self.drop_downlink = self.drop_tun_write = 0
-        self._logged: set[str] = set()
+        self.echo_replies = 0
+        self.drops = Rejects(log, PACKET_LOG_EVERY, "gateway", kinds=DROPS)
         self._fd = -1
         self._buf = bytearray(VNET_HDR_LEN + 65536)
         self._pending: list[bytes] = []
@@ -188,7 +187,7 @@ class Gateway:
 
     @property
     def counters(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in COUNTERS}
+        return merged({name: getattr(self, name) for name in TRAFFIC}, self.drops, COUNTERS)
 
     # -- sessions (the MBIM function's session_listener)
 
@@ -220,9 +219,8 @@ class Gateway:
     def uplink(self, if_id: int, pkt: bytes) -> None:
         addrs = self.sessions.get(if_id)
         if addrs is None:
-            self.drop_not_connected += 1
-            self._log_once(f"nc{if_id}", "gateway: dropped packets of session %d: not "
-                           "connected", if_id)
+            self.drops("drop_not_connected", "dropped packets of session %d: not connected",
+                       if_id, per=if_id)
             return
         n = len(pkt)
         version = pkt[0] >> 4 if n else 0
@@ -232,8 +230,7 @@ class Gateway:
             k6 = addrs.v6_key
             ok = k6 is not None and (pkt[8:16] == k6 or pkt[8:24] == k6)
         else:
-            self.drop_malformed += 1
-            self._log_once("mal", "gateway: dropped a malformed packet from session %d", if_id)
+            self.drops("drop_malformed", "dropped a malformed packet from session %d", if_id)
             return
         if not ok:
             self._drop_source(if_id, pkt)
@@ -271,28 +268,24 @@ class Gateway:
             try:
                 os.write(fd, frame)
             except OSError as exc:
-                self.drop_tun_write += 1
-                self._log_once("tunw", "gateway: TUN write failed: %s", exc)
+                self.drops("drop_tun_write", "TUN write failed: %s", exc)
 
     def _drop_source(self, if_id: int, pkt: bytes) -> None:
         """A packet whose source is not the session's. IPv6 link-local ones (router and
         neighbour solicitations, MLD reports of a link with IPv6 on) are counted apart: the
         model's network sends no router advertisements, and they are no spoofing."""
         if pkt[0] >> 4 == 6 and pkt[8] == 0xFE and pkt[9] & 0xC0 == 0x80:
-            self.drop_link_local += 1
-            self._log_once(f"ll{if_id}", "gateway: dropped IPv6 link-local packets of session "
-                           "%d (the model sends no router advertisements)", if_id)
+            self.drops("drop_link_local", "dropped IPv6 link-local packets of session %d (the "
+                       "model sends no router advertisements)", if_id, per=if_id)
             return
-        self.drop_source += 1
-        self._log_once(f"src{if_id}", "gateway: dropped packets of session %d with a source "
-                       "address not the session's", if_id)
+        self.drops("drop_source", "dropped packets of session %d with a source address not "
+                   "the session's", if_id, per=if_id)
 
     def _echo(self, if_id: int, pkt: bytes) -> None:
         reply = echo_reply(pkt)
         if reply is None:
-            self.drop_not_echo += 1
-            self._log_once("ne", "gateway (echo mode): dropped a packet that is not an echo "
-                           "request")
+            self.drops("drop_not_echo", "(echo mode) dropped a packet that is not an echo "
+                       "request")
             return
         self.echo_replies += 1
         self._send_down(if_id, reply)
@@ -302,9 +295,8 @@ class Gateway:
             self.dl_packets += 1
             self.dl_bytes += len(pkt)
         else:
-            self.drop_downlink += 1
-            self._log_once("dl", "gateway: the MUX refused a downlink packet for session %d",
-                           if_id)
+            self.drops("drop_downlink", "the MUX refused a downlink packet for session %d",
+                       if_id)
 
     # -- downlink: from the gateway TUN towards the sessions
 
@@ -329,12 +321,12 @@ class Gateway:
             except BlockingIOError:
                 break
             except OSError as exc:
-                self._log_once("tunr", "gateway: TUN read failed: %s", exc)
+                # Counted apart from the packet drops `counters` shows; logged as they are.
+                self.drops("tun_read_errors", "TUN read failed: %s", exc)
                 break
             packets = segment(view[:n])
             if packets is None:
-                self.drop_malformed += 1
-                self._log_once("seg", "gateway: dropped a TUN frame that does not parse")
+                self.drops("drop_malformed", "dropped a TUN frame that does not parse")
                 continue
             self.dl_gso_frames += len(packets) > 1
             for pkt in packets:
@@ -344,18 +336,15 @@ class Gateway:
         n = len(pkt)
         sid = self.route(pkt)
         if sid is None:
-            self.drop_no_session += 1
-            self._log_once("ns", "gateway: dropped downlink packets for an address of no "
-                           "connected session")
+            self.drops("drop_no_session", "dropped downlink packets for an address of no "
+                       "connected session")
             return
         downlink = self.downlink
         if downlink is not None and downlink(sid, pkt):
             self.dl_packets += 1
             self.dl_bytes += n
         else:
-            self.drop_downlink += 1
-            self._log_once("dl", "gateway: the MUX refused a downlink packet for session %d",
-                           sid)
+            self.drops("drop_downlink", "the MUX refused a downlink packet for session %d", sid)
 
     # -- the gateway TUN
 
@@ -425,11 +414,6 @@ class Gateway:
         return {"mode": self.mode, "netns": self.netns, "tun": self.tun_name
                 if self.mode != "echo" else None, "sessions": sorted(self.sessions),
                 "counters": self.counters}
-
-    def _log_once(self, key: str, msg: str, *args: object) -> None:
-        if key not in self._logged:
-            self._logged.add(key)
-            log.warning(msg + " (logged once)", *args)
 
 
 def _parse_mode(mode: str) -> tuple[str, str | None]:

@@ -87,7 +87,7 @@ class MuxDevice:
         self._uplink: Uplink = gateway if callable(gateway) else gateway.uplink
         self.fixed_mode = MuxMode(mode) if mode is not None else None
         self.mode: MuxMode | None = self.fixed_mode
-        self.rejects = Rejects(log)
+        self.rejects = Rejects(log, what="rejected host input")
         self.counters: collections.Counter[str] = collections.Counter()
         self.queue_levels: dict[int, int] = {}
         self.sessions: set[int] = set()
@@ -194,7 +194,8 @@ class MuxDevice:
     def _to_gateway(self, if_id: int, pkt: bytes) -> None:
         c = self.counters
         if if_id not in self.sessions:
-            c["ul_dropped_no_session"] += 1
+            self.rejects("ul_dropped_no_session", "UL datagram for session %d, which is not open",
+                         if_id)
             return
         if if_id in self.flow_asserted:
             c["ul_while_flow_ctl"] += 1  # in flight before the host saw FLOW_CTL
