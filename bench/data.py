@@ -1,4 +1,4 @@
-"""Data-path throughput, with its baselines measured in the same run (DESIGN.md §7).
+"""Data-path throughput, with its baselines measured in the same run (README.md, "Figures").
 
     sudo .venv/bin/python bench/data.py [--seconds 3] [--rounds 3] [--json]
 

@@ -1,12 +1,12 @@
 """The MBIM port's semantics (what the kernel's /dev/wwan0mbim0 does), transport-agnostic.
 
-Modelled on wwan_core.c + the IOSM port glue (iosm-protocol.md §5): every opener shares one RX
+Modelled on wwan_core.c + the IOSM port glue (docs/mbim-port.md §1): every opener shares one RX
 queue of whole DL transfers; a read returns at most one transfer and a short read leaves the
 rest at the head; the first open opens the IPC channel and the last close closes it and purges
 unread data. Beyond the kernel, a write larger than the negotiated control message size (the
 MaxControlTransfer of the host's MBIM OPEN, or the configured maximum before it) fails with
 EMSGSIZE, and IOCTL_WDM_MAX_COMMAND is answered (never above 4096: libmbim reads into a
-4097-byte stack buffer, mbim-host.md §1).
+4097-byte stack buffer, docs/mbim-port.md §3).
 
 Blocking is the transport's business: `PortHandle.read` never waits; it raises BlockingIOError
 when nothing is queued, and listeners registered with `MbimPort.add_listener` are called when

@@ -1,6 +1,6 @@
 """The PTY fallback transport: the same `MbimPort` behind a raw-mode pseudo-terminal.
 
-For kernels without CUSE. libmbim accepts any special file as a device (mbim-host.md §1), so
+For kernels without CUSE. libmbim accepts any special file as a device (docs/mbim-port.md §2), so
 `mbimcli -d /run/iosm-cuse/wwan0mbim0` (a symlink to the PTY slave) works unchanged.
 
 Differences from the CUSE port, all because a PTY carries a byte stream and the kernel, not

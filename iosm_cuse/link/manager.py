@@ -1,6 +1,6 @@
 """The link manager: link ids 0..7 <-> TUN devices <-> MUX sessions (Contract 2).
 
-Kernel semantics kept (iosm-protocol.md §6):
+Kernel semantics kept (docs/iosm-protocol.md §6):
 - `wwan0` is link id 0 and exists from `start()`; `wwan0-N` are added with a link id 0..7.
   A used id -> EBUSY, an id >= 8 -> EINVAL, a parent other than the base -> ENODEV, a name
   over 15 characters or already taken -> EINVAL / EEXIST. A failed request changes nothing.
