@@ -26,6 +26,7 @@ from iosm_cuse.devices import DeviceSpec, ModemDevice, open_device, parse_device
 from iosm_cuse.options import UpError, UpOptions
 from iosm_cuse.rundir import claim_instance, pty_link_path
 from iosm_cuse.status import exec_stage_name, port_status
+from iosm_cuse.wire.channels import MBIM_CHANNEL
 
 # The layers are imported while the model process boots (see Daemon.start), not with this module.
 if TYPE_CHECKING:
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
     from iosm_cuse.link.manager import LinkManager
 
 log = logging.getLogger("iosm_cuse.daemon")
-
-MBIM_CHANNEL = 6
 
 _Layer = TypeVar("_Layer")
 

@@ -3,7 +3,7 @@ status` prints for humans (`status --json` prints the answer itself)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from iosm_cuse.control import JsonDict
 
@@ -37,7 +37,7 @@ def format_status(st: JsonDict) -> str:
     return "\n".join(lines)
 
 
-def _pids(pids: list[Any]) -> str:
+def _pids(pids: list[object]) -> str:
     return f" (pid {', '.join(str(p) for p in pids)})" if pids else ""
 
 

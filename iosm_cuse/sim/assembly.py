@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, cast
 
+from iosm_cuse.wire import channels
 from iosm_cuse.wire.ipc import CAP_UL_FLOW_CREDIT
 
 # The parent (the daemon) imports this module for ModelOptions and the factory specs only: what
@@ -32,8 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MBIM_CHANNEL = 6
-MUX_CHANNEL = 0
+# The channels, as the channel table declares them for both sides.
+MBIM_CHANNEL = channels.MBIM_CHANNEL
+MUX_CHANNEL = channels.IP_MUX_CHANNEL
 
 # Factory specs for ModelProcess.spawn(functions=...) and serve_file.
 MODEL = "iosm_cuse.sim.assembly:assemble"
