@@ -211,7 +211,7 @@ def serve_datapath(base: str, gw_ns: str, stack: str) -> None:
             from iosm_cuse.sim.process import ModelProcess
 
             model = await ModelProcess.spawn(
-                functions="iosm_cuse.sim.gateway:data_functions",
+                functions="iosm_cuse.sim.assembly:assemble_data_path",
                 config=asdict(DeviceConfig.for_mux(stack)),
                 options={"gateway": f"netns:{gw_ns}", "tun_name": f"g{base}", "mux": stack,
                          "connect": list(range(8))})

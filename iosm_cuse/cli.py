@@ -29,7 +29,7 @@ main.add_command(install_udev_command)
 main.add_command(watch_command)
 
 
-# ---- the daemon, its status, the links (iosm_cuse.daemon; iosm_cuse.control for the socket) ----
+# ---- the daemon, its status, the links (daemon.py; control.py for the socket) ------------------
 # Imports of the layers stay inside the commands: `up` must be ready in well under a second and
 # `status` should not pay for TUN or MBIM code it never runs.
 
@@ -52,13 +52,14 @@ main.add_command(watch_command)
 def up(device: str, transport: str, config: Path | None, mux: str | None, gateway: str,
        port_name: str | None, verbose: bool) -> None:
     """Start the driver: MBIM port, data link wwan<N> (session 0), control socket."""
-    from iosm_cuse import daemon
+    from iosm_cuse.daemon import run_up
+    from iosm_cuse.options import UpOptions
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="iosm-cuse: %(message)s")
-    opts = daemon.UpOptions(device=device, transport=transport, config=config, mux=mux,
-                            gateway=gateway, port_name=port_name)
-    sys.exit(daemon.run_up(opts))
+    opts = UpOptions(device=device, transport=transport, config=config, mux=mux,
+                     gateway=gateway, port_name=port_name)
+    sys.exit(run_up(opts))
 
 
 _socket_option = click.option(
@@ -71,7 +72,7 @@ _socket_option = click.option(
 @_socket_option
 def status(as_json: bool, sock: Path | None) -> None:
     """Device, modem state, MBIM port and its openers, links and their counters."""
-    from iosm_cuse.daemon import format_status
+    from iosm_cuse.status import format_status
 
     st = _call(sock, None, "status")
     click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
@@ -138,12 +139,13 @@ link.add_command(link_show, "lst")
 def modem(shm: Path | None, size: int, config: Path | None, mux: str | None, gateway: str,
           verbose: bool) -> None:
     """Run the modem model alone, for a driver in another process or a VM (ivshmem)."""
-    from iosm_cuse import daemon
+    from iosm_cuse.options import UpOptions
+    from iosm_cuse.sim.process import run_modem
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="iosm-cuse modem: %(message)s")
-    opts = daemon.UpOptions(config=config, mux=mux, gateway=gateway)
-    sys.exit(daemon.run_modem(opts, shm, size))
+    options = UpOptions(config=config, mux=mux, gateway=gateway).model_options()
+    sys.exit(run_modem(options, shm, size))
 
 
 _LINK_NAME = re.compile(r"^(wwan[0-9]{1,3})(?:-[0-9]+)?$")

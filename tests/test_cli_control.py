@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from iosm_cuse import control, daemon
+from iosm_cuse import control, devices, rundir
 from iosm_cuse.cli import main
 from iosm_cuse.control import ControlError, ControlServer
+from iosm_cuse.options import UpError
 
 STATUS = {
     "device": "sim", "pid": 1,
@@ -127,36 +128,36 @@ def test_second_claim_of_a_device_is_refused_with_the_owner(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
     monkeypatch.setenv(control.RUN_DIR_ENV, str(tmp_path))
-    spec = daemon.DeviceSpec("sim")
-    instance, port, locks = daemon.claim_instance(spec, None)
+    spec = devices.DeviceSpec("sim")
+    instance, port, locks = rundir.claim_instance(spec, None)
     assert (instance, port) == ("wwan0", "wwan0mbim0")
     try:
-        with pytest.raises(daemon.UpError, match=r"device sim is already driven .*pid \d+"):
-            daemon.claim_instance(spec, None)
+        with pytest.raises(UpError, match=r"device sim is already driven .*pid \d+"):
+            rundir.claim_instance(spec, None)
         # Another device takes the next free name; an explicit used name is refused.
-        other = daemon.DeviceSpec("uio", "0000:03:00.0")
-        inst2, port2, locks2 = daemon.claim_instance(other, None)
+        other = devices.DeviceSpec("uio", "0000:03:00.0")
+        inst2, port2, locks2 = rundir.claim_instance(other, None)
         assert (inst2, port2) == ("wwan1", "wwan1mbim0")
         for lock in locks2:
             lock.release()
-        with pytest.raises(daemon.UpError, match="wwan0mbim0 is already served"):
-            daemon.claim_instance(other, "wwan0mbim0")
+        with pytest.raises(UpError, match="wwan0mbim0 is already served"):
+            rundir.claim_instance(other, "wwan0mbim0")
     finally:
         for lock in locks:
             lock.release()
     # Released: the device can be claimed again, the lock files are gone.
-    _, _, again = daemon.claim_instance(spec, None)
+    _, _, again = rundir.claim_instance(spec, None)
     for lock in again:
         lock.release()
     assert list(tmp_path.glob("*.lock")) == []
 
 
 def test_parse_device_forms() -> None:
-    assert daemon.parse_device("sim") == daemon.DeviceSpec("sim")
-    assert daemon.parse_device("uio:0000:03:00.0") == daemon.DeviceSpec("uio", "0000:03:00.0")
-    assert daemon.parse_device("/dev/uio0") == daemon.DeviceSpec("uio", "/dev/uio0")
-    with pytest.raises(daemon.UpError):
-        daemon.parse_device("uio")
+    assert devices.parse_device("sim") == devices.DeviceSpec("sim")
+    assert devices.parse_device("uio:0000:03:00.0") == devices.DeviceSpec("uio", "0000:03:00.0")
+    assert devices.parse_device("/dev/uio0") == devices.DeviceSpec("uio", "/dev/uio0")
+    with pytest.raises(UpError):
+        devices.parse_device("uio")
 
 
 def test_link_add_takes_the_ip_link_form_as_is(server: FakeDaemonSide) -> None:
@@ -209,11 +210,11 @@ def test_auto_device_prefers_a_uio_bound_modem(tmp_path: Path,
     fs = FakeSysfs(tmp_path / "sys")
     fs.add_pci("0000:00:03.0", 0x1AF4, 0x1110, {0: 0x100, 2: 0x400000})  # ivshmem: not a modem
     fs.add_pci("0000:03:00.0", 0x8086, 0x7560, {0: 0x1000, 2: 0x1000})
-    assert daemon.find_default_device(fs.root) == daemon.DeviceSpec("sim")
+    assert devices.find_default_device(fs.root) == devices.DeviceSpec("sim")
     assert "0000:03:00.0 is not bound to UIO" in caplog.text
     fs.add_pci("0000:04:00.0", 0x8086, 0x7360, {0: 0x1000, 2: 0x1000})
     fs.bind("0000:04:00.0", "uio_pci_generic", uio="uio0")
-    assert daemon.find_default_device(fs.root) == daemon.DeviceSpec("uio", "0000:04:00.0")
+    assert devices.find_default_device(fs.root) == devices.DeviceSpec("uio", "0000:04:00.0")
 
 
 def test_up_refuses_a_bad_config_before_starting_anything(tmp_path: Path,

@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 from helpers import until_async
 
-from iosm_cuse import daemon
 from iosm_cuse.bus.shm import HOST, ShmBus
+from iosm_cuse.devices import MODEL_START_TIMEOUT, spawn_model
 from iosm_cuse.hw.engine import IpcEngine
 from iosm_cuse.hw.mux.host import MuxHost
 from iosm_cuse.mbim.message import Open, OpenDone, decode_message, encode_message
+from iosm_cuse.options import UpOptions
+from iosm_cuse.sim.assembly import MODEL, MODEL_CREDIT_WINDOW
 from iosm_cuse.sim.device import DeviceConfig
 from iosm_cuse.sim.process import ModelError, ModelProcess
 from iosm_cuse.wire.ipc import CAP_UL_FLOW_CREDIT
@@ -135,10 +137,10 @@ def test_model_runs_in_its_own_session_so_ctrl_c_reaches_only_the_daemon() -> No
 
 def test_daemon_spawns_the_plain_model_process_with_a_long_start_timeout() -> None:
     async def main() -> None:
-        dev = await daemon.spawn_model(daemon.UpOptions(device="sim"))
+        dev = await spawn_model(UpOptions(device="sim"))
         try:
             assert type(dev) is ModelProcess
-            assert dev.start_timeout == daemon.MODEL_START_TIMEOUT >= 60
+            assert dev.start_timeout == MODEL_START_TIMEOUT >= 60
         finally:
             await dev.close()
 
@@ -151,7 +153,7 @@ def test_daemon_model_grants_ul_credit_when_its_capabilities_say_so() -> None:
 
     async def main() -> None:
         mp = await ModelProcess.spawn(
-            functions=daemon.MODEL_FUNCTIONS,
+            functions=MODEL,
             config=asdict(DeviceConfig(capabilities=CAP_UL_FLOW_CREDIT)))
         engine = IpcEngine(mp.bus)
         try:
@@ -161,7 +163,7 @@ def test_daemon_model_grants_ul_credit_when_its_capabilities_say_so() -> None:
             await asyncio.wait_for(mux.open_session(0), 10)
             await until_async(lambda: mux.status()["sessions"][0]["credits"] > 0, 5,
                               "no UL credit granted", poll=0.05)
-            assert mux.status()["sessions"][0]["credits"] == daemon.MODEL_CREDIT_WINDOW
+            assert mux.status()["sessions"][0]["credits"] == MODEL_CREDIT_WINDOW
         finally:
             await engine.stop()
             await mp.close()

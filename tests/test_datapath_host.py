@@ -125,7 +125,7 @@ async def datapath(links: range = range(8), poll_interval: float = 30.0,
         from iosm_cuse.sim.process import ModelProcess
 
         model = await ModelProcess.spawn(
-            functions="iosm_cuse.sim.gateway:data_functions",
+            functions="iosm_cuse.sim.assembly:assemble_data_path",
             config=asdict(DeviceConfig.for_mux(stack)),
             options={"gateway": mode, "tun_name": gw_tun, "mux": stack,
                      "connect": list(links)})

@@ -1,7 +1,7 @@
 """The ivshmem backing file the model creates must hold what the engine allocates in it."""
 
 from iosm_cuse.bus.shm import ShmLayout
-from iosm_cuse.daemon import DEFAULT_SHM_SIZE
+from iosm_cuse.sim.process import DEFAULT_SHM_SIZE
 from iosm_cuse.wire.channels import MuxMode, dma_bytes_needed
 
 

@@ -41,7 +41,9 @@ class MuxHostLike(Protocol):
 
     on_receive: Callable[[int, bytes], None] | None
     on_flow: Callable[[int, bool], None] | None
-    max_ip_packet: int
+
+    @property
+    def max_ip_packet(self) -> int: ...  # read-only: MuxHost derives it from the MUX mode
 
     def open_session(self, if_id: int) -> Awaitable[Any]: ...
     def transmit(self, if_id: int, pkt: bytes) -> bool: ...

@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m iosm_cuse.sim")
     ap.add_argument("--sock-fd", type=int, help="Unix socket carrying the bus fds and commands")
     ap.add_argument("--shm", type=Path, help="single shared file (ivshmem layout) to serve")
-    ap.add_argument("--functions", help="module:callable attaching the channel functions")
+    ap.add_argument("--functions", help="module:callable attaching the channel functions "
+                    "(the modem's own: iosm_cuse.sim.assembly:assemble)")
     ap.add_argument("--mux", choices=("lite", "aggregation"), default="lite")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)

@@ -423,29 +423,3 @@ def _parse_mode(mode: str) -> tuple[str, str | None]:
     if mode.startswith("netns:") and len(mode) > 6 and "/" not in mode:
         return "tun", mode[6:]
     raise ValueError(f"gateway mode {mode!r}: use echo, tun or netns:NAME")
-
-
-def data_functions(model: Any, options: dict[str, Any]) -> None:
-    """A model-process factory (sim/process.py's `functions` hook) for the data path alone:
-    the device MUX on channel 0 and this gateway behind it, with no MBIM function. The sessions
-    in options["connect"] count as connected (what an MBIM connect would announce), so tests and
-    bench/data.py can move packets without an MBIM client. Options: "gateway" (mode),
-    "tun_name", "mux", "connect", "config" (a ModemConfig file)."""
-    from iosm_cuse.sim.mux import MuxDevice
-
-    config = ModemConfig.load(options["config"]) if options.get("config") else ModemConfig()
-    gateway = Gateway(config, options.get("gateway") or "echo",
-                      tun_name=options.get("tun_name") or DEFAULT_TUN_NAME)
-    mux = MuxDevice(gateway.uplink, options.get("mux"))
-    gateway.downlink = mux.downlink
-    for n in options.get("connect", []):
-        gateway.session_changed(n, config.session_ip(n))
-    model.attach(0, mux)
-    task = asyncio.get_running_loop().create_task(gateway.start())
-    task.add_done_callback(_log_start_failure)
-    model.gateway = gateway
-
-
-def _log_start_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("gateway did not start: %s", task.exception())

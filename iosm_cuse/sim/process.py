@@ -6,8 +6,9 @@ The parent creates the shared memory (memfds) and the eventfds (`ShmBus.create`)
 spec. After that the socket carries JSON-line commands (crash, hang, reset, stats, ping).
 
 `functions` is "module:callable"; in the child it is called as `factory(model, options)` and
-attaches the channel functions (the daemon attaches the MBIM function and the MUX this way).
-The child's sys.path is the parent's, so a factory defined in a test module is importable.
+attaches the channel functions (`sim.assembly.MODEL` attaches the MBIM function, the MUX and
+the packet gateway this way). The child's sys.path is the parent's, so a factory defined in a
+test module is importable.
 
 The child runs in a session of its own, so a terminal's Ctrl-C reaches only the parent, which
 then stops the child in order. The child notices a parent that died without doing so: its
@@ -28,13 +29,17 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from iosm_cuse.bus.base import BAR2
 from iosm_cuse.bus.shm import ShmBus, ShmLayout, send_bus_fds
 from iosm_cuse.wire.ipc import SCRATCHPAD, ExecStage
+
+if TYPE_CHECKING:
+    from iosm_cuse.sim.assembly import ModelOptions
+    from iosm_cuse.sim.device import DeviceModel
 
 log = logging.getLogger("iosm_cuse.sim.process")
 
@@ -193,14 +198,46 @@ def _describe_exit(code: int) -> str:
 # ---- the child ---------------------------------------------------------------------------------
 
 
-def load_factory(spec: str) -> Any:
+Cleanup = Callable[[], Awaitable[None]]
+
+
+@runtime_checkable
+class ModelFunctions(Protocol):
+    """What a `functions` factory may return besides a bare cleanup (or nothing): the
+    assembled functions (sim.assembly.Assembly), closed when the model stops, adding their
+    counters to the `stats` command's answer."""
+
+    async def close(self) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+Factory = Callable[["DeviceModel", Mapping[str, Any]], "ModelFunctions | Cleanup | None"]
+
+
+class _CleanupOnly:
+    """A factory's bare cleanup (or none) as ModelFunctions with no counters of its own."""
+
+    def __init__(self, cleanup: Cleanup | None) -> None:
+        self._cleanup = cleanup
+
+    async def close(self) -> None:
+        if self._cleanup is not None:
+            await self._cleanup()
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+def load_factory(spec: str) -> Factory:
     """'package.module:callable' -> the callable."""
     import importlib
 
     mod, _, name = spec.partition(":")
     if not mod or not name:
         raise ModelError(f"functions {spec!r}: expected module:callable")
-    return getattr(importlib.import_module(mod), name)
+    factory: Factory = getattr(importlib.import_module(mod), name)
+    return factory
 
 
 async def child_main(sock_fd: int) -> int:
@@ -213,26 +250,26 @@ async def child_main(sock_fd: int) -> int:
     sock = socket.socket(fileno=sock_fd)
     bus, extra = recv_bus_fds(sock)
     model = DeviceModel(bus, DeviceConfig(**extra.get("config", {})))
-    cleanup = attach_functions(model, extra.get("functions"), extra.get("options", {}))
+    functions = attach_functions(model, extra.get("functions"), extra.get("options", {}))
     # Only now: until here a signal's default action is right (nothing to clean up yet, and a
     # slow start is not prolonged by waiting for it to finish).
     stop = _stop_on_signals(asyncio.get_running_loop())
     task = asyncio.ensure_future(model.run())
     reader, writer = await asyncio.open_unix_connection(sock=sock)
-    serving = asyncio.ensure_future(_serve_commands(model, reader, writer))
+    serving = asyncio.ensure_future(_serve_commands(model, functions, reader, writer))
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         await _cancel(serving, stopping, task)
-        await run_cleanup(cleanup)
+        await close_functions(functions)
     return 0
 
 
-async def _serve_commands(model: Any, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
+async def _serve_commands(model: DeviceModel, functions: ModelFunctions,
+                          reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     while line := await reader.readline():
-        writer.write(json.dumps(_command(model, line)).encode() + b"\n")
+        writer.write(json.dumps(_command(model, functions, line)).encode() + b"\n")
         await writer.drain()
 
 
@@ -242,24 +279,22 @@ async def _cancel(*tasks: asyncio.Future[Any]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-Cleanup = Callable[[], Awaitable[None]]
 CLEANUP_TIMEOUT = 2.5  # ModelProcess kills a child that has not exited 3 s after SIGTERM
 
 
-def attach_functions(model: Any, spec: str | None, options: dict[str, Any]) -> Cleanup | None:
-    """Run the factory; what it returns, if callable, is awaited when the model stops (the
-    daemon's closes the packet gateway: its TUN and a namespace it created)."""
-    if not spec:
-        return None
-    result = load_factory(spec)(model, options)
-    return result if callable(result) else None
+def attach_functions(model: DeviceModel, spec: str | None,
+                     options: Mapping[str, Any]) -> ModelFunctions:
+    """Run the factory; what it returns is closed when the model stops (the assembly's close
+    removes the packet gateway's TUN and a namespace it created)."""
+    result = load_factory(spec)(model, options) if spec else None
+    if isinstance(result, ModelFunctions):
+        return result
+    return _CleanupOnly(result if callable(result) else None)
 
 
-async def run_cleanup(cleanup: Cleanup | None) -> None:
-    if cleanup is None:
-        return
+async def close_functions(functions: ModelFunctions) -> None:
     try:
-        await asyncio.wait_for(cleanup(), CLEANUP_TIMEOUT)
+        await asyncio.wait_for(functions.close(), CLEANUP_TIMEOUT)
     except Exception as exc:  # the process ends anyway; say what stays behind
         log.warning("closing the model's functions: %s", exc or type(exc).__name__)
 
@@ -298,7 +333,7 @@ def _die_with_parent() -> None:
         log.debug("prctl(PR_SET_PDEATHSIG): %s", exc)
 
 
-def _command(model: Any, line: bytes) -> dict[str, Any]:
+def _command(model: DeviceModel, functions: ModelFunctions, line: bytes) -> dict[str, Any]:
     try:
         op = json.loads(line)["op"]
     except (ValueError, KeyError, TypeError):
@@ -309,12 +344,11 @@ def _command(model: Any, line: bytes) -> dict[str, Any]:
         getattr(model, op)()
         return {"ok": True}
     if op == "stats":
-        gateway = getattr(model, "gateway", None)
         return {"ok": True, "ul_transfers": model.ul_transfers,
                 "dl_transfers": model.dl_transfers, "dropped_dl": model.dropped_dl,
                 "dl_refused": model.dl_refused,
                 "rejects": dict(model.rejects.counters), "ipc_state": int(model.ipc_state),
-                "gateway": gateway.counters if gateway is not None else None}
+                "gateway": None, **functions.stats()}
     return {"ok": False, "error": f"unknown op {op!r}"}
 
 
@@ -327,7 +361,7 @@ async def serve_file(path: Path, functions: str | None, mux: str = "lite",
     bus = ShmBus.open_file(path, DEVICE)
     try:
         model = DeviceModel(bus, DeviceConfig.for_mux(mux))
-        cleanup = attach_functions(model, functions, options or {})
+        attached = attach_functions(model, functions, options or {})
         stop = _stop_on_signals(asyncio.get_running_loop())
         running = asyncio.ensure_future(model.run())
         stopping = asyncio.ensure_future(stop.wait())
@@ -337,7 +371,38 @@ async def serve_file(path: Path, functions: str | None, mux: str = "lite",
                 running.result()  # the model's own failure, after the cleanup below
         finally:
             await _cancel(running, stopping)
-            await run_cleanup(cleanup)
+            await close_functions(attached)
     finally:
         bus.close()
     return 0
+
+
+DEFAULT_SHM = Path("/dev/shm/iosm-cuse-modem")
+# ivshmem wants a power of two, and the file holds two register pages plus the DMA pool that
+# Lite channel 0 and MBIM channel 6 need at once (wire.channels.dma_bytes_needed: about 4.2 MiB).
+DEFAULT_SHM_SIZE = 8 * 1024 * 1024
+
+
+def run_modem(options: ModelOptions, shm: Path | None, size: int = DEFAULT_SHM_SIZE) -> int:
+    """`iosm-cuse modem [--shm FILE]`: the assembled model alone on an ivshmem backing file
+    (created with `size` bytes if missing), for a driver in a VM (`up --device uio:...`) or
+    another process. Returns the exit status."""
+    from iosm_cuse.sim.assembly import MODEL
+
+    path = shm or DEFAULT_SHM
+    try:
+        if not path.exists():
+            with open(path, "xb") as f:
+                f.truncate(size)
+        total = path.stat().st_size
+    except OSError as exc:
+        print(f"iosm-cuse modem: {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    mux = options.mux or "lite"
+    print(f"iosm-cuse modem: serving {path} ({total} bytes, MUX {mux}); QEMU: "
+          f"-object memory-backend-file,id=iosm,size={total},share=on,mem-path={path} "
+          "-device ivshmem-plain,memdev=iosm", flush=True)
+    try:
+        return asyncio.run(serve_file(path, MODEL, mux, options.as_json()))
+    except KeyboardInterrupt:
+        return 0

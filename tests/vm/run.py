@@ -39,8 +39,8 @@ WORK = Path(__file__).resolve().parents[2]
 CACHE = WORK / ".vmcache"
 RUNS = WORK / ".vmrun"
 VENV = WORK / ".venv"
-# The engine's DMA pool for MBIM + Lite channel 0 needs ~4.2 MiB of the file (iosm_cuse.daemon's
-# DEFAULT_SHM_SIZE); QEMU wants a power of two.
+# The engine's DMA pool for MBIM + Lite channel 0 needs ~4.2 MiB of the file
+# (iosm_cuse.sim.process's DEFAULT_SHM_SIZE); QEMU wants a power of two.
 IVSHMEM_SIZE = int(os.environ.get("IOSM_VM_IVSHMEM_SIZE", 8 * 1024 * 1024))
 HOST_TOKEN_OFFSET = 0
 GUEST_TOKEN_OFFSET = 4096
