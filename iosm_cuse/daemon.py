@@ -522,7 +522,7 @@ def model_functions(model: Any, options: dict[str, Any]) -> Callable[[], Awaitab
     process runs on every way out: closing the gateway (its TUN, a namespace it created)."""
     from iosm_cuse.sim.config import ModemConfig
     from iosm_cuse.sim.gateway import Gateway
-    from iosm_cuse.sim.mbim_function import MbimChannelFunction, MbimFunction
+    from iosm_cuse.sim.mbim import MbimChannelFunction, MbimFunction
     from iosm_cuse.sim.mux import MuxDevice
 
     config = ModemConfig.load(options["config"]) if options.get("config") else ModemConfig()
@@ -566,7 +566,7 @@ def _credit_window(model: Any) -> int:
 
 def gateway_statistics(c: dict[str, int]) -> Any:
     """The gateway's counters as MBIM PACKET_STATISTICS ("in" is towards the host)."""
-    from iosm_cuse.sim.mbim_function import PacketStatistics
+    from iosm_cuse.sim.mbim import PacketStatistics
 
     return PacketStatistics(
         in_discards=c["drop_downlink"] + c["drop_no_session"],
