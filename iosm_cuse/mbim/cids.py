@@ -7,7 +7,7 @@ Facts from MBIM 1.0 and libmbim's ``data/mbim-service-*.json``.
 
 A field whose values an enum names is tied to it (``u32("PinType", PinType)``), as libmbim's JSON
 ties ``"format": "guint32", "public-format": "MbimPinType"``: decoding rejects a value outside
-the enum once, here, for every CID that carries the field (docs/architecture.md, Contract 3).
+the enum once, here, for every CID that carries the field; handlers never re-check.
 """
 
 from __future__ import annotations
