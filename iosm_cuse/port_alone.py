@@ -58,7 +58,7 @@ class FunctionChannel:
 def mbim_opener() -> Callable[[Callable[[bytes], None]], Any]:
     """`open_channel` for the port: the model's MBIM function behind its ChannelFunction
     adapter, the one the model attaches to channel 6, so indications reach the host too."""
-    from iosm_cuse.sim.mbim_function import MbimChannelFunction, MbimFunction
+    from iosm_cuse.sim.mbim import MbimChannelFunction, MbimFunction
 
     fn = MbimChannelFunction(MbimFunction())
 

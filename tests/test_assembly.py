@@ -27,7 +27,7 @@ from iosm_cuse.sim.assembly import (
 )
 from iosm_cuse.sim.config import ModemConfig
 from iosm_cuse.sim.device import DeviceConfig, DeviceModel
-from iosm_cuse.sim.mbim_function import MbimChannelFunction
+from iosm_cuse.sim.mbim import MbimChannelFunction
 from iosm_cuse.sim.process import ModelFunctions, attach_functions
 from iosm_cuse.wire.channels import MuxMode
 from iosm_cuse.wire.ipc import CAP_UL_FLOW_CREDIT

@@ -23,7 +23,7 @@ from iosm_cuse.chardev.server import CuseServer
 from iosm_cuse.mbim.cids import BasicConnect
 from iosm_cuse.mbim.message import Command, CommandDone, Open, decode_message, encode_message
 from iosm_cuse.mbim.uuids import Service
-from iosm_cuse.sim.mbim_function import MbimFunction
+from iosm_cuse.sim.mbim import MbimFunction
 
 POLL_OUT = select.POLLOUT | select.POLLWRNORM
 POLL_IN = select.POLLIN | select.POLLRDNORM

@@ -33,7 +33,7 @@ from iosm_cuse.mbim.message import (
 )
 from iosm_cuse.mbim.uuids import ContextType, Service
 from iosm_cuse.sim.config import ModemConfig
-from iosm_cuse.sim.mbim_function import (
+from iosm_cuse.sim.mbim import (
     MbimChannelFunction,
     MbimFunction,
     PacketStatistics,

@@ -32,7 +32,7 @@ from iosm_cuse.mbim.message import (
 )
 from iosm_cuse.mbim.uuids import ContextType, Service
 from iosm_cuse.sim.config import ModemConfig
-from iosm_cuse.sim.mbim_function import MbimFunction
+from iosm_cuse.sim.mbim import MbimFunction
 
 DEVICE_TYPES = {MessageType.OPEN_DONE, MessageType.CLOSE_DONE, MessageType.COMMAND_DONE,
                 MessageType.FUNCTION_ERROR, MessageType.INDICATE_STATUS}

@@ -23,7 +23,7 @@ import pytest
 from iosm_cuse.mbim.cids import BasicConnect
 from iosm_cuse.mbim.message import decode_message
 from iosm_cuse.sim.config import ModemConfig
-from iosm_cuse.sim.mbim_function import MbimFunction, SessionState
+from iosm_cuse.sim.mbim import MbimFunction, SessionState
 
 pytestmark = [
     pytest.mark.host,

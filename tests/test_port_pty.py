@@ -35,7 +35,7 @@ from iosm_cuse.mbim.message import (
     encode_message,
 )
 from iosm_cuse.mbim.uuids import Service
-from iosm_cuse.sim.mbim_function import MbimFunction
+from iosm_cuse.sim.mbim import MbimFunction
 
 MESSAGES = [encode_message(Open(1, 4096)), encode_message(Close(2)),
             answer_open(encode_message(Open(3, 4096)))[0]]

@@ -19,7 +19,7 @@ from iosm_cuse.chardev.port import FIONREAD, IOCTL_WDM_MAX_COMMAND, MbimPort
 from iosm_cuse.mbim.cids import BasicConnect
 from iosm_cuse.mbim.message import Command, CommandDone, Open, decode_message, encode_message
 from iosm_cuse.mbim.uuids import Service
-from iosm_cuse.sim.mbim_function import MbimFunction
+from iosm_cuse.sim.mbim import MbimFunction
 
 T = TypeVar("T")
 

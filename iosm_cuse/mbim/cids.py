@@ -4,6 +4,10 @@ Each ``CidSpec`` says, per direction, which ``InfoLayout`` the information buffe
 ``query`` (host → device), ``response`` (COMMAND_DONE) and ``notification`` (INDICATE_STATUS).
 ``None`` means the CID has no such direction; ``EMPTY`` means it has one with no payload.
 Facts from MBIM 1.0 and libmbim's ``data/mbim-service-*.json``.
+
+A field whose values an enum names is tied to it (``u32("PinType", PinType)``), as libmbim's JSON
+ties ``"format": "guint32", "public-format": "MbimPinType"``: decoding rejects a value outside
+the enum once, here, for every CID that carries the field; handlers never re-check.
 """
 
 from __future__ import annotations
@@ -173,6 +177,11 @@ class RegisterAction(IntEnum):
     MANUAL = 1
 
 
+class VisibleProvidersAction(IntEnum):
+    FULL_SCAN = 0
+    RESTRICTED_SCAN = 1
+
+
 class RegistrationFlag(IntFlag):
     NONE = 0
     MANUAL_SELECTION_NOT_AVAILABLE = 1
@@ -242,11 +251,12 @@ class IpConfigAvailable(IntFlag):
 # ---------------------------------------------------------------------------------- structs
 
 PROVIDER = InfoLayout("MbimProvider", (
-    string("ProviderId"), u32("ProviderState"), string("ProviderName"),
-    u32("CellularClass"), u32("Rssi"), u32("ErrorRate"),
+    string("ProviderId"), u32("ProviderState", ProviderState), string("ProviderName"),
+    u32("CellularClass", CellularClass), u32("Rssi"), u32("ErrorRate"),
 ))
 PIN_DESC = InfoLayout("MbimPinDesc", (
-    u32("PinMode"), u32("PinFormat"), u32("PinLengthMin"), u32("PinLengthMax"),
+    u32("PinMode", PinMode), u32("PinFormat", PinFormat), u32("PinLengthMin"),
+    u32("PinLengthMax"),
 ))
 IPV4_ELEMENT = InfoLayout("MbimIPv4Element", (u32("OnLinkPrefixLength"), ipv4("IPv4Address")))
 IPV6_ELEMENT = InfoLayout("MbimIPv6Element", (u32("OnLinkPrefixLength"), ipv6("IPv6Address")))
@@ -259,7 +269,7 @@ EVENT_ENTRY = InfoLayout("MbimEventEntry", (
 ))
 CONTEXT = InfoLayout("MbimContext", (
     u32("ContextId"), uuid("ContextType"), string("AccessString"), string("UserName"),
-    string("Password"), u32("Compression"), u32("AuthProtocol"),
+    string("Password"), u32("Compression", Compression), u32("AuthProtocol", AuthProtocol),
 ))
 PIN_DESC_NAMES = (
     "PinDescPin1", "PinDescPin2", "PinDescDeviceSimPin", "PinDescDeviceFirstSimPin",
@@ -296,36 +306,43 @@ def _providers(name: str) -> InfoLayout:
 
 
 DEVICE_CAPS = InfoLayout("DeviceCaps", (
-    u32("DeviceType"), u32("CellularClass"), u32("VoiceClass"), u32("SimClass"),
-    u32("DataClass"), u32("SmsCaps"), u32("ControlCaps"), u32("MaxSessions"),
+    u32("DeviceType", DeviceType), u32("CellularClass", CellularClass),
+    u32("VoiceClass", VoiceClass), u32("SimClass", SimClass), u32("DataClass", DataClass),
+    u32("SmsCaps", SmsCaps), u32("ControlCaps", ControlCaps), u32("MaxSessions"),
     string("CustomDataClass"), string("DeviceId"), string("FirmwareInfo"),
     string("HardwareInfo"),
 ))
 SUBSCRIBER_READY_STATUS = InfoLayout("SubscriberReadyStatus", (
-    u32("ReadyState"), string("SubscriberId"), string("SimIccId"), u32("ReadyInfo"),
+    u32("ReadyState", ReadyState), string("SubscriberId"), string("SimIccId"), u32("ReadyInfo"),
     u32("TelephoneNumbersCount"), string_array("TelephoneNumbers", count="TelephoneNumbersCount"),
 ))
-RADIO_STATE_SET = InfoLayout("RadioStateSet", (u32("RadioState"),))
-RADIO_STATE = InfoLayout("RadioState", (u32("HwRadioState"), u32("SwRadioState")))
-PIN_SET = InfoLayout("PinSet", (u32("PinType"), u32("PinOperation"), string("Pin"),
-                                string("NewPin")))
-PIN_INFO = InfoLayout("PinInfo", (u32("PinType"), u32("PinState"), u32("RemainingAttempts")))
+RADIO_STATE_SET = InfoLayout("RadioStateSet", (u32("RadioState", RadioState),))
+RADIO_STATE = InfoLayout("RadioState", (u32("HwRadioState", RadioState),
+                                        u32("SwRadioState", RadioState)))
+PIN_SET = InfoLayout("PinSet", (u32("PinType", PinType), u32("PinOperation", PinOperation),
+                                string("Pin"), string("NewPin")))
+PIN_INFO = InfoLayout("PinInfo", (u32("PinType", PinType), u32("PinState", PinState),
+                                  u32("RemainingAttempts")))
 PIN_LIST = InfoLayout("PinList", tuple(inline_struct(n, PIN_DESC) for n in PIN_DESC_NAMES))
 HOME_PROVIDER = InfoLayout("HomeProvider", (inline_struct("Provider", PROVIDER),))
 PREFERRED_PROVIDERS = _providers("PreferredProviders")
-VISIBLE_PROVIDERS_QUERY = InfoLayout("VisibleProvidersQuery", (u32("Action"),))
+VISIBLE_PROVIDERS_QUERY = InfoLayout("VisibleProvidersQuery",
+                                     (u32("Action", VisibleProvidersAction),))
 VISIBLE_PROVIDERS = _providers("VisibleProviders")
 REGISTER_STATE_SET = InfoLayout("RegisterStateSet", (
-    string("ProviderId"), u32("RegisterAction"), u32("DataClass"),
+    string("ProviderId"), u32("RegisterAction", RegisterAction), u32("DataClass", DataClass),
 ))
 REGISTER_STATE = InfoLayout("RegistrationState", (
-    u32("NwError"), u32("RegisterState"), u32("RegisterMode"), u32("AvailableDataClasses"),
-    u32("CurrentCellularClass"), string("ProviderId"), string("ProviderName"),
-    string("RoamingText"), u32("RegistrationFlag"),
+    u32("NwError"), u32("RegisterState", RegisterState), u32("RegisterMode", RegisterMode),
+    u32("AvailableDataClasses", DataClass), u32("CurrentCellularClass", CellularClass),
+    string("ProviderId"), string("ProviderName"), string("RoamingText"),
+    u32("RegistrationFlag", RegistrationFlag),
 ))
-PACKET_SERVICE_SET = InfoLayout("PacketServiceSet", (u32("PacketServiceAction"),))
+PACKET_SERVICE_SET = InfoLayout("PacketServiceSet",
+                                (u32("PacketServiceAction", PacketServiceAction),))
 PACKET_SERVICE = InfoLayout("PacketService", (
-    u32("NwError"), u32("PacketServiceState"), u32("HighestAvailableDataClass"),
+    u32("NwError"), u32("PacketServiceState", PacketServiceState),
+    u32("HighestAvailableDataClass", DataClass),
     u64("UplinkSpeed"), u64("DownlinkSpeed"),
 ))
 SIGNAL_STATE_SET = InfoLayout("SignalStateSet", (
@@ -336,17 +353,19 @@ SIGNAL_STATE = InfoLayout("SignalState", (
     u32("ErrorRateThreshold"),
 ))
 CONNECT_SET = InfoLayout("ConnectSet", (
-    u32("SessionId"), u32("ActivationCommand"), string("AccessString"), string("UserName"),
-    string("Password"), u32("Compression"), u32("AuthProtocol"), u32("IpType"),
-    uuid("ContextType"),
+    u32("SessionId"), u32("ActivationCommand", ActivationCommand), string("AccessString"),
+    string("UserName"), string("Password"), u32("Compression", Compression),
+    u32("AuthProtocol", AuthProtocol), u32("IpType", IpType), uuid("ContextType"),
 ))
 CONNECT = InfoLayout("Connect", (
-    u32("SessionId"), u32("ActivationState"), u32("VoiceCallState"), u32("IpType"),
-    uuid("ContextType"), u32("NwError"),
+    u32("SessionId"), u32("ActivationState", ActivationState),
+    u32("VoiceCallState", VoiceCallState), u32("IpType", IpType), uuid("ContextType"),
+    u32("NwError"),
 ))
 PROVISIONED_CONTEXTS_SET = InfoLayout("ProvisionedContextsSet", (
     u32("ContextId"), uuid("ContextType"), string("AccessString"), string("UserName"),
-    string("Password"), u32("Compression"), u32("AuthProtocol"), string("ProviderId"),
+    string("Password"), u32("Compression", Compression), u32("AuthProtocol", AuthProtocol),
+    string("ProviderId"),
 ))
 PROVISIONED_CONTEXTS = InfoLayout("ProvisionedContexts", (
     u32("ProvisionedContextsCount"),
@@ -355,7 +374,8 @@ PROVISIONED_CONTEXTS = InfoLayout("ProvisionedContexts", (
 SERVICE_ACTIVATION_SET = InfoLayout("ServiceActivationSet", (unsized_byte_array("Buffer"),))
 SERVICE_ACTIVATION = InfoLayout("ServiceActivation", (u32("NwError"), unsized_byte_array("Buffer")))
 IP_CONFIGURATION = InfoLayout("IpConfiguration", (
-    u32("SessionId"), u32("IPv4ConfigurationAvailable"), u32("IPv6ConfigurationAvailable"),
+    u32("SessionId"), u32("IPv4ConfigurationAvailable", IpConfigAvailable),
+    u32("IPv6ConfigurationAvailable", IpConfigAvailable),
     u32("IPv4AddressCount"), struct_array("IPv4Address", IPV4_ELEMENT, count="IPv4AddressCount"),
     u32("IPv6AddressCount"), struct_array("IPv6Address", IPV6_ELEMENT, count="IPv6AddressCount"),
     ref_ipv4("IPv4Gateway"), ref_ipv6("IPv6Gateway"),

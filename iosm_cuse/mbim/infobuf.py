@@ -13,6 +13,12 @@ that only count the elements of another field are filled in by ``encode`` and le
 
 ``decode`` takes untrusted bytes: every offset, size and count is checked against the buffer and
 any violation raises ``InfoBufferError`` (the model answers INVALID_PARAMETERS).
+
+A ``guint32`` field may be tied to its enum (``u32("RadioState", RadioState)``): ``decode`` then
+returns the enum member and rejects a value the enum does not name, once for every CID, so no
+handler re-checks it. Flag enums (``IntFlag``) keep unknown bits, as libmbim does with masks.
+``encode`` packs whatever integer it is given: the model only writes members, and tests build
+hostile buffers with it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, IntEnum, IntFlag
 from functools import cached_property
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
@@ -73,6 +79,7 @@ class Field:
     count: str | None = None          # name of the u32 field holding the element count
     struct: InfoLayout | None = None      # element layout of struct kinds
     size: int = 0                     # BYTE_ARRAY length
+    enum: type[IntEnum] | type[IntFlag] | None = None  # guint32 values this field may carry
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,8 @@ class InfoLayout:
             raise ValueError(f"{self.name}: duplicate field names")
         counts: set[str] = set()
         for i, f in enumerate(self.fields):
+            if f.enum is not None and f.kind is not Kind.U32:
+                raise ValueError(f"{self.name}.{f.name}: only guint32 fields carry an enum")
             if f.kind in _COUNTED:
                 # The count must come first: the decoder reads it before the array.
                 if f.count is None or f.count not in names[:i]:
@@ -150,8 +159,8 @@ class InfoLayout:
 
 
 # Small constructors so tables read like libmbim's JSON.
-def u32(name: str) -> Field:
-    return Field(name, Kind.U32)
+def u32(name: str, enum: type[IntEnum] | type[IntFlag] | None = None) -> Field:
+    return Field(name, Kind.U32, enum=enum)
 
 
 def u64(name: str) -> Field:
@@ -472,7 +481,13 @@ def _string_at(blob: memoryview, what: str) -> str:
 
 
 def _dec_u32(f: Field, count: int, r: _Reader) -> Any:
-    return r.u32(f.name)
+    value = r.u32(f.name)
+    if f.enum is None:
+        return value
+    try:
+        return f.enum(value)
+    except ValueError:
+        raise InfoBufferError(f"{f.name}: {value} is not a {f.enum.__name__}") from None
 
 
 def _dec_u64(f: Field, count: int, r: _Reader) -> Any:

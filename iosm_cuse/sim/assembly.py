@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from iosm_cuse.sim.config import ModemConfig
     from iosm_cuse.sim.device import ChannelFunction, DeviceModel
     from iosm_cuse.sim.gateway import Gateway
-    from iosm_cuse.sim.mbim_function import MbimFunction, PacketStatistics
+    from iosm_cuse.sim.mbim import MbimFunction, PacketStatistics
     from iosm_cuse.sim.mux import MuxDevice
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def build(model: DeviceModel, options: ModelOptions) -> Assembly:
 def _attach_mbim(model: DeviceModel, config: ModemConfig, gateway: Gateway) -> MbimFunction:
     """The MBIM function tells the gateway which sessions are connected (Contract 3) and
     reports the gateway's counters as its packet statistics."""
-    from iosm_cuse.sim.mbim_function import MbimChannelFunction, MbimFunction
+    from iosm_cuse.sim.mbim import MbimChannelFunction, MbimFunction
 
     mbim = MbimFunction(config)
     mbim.session_listener = gateway.session_changed
@@ -158,7 +158,7 @@ def credit_window(model: DeviceModel) -> int:
 
 def gateway_statistics(c: Mapping[str, int]) -> PacketStatistics:
     """The gateway's counters as MBIM PACKET_STATISTICS ("in" is towards the host)."""
-    from iosm_cuse.sim.mbim_function import PacketStatistics
+    from iosm_cuse.sim.mbim import PacketStatistics
 
     return PacketStatistics(
         in_discards=c["drop_downlink"] + c["drop_no_session"],
