@@ -429,9 +429,9 @@ def test_fuzz_host_decoders_with_100k_device_buffers() -> None:
 
 
 async def _open_fake(h: MuxHost, if_id: int) -> None:
-    from iosm_cuse.hw.mux.host import _Session
+    from iosm_cuse.hw.mux.scheduler import Session
 
-    s = _Session(if_id)
+    s = Session(if_id)
     s.open = True
     h._sessions[if_id] = s
 

@@ -290,13 +290,13 @@ def test_credits_are_granted_spent_and_stall_at_zero(mode: MuxMode) -> None:
     sched.receive(encode_table(Sig.FCTH, 0, 500))
     assert datagrams(sched.pull()) == [(0, packet(0, 2, 1000))]
     assert session(sched, 0).credits == 0
-    assert rec.flow == [] and sched.fcth_ignored == 0
+    assert rec.flow == [] and sched.drops["fcth_ignored"] == 0
 
 
 def test_credit_grants_are_ignored_without_credit_mode() -> None:
     sched, _rec = make(MuxMode.LITE, sessions=range(1))
     assert not sched.receive(encode_table(Sig.FCTH, 0, 1000))
-    assert sched.fcth_ignored == 1 and session(sched, 0).credits == 0
+    assert sched.drops["fcth_ignored"] == 1 and session(sched, 0).credits == 0
 
 
 # ---- encoding
@@ -388,7 +388,7 @@ def test_drops_are_counted_by_cause() -> None:
     assert c0["tx_dropped_too_big"] == 2 and c0["queued"] == 1
     assert c1["tx_dropped_queue_full"] == 1
     assert c1["tx_dropped_closed"] == QUEUE_LIMIT + 1  # the purged queue and the late packet
-    assert sched.tx_no_session == 2
+    assert sched.drops["tx_no_session"] == 2
 
 
 def test_losing_the_channel_stops_every_link_and_names_the_open_sessions() -> None:
@@ -414,7 +414,7 @@ def test_downlink_is_dispatched_per_session(mode: MuxMode) -> None:
     sched.receive(b"WHAT" + bytes(30))
     assert rec.received == [(1, packet(1, 0, 100)), (0, packet(0, 1, 200)),
                             (1, packet(1, 1, 200))]
-    assert sched.dl_no_session == 1 and sched.dl_transfers == 3
+    assert sched.drops["dl_no_session"] == 1 and sched.dl_transfers == 3
     assert sched.rejects.counters == {"signature": 1}
     c1 = session(sched, 1).counters()
     assert c1["rx_packets"] == 2 and c1["rx_bytes"] == 300

@@ -56,10 +56,10 @@ class Rejects:
         text = detail % args if args else detail
         self._logger.warning("%s: %s [%s: %d so far]", self.what, text, kind, n)
 
-    def count(self, kind: str) -> None:
-        """Count one event of `kind` without a log line: for drops whose cause was reported
+    def count(self, kind: str, n: int = 1) -> None:
+        """Count `n` events of `kind` without a log line: for drops whose cause was reported
         where it happened (a MUX that refused a packet counts and logs its own reason)."""
-        self.counters[kind] = self.counters.get(kind, 0) + 1
+        self.counters[kind] = self.counters.get(kind, 0) + n
 
     def __getitem__(self, kind: str) -> int:
         return self.counters.get(kind, 0)

@@ -37,7 +37,6 @@ from iosm_cuse.hw.mux.scheduler import (
     UL_HIGH,
     MuxScheduler,
 )
-from iosm_cuse.hw.mux.scheduler import Session as _Session  # noqa: F401 (tests build sessions)
 from iosm_cuse.wire.channels import IP_MUX_CHANNEL, MuxMode
 from iosm_cuse.wire.mux import (
     COMMANDS,
@@ -172,15 +171,15 @@ class MuxHost:
 
     @property
     def dl_no_session(self) -> int:
-        return self._sched.dl_no_session
+        return self._sched.drops["dl_no_session"]
 
     @property
     def tx_no_session(self) -> int:
-        return self._sched.tx_no_session
+        return self._sched.drops["tx_no_session"]
 
     @property
     def fcth_ignored(self) -> int:
-        return self._sched.fcth_ignored
+        return self._sched.drops["fcth_ignored"]
 
     async def _open_engine_channel(self, ch_id: int, on_receive: Receiver) -> ChannelLike:
         ch: ChannelLike = await self.engine.open_channel(ch_id, on_receive,
@@ -420,9 +419,9 @@ class MuxHost:
             "channel_open": self._channel is not None,
             "ul_pending_bytes": s.pending_bytes, "ul_stopped": s.global_stop,
             "ul_stops": s.global_stops, "ul_transfers": self.ul_transfers,
-            "dl_transfers": s.dl_transfers, "dl_no_session": s.dl_no_session,
-            "tx_no_session": s.tx_no_session,
-            "fcth_ignored": s.fcth_ignored,
+            "dl_transfers": s.dl_transfers, "dl_no_session": self.dl_no_session,
+            "tx_no_session": self.tx_no_session,
+            "fcth_ignored": self.fcth_ignored,
             "sessions": {x.if_id: x.counters() for x in s.sessions if x is not None},
             "rejects": dict(s.rejects.counters),
         }
@@ -431,7 +430,7 @@ class MuxHost:
     def counters(self) -> dict[str, int]:
         """Rejected device input and drops, flat (for `status` errors)."""
         out = {f"mux_{k}": v for k, v in self.rejects.counters.items()}
-        out["mux_dl_no_session"] = self._sched.dl_no_session
+        out["mux_dl_no_session"] = self.dl_no_session
         return out
 
 

@@ -70,7 +70,7 @@ from iosm_cuse.wire.mux import (
     signature_of,
     ul_pad,
 )
-from iosm_cuse.wire.rejects import Rejects
+from iosm_cuse.wire.rejects import PACKET_LOG_EVERY, Rejects
 
 log = logging.getLogger("iosm_cuse.hw.mux")
 
@@ -78,6 +78,9 @@ UL_HIGH = 110 * 1024  # stop every session's TX
 UL_LOW = 10 * 1024  # restart below this
 QUEUE_LIMIT = 256  # per session
 QUEUE_LIMIT_FC = 64  # per session while it is flow-controlled
+# Why a session refused or threw away a host packet (the names `status` shows).
+QUEUE_FULL, TOO_BIG, CLOSED = "tx_dropped_queue_full", "tx_dropped_too_big", "tx_dropped_closed"
+SESSION_DROPS = (QUEUE_FULL, TOO_BIG, CLOSED)
 AGGR_DG_PER_SESSION = 100  # datagrams of one session in one ADB
 LITE_ROUND = 64  # packets one session sends before the next gets its turn
 ADB_CAPACITY = 16 * 1024
@@ -86,9 +89,8 @@ ADB_CAPACITY = 16 * 1024
 class Session:
     """One IP session's queue, flow state and counters."""
 
-    __slots__ = ("credits", "device_stop", "drop_closed", "drop_queue", "drop_too_big",
-                 "flow_off", "flow_on", "if_id", "open", "pad", "queue", "reported",
-                 "rx_bytes", "rx_packets", "tx_bytes", "tx_packets")
+    __slots__ = ("credits", "device_stop", "drops", "flow_off", "flow_on", "if_id", "open",
+                 "pad", "queue", "reported", "rx_bytes", "rx_packets", "tx_bytes", "tx_packets")
 
     def __init__(self, if_id: int) -> None:
         self.if_id = if_id
@@ -99,15 +101,16 @@ class Session:
         self.credits = 0
         self.reported: bool | None = None  # last on_flow value given
         self.tx_packets = self.tx_bytes = self.rx_packets = self.rx_bytes = 0
-        self.drop_queue = self.drop_too_big = self.drop_closed = 0
+        # Packets refused from the host's own links: the caller is told (push returns False)
+        # and the link counts and logs its side, so these are counted without a line of their own.
+        self.drops = Rejects(log, PACKET_LOG_EVERY, what=f"MUX session {if_id}",
+                             kinds=SESSION_DROPS)
         self.flow_on = self.flow_off = 0
 
     def counters(self) -> dict[str, int]:
         return {"tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
                 "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
-                "tx_dropped_queue_full": self.drop_queue,
-                "tx_dropped_too_big": self.drop_too_big,
-                "tx_dropped_closed": self.drop_closed,
+                **self.drops.counters,
                 "flow_ctl_on": self.flow_on, "flow_ctl_off": self.flow_off,
                 "device_flow_ctl": int(self.device_stop),
                 "queued": len(self.queue), "credits": self.credits}
@@ -137,9 +140,12 @@ class MuxScheduler:
         self.global_stops = 0
         self._adb = AdbBuilder(ADB_CAPACITY, qlth=True, max_per_session=AGGR_DG_PER_SESSION)
         self._drain_wanted = False
-        self.dl_no_session = 0
-        self.tx_no_session = 0
-        self.fcth_ignored = 0
+        # Packets with no session to go to, counted without a line: host packets for a session
+        # that does not exist (the caller is told, as above), downlink packets still in flight
+        # when their session closed, and credit grants outside credit mode (harmless; the
+        # kernel ignores them too). Malformed device input goes to `rejects`, with a line.
+        self.drops = Rejects(log, PACKET_LOG_EVERY, what="MUX",
+                             kinds=("tx_no_session", "dl_no_session", "fcth_ignored"))
         self.dl_transfers = 0
 
     # ---- configuration
@@ -180,7 +186,7 @@ class MuxScheduler:
     def close_session(self, s: Session) -> None:
         """No more packets for `s`: the kernel purges the session's UL list."""
         s.open = False
-        s.drop_closed += len(s.queue)
+        s.drops.count(CLOSED, len(s.queue))
         s.queue.clear()
 
     def remove_session(self, if_id: int) -> None:
@@ -195,7 +201,7 @@ class MuxScheduler:
                 continue
             if s.open:
                 lost.append(i)
-            s.drop_closed += len(s.queue)
+            s.drops.count(CLOSED, len(s.queue))
             s.queue.clear()
             s.open = False
             self.sessions[i] = None
@@ -241,18 +247,18 @@ class MuxScheduler:
         s = self.sessions[if_id] if 0 <= if_id < MAX_SESSIONS else None
         if s is None or not s.open:
             if s is not None:
-                s.drop_closed += 1
+                s.drops.count(CLOSED)
             else:
-                self.tx_no_session += 1
+                self.drops.count("tx_no_session")
             return False
         n = len(ip_packet)
         if n == 0 or n > self.max_ip:
-            s.drop_too_big += 1
+            s.drops.count(TOO_BIG)
             return False
         q = s.queue
         limit = QUEUE_LIMIT_FC if s.device_stop or self.global_stop else QUEUE_LIMIT
         if len(q) >= limit:
-            s.drop_queue += 1
+            s.drops.count(QUEUE_FULL)
             self._update_flow(s)
             return False
         q.append(ip_packet)
@@ -376,7 +382,7 @@ class MuxScheduler:
                     if not adb.add(s.if_id, pkt, 0, s.pad):
                         if adb.empty:  # cannot happen below max_ip_packet; never loop on it
                             q.popleft()
-                            s.drop_too_big += 1
+                            s.drops.count(TOO_BIG)
                             continue
                         self._finish_adb(out)
                         if self._over_high():
@@ -463,7 +469,7 @@ class MuxScheduler:
     def _deliver(self, if_id: int, pkt: bytes) -> None:
         s = self.sessions[if_id]
         if s is None or not s.open:
-            self.dl_no_session += 1
+            self.drops.count("dl_no_session")
             return
         s.rx_packets += 1
         s.rx_bytes += len(pkt)
@@ -525,7 +531,7 @@ class MuxScheduler:
 
     def _on_credit(self, if_id: int, value: int) -> None:
         if not self.ul_credit:
-            self.fcth_ignored += 1
+            self.drops.count("fcth_ignored")
             return
         s = self.sessions[if_id]
         if s is None:
