@@ -14,7 +14,7 @@ from iosm_cuse.chardev.loopback import LoopbackOpener, answer_open
 from iosm_cuse.chardev.port import MbimPort
 from iosm_cuse.chardev.server import CuseSession
 
-# Sizes checked with gcc against include/uapi/linux/fuse.h (libraries.md §1.4).
+# Sizes checked with gcc against include/uapi/linux/fuse.h (docs/cuse.md §3).
 SIZES = {"in_header": 40, "out_header": 16, "cuse_init_in": 16, "cuse_init_out": 72,
          "open_in": 8, "open_out": 16, "read_in": 40, "write_in": 40, "write_out": 8,
          "flush_in": 24, "release_in": 24, "fsync_in": 16, "ioctl_in": 32, "ioctl_out": 16,

@@ -1,4 +1,4 @@
-"""The wire layouts: offsets as in iosm-protocol.md §1-§2, and pack/unpack round trips."""
+"""The wire layouts: offsets as in docs/iosm-protocol.md §1-§2, and pack/unpack round trips."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""iperf3 through wwan0 in the Debian-kernel guest (DESIGN.md §6, tier 3).
+"""iperf3 through wwan0 in the Debian-kernel guest (tier 3).
 
 The daemon runs with a real CUSE /dev/wwan0mbim0 and the model's packet gateway in a namespace
 of its own, so the gateway TUN's offloads (TSO in, GRO out) meet the guest's kernel, not the

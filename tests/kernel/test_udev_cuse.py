@@ -2,7 +2,7 @@
 Debian-kernel guest (no udevd there: devtmpfs creates the node root:root 0600, the rule must
 turn it into GROUP dialout, MODE 0660).
 
-The CUSE device is brought up here with the bare CUSE_INIT handshake (libraries.md §1.4), so the
+The CUSE device is brought up here with the bare CUSE_INIT handshake (docs/cuse.md §2), so the
 test depends only on the kernel and the rule, not on the daemon.
 """
 
