@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from iosm_cuse.bus.base import BAR2, Bus, BusError, DmaRegion
 from iosm_cuse.hw.protocol import DlPipe, SharedArea, UlPipe
@@ -51,6 +51,9 @@ from iosm_cuse.wire.ipc import (
     MsgType,
 )
 from iosm_cuse.wire.rejects import Rejects
+
+if TYPE_CHECKING:  # the MUX imports the engine; this is only its type
+    from iosm_cuse.hw.mux.host import MuxHost
 
 log = logging.getLogger("iosm_cuse.hw.engine")
 
@@ -202,7 +205,7 @@ class IpcEngine:
         self.capabilities = 0
         self.mux_mode: MuxMode | None = None
         self.chip_info = b""
-        self.mux: Any = None  # the host MUX (hw.mux) attaches itself here
+        self.mux: MuxHost | None = None  # the host MUX (hw.mux) attaches itself here
         self.channels: dict[int, IpcChannel] = {}
         self._listeners: list[Listener] = []
         self._area: SharedArea | None = None

@@ -31,6 +31,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from iosm_cuse.hw.engine import EngineState, IpcEngine
 from iosm_cuse.hw.mux.scheduler import (
     QUEUE_LIMIT,
     QUEUE_LIMIT_FC,
@@ -77,16 +78,17 @@ class MuxError(OSError):
 class MuxHost:
     """Host side of the IP MUX on channel 0."""
 
-    def __init__(self, source: Any, mode: MuxMode | None = None, *,
+    def __init__(self, source: IpcEngine | OpenChannel, mode: MuxMode | None = None, *,
                  ul_credit: bool | None = None, cmd_timeout: float = CMD_TIMEOUT) -> None:
         """`source` is the IPC engine (mode, credits and channel 0 come from it, and it is told
         `engine.mux = self`) or a coroutine function `open_channel(0, on_receive)` returning a
         channel with send(bytes) and close() (the engine's own open_channel fits)."""
         self.cmd_timeout = cmd_timeout
-        self.engine: Any = None
-        if hasattr(source, "open_channel"):
+        self.engine: IpcEngine | None = None
+        self._open: OpenChannel
+        if isinstance(source, IpcEngine):
             self.engine = source
-            self._open: OpenChannel = self._open_engine_channel
+            self._open = self._open_engine_channel
         else:
             self._open = source
         self._mode_arg = mode
@@ -106,8 +108,8 @@ class MuxHost:
         self._reopening: asyncio.Task[None] | None = None
         self.ul_transfers = 0
         if self.engine is not None:
-            source.mux = self
-            source.add_state_listener(self._on_engine_state)
+            self.engine.mux = self
+            self.engine.add_state_listener(self._on_engine_state)
 
     # ---- configuration and the scheduler's state, as Contract 2 shows it
 
@@ -182,6 +184,8 @@ class MuxHost:
         return self._sched.drops["fcth_ignored"]
 
     async def _open_engine_channel(self, ch_id: int, on_receive: Receiver) -> ChannelLike:
+        if self.engine is None:  # only set as the opener when there is an engine
+            raise MuxError(errno.ENODEV, "no IPC engine")
         ch: ChannelLike = await self.engine.open_channel(ch_id, on_receive,
                                                          self._on_channel_error,
                                                          on_ul_done=self._on_ul_done)
@@ -390,11 +394,10 @@ class MuxHost:
                 fut.set_exception(MuxError(errno.EIO, f"MUX channel lost: {why}"))
         self._lost.update(self._sched.drop_sessions())
 
-    def _on_engine_state(self, state: Any) -> None:
-        name = getattr(state, "value", str(state))
-        if name == "DOWN":
+    def _on_engine_state(self, state: EngineState) -> None:
+        if state is EngineState.DOWN:
             self._channel_failed("modem down")
-        elif name == "RUNNING" and self._lost and self._reopening is None:
+        elif state is EngineState.RUNNING and self._lost and self._reopening is None:
             self._reopening = asyncio.get_running_loop().create_task(self._reopen())
 
     async def _reopen(self) -> None:
