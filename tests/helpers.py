@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import inspect
 import os
 import select
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from iosm_cuse.bus.base import BAR2
@@ -230,3 +232,78 @@ class MbimClient:
             "ContextType": ContextType.NONE.value, "NwError": 0})
         assert info is not None
         return ActivationState(info["ActivationState"])
+
+
+# ---- clients of the port that block, poll or wait for an answer until the port goes away ------
+
+ClientBody = Callable[[int, threading.Event], str]
+
+
+@dataclass
+class PortClient:
+    """A thread on the port doing one thing until the port goes away; `ended` says how: an
+    errno name (a read failed), POLL* names (poll reported a hangup or an error), or "eof"."""
+
+    name: str
+    path: str
+    ended: str = ""
+    ready: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self, body: ClientBody) -> PortClient:
+        def run() -> None:
+            fd = os.open(self.path, os.O_RDWR | os.O_NOCTTY)
+            try:
+                self.ended = body(fd, self.ready)
+            except OSError as exc:
+                self.ended = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            finally:
+                os.close(fd)
+
+        self.thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(30), f"{self.name} never got going"
+        return self
+
+    def returned(self) -> bool:
+        assert self.thread is not None
+        return not self.thread.is_alive()
+
+
+def blocked_reader(fd: int, ready: threading.Event) -> str:
+    """Blocking reads (messages for others are read and dropped) until one fails or ends."""
+    ready.set()
+    while True:
+        if not os.read(fd, 4096):
+            return "eof"
+
+
+POLL_END = {select.POLLERR: "POLLERR", select.POLLHUP: "POLLHUP", select.POLLNVAL: "POLLNVAL"}
+
+
+def poller(fd: int, ready: threading.Event) -> str:
+    """poll() without a timeout, reading what is readable (messages for others), until poll
+    reports an end: the POLL* names it reported."""
+    watch = select.poll()
+    watch.register(fd, select.POLLIN)
+    ready.set()
+    while True:
+        for _, mask in watch.poll():
+            ends = [name for bit, name in POLL_END.items() if mask & bit]
+            if ends:
+                return "|".join(sorted(ends))
+            os.read(fd, 4096)
+
+
+def mid_transaction(fd: int, ready: threading.Event) -> str:
+    """OPEN, then the first of two fragments of a COMMAND: the modem waits for the second, the
+    client for the answer (a FUNCTION_ERROR after the fragment timeout, then nothing more)."""
+    client = MbimClient(fd, timeout=60)
+    assert client.open() == 0
+    whole = encode_message(Command(client.next_tid(), Service.BASIC_CONNECT.value,
+                                   BasicConnect.DEVICE_CAPS, CommandType.QUERY, b"\0" * 64))
+    first = bytearray(whole[:48])
+    first[4:8] = len(first).to_bytes(4, "little")
+    first[12:16] = (2).to_bytes(4, "little")  # TotalFragments 2, CurrentFragment 0
+    os.write(fd, bytes(first))
+    return blocked_reader(fd, ready)
