@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("iosm_cuse.daemon")
 
+# How long a stopping daemon waits for the CUSE port's openers to close after the hangup.
+HANGUP_GRACE_S = 2.0
+
 _Layer = TypeVar("_Layer")
 
 
@@ -110,6 +113,7 @@ class Daemon:
             self._recovering.cancel()
         steps: list[tuple[str, Callable[[], Awaitable[None]] | None]] = [
             ("control socket", self.control.close if self.control is not None else None),
+            ("MBIM port's openers", self._hang_up_port if self.chardev is not None else None),
             ("MBIM port", self.chardev.close if self.chardev is not None else None),
             ("links", self.links.stop if self.links is not None else None),
             ("engine", self.engine.stop if self.engine is not None else None),
@@ -121,6 +125,15 @@ class Daemon:
                 await asyncio.wait_for(closing(), timeout=5)
             except Exception as exc:  # keep going: every later step still has to run
                 log.warning("closing the %s: %s", what, exc or type(exc).__name__)
+
+    async def _hang_up_port(self) -> None:
+        """Tell the CUSE port's openers the device is going, as a removed modem's port tells
+        them (docs/mbim-port.md §1), and give them HANGUP_GRACE_S to close before the node
+        goes. The PTY needs nothing: closing its master hangs up the slave's openers."""
+        from iosm_cuse.chardev import CuseServer
+
+        if isinstance(self.chardev, CuseServer):
+            await self.chardev.hang_up("daemon stopping", HANGUP_GRACE_S)
 
     async def serve_forever(self) -> None:
         await self._stop.wait()

@@ -55,6 +55,11 @@ def network_namespace(name: str, *, create: bool = True) -> Iterator[str]:
         ip("netns", "del", name, check=False)
 
 
+def link_name(session: int) -> str:
+    """The data link of MBIM session `session`, as `iosm-cuse link add` names them here."""
+    return "wwan0" if session == 0 else f"wwan0-{session}"
+
+
 def disable_ipv6(ns: str) -> None:
     """No router solicitations or MLD reports: nothing moves a link's counters on its own."""
     for key in ("all", "default"):
@@ -116,6 +121,30 @@ class Up:
         assert res.returncode == 0, res.stderr
         st: dict[str, Any] = json.loads(res.stdout)
         return st
+
+    def add_link(self, session: int) -> None:
+        """`iosm-cuse link add` of wwan0-N for session N (wwan0 always exists)."""
+        res = self.cli("link", "add", "dev", link_name(session), "parentdev-name", "wwan0",
+                       "type", "wwan", "linkid", str(session))
+        assert res.returncode == 0, res.stderr
+
+    def connect(self, session: int) -> str:
+        """mbimcli attach (idempotent) and connect of `session` (IPv4), the granted address on
+        its link, the link up; returns the model's gateway address for that session."""
+        attach = self.mbimcli("--attach-packet-service")
+        assert attach.returncode == 0, attach.stderr
+        con = self.mbimcli(f"--connect=session-id={session},access-string=internet,ip-type=ipv4")
+        assert con.returncode == 0 and "'activated'" in con.stdout, con.stdout + con.stderr
+        addr = re.search(r"IP \[0\]: '([0-9.]+/[0-9]+)'", con.stdout)
+        gw = re.search(r"Gateway: '([0-9.]+)'", con.stdout)
+        assert addr and gw, con.stdout
+        ip("-n", self.ns, "addr", "replace", addr.group(1), "dev", link_name(session))
+        ip("-n", self.ns, "link", "set", link_name(session), "up")
+        return gw.group(1)
+
+    def open_fds(self, pid: int | None = None) -> int:
+        """Open file descriptors of the daemon (or of `pid`), from /proc."""
+        return len(os.listdir(f"/proc/{pid or self.status()['pid']}/fd"))
 
     def links(self) -> dict[str, int]:
         """name -> ifindex of every link but lo in the namespace."""

@@ -31,6 +31,7 @@ log = logging.getLogger("iosm_cuse.chardev.server")
 CUSE_DEV = "/dev/cuse"
 DEFAULT_DEVNAME = "wwan0mbim0"
 READY_TIMEOUT = 10.0  # CUSE_INIT + the node appearing; generous for slow guests
+HANGUP_POLL_S = 0.02  # how often hang_up looks whether the openers have closed
 
 
 class CuseUnavailable(OSError):
@@ -490,6 +491,27 @@ class CuseServer:
         if self._loop is not None:
             self._loop.remove_writer(self.fd)
         self._writing = False
+
+    async def hang_up(self, reason: str, grace: float) -> None:
+        """Stop serving as the kernel's port does when its modem goes away, while this server
+        still answers (docs/cuse.md §9): parked reads fail with EIO, pollers are woken and see
+        POLLHUP | POLLERR, new opens fail; then wait up to `grace` seconds for the openers to
+        close. Closing /dev/cuse before that would leave them only POLLERR from an aborted
+        connection, which a poll loop like mbim-proxy's does not take as the end."""
+        if self._dead is not None or self.fd < 0:
+            return
+        self.port.hangup(reason, quiet=True)
+        openers = len(self.session.files)
+        if not openers:
+            return
+        log.info("CUSE: %s hung up (%s); waiting up to %.1f s for %d opener(s) to close",
+                 self.path, reason, grace, openers)
+        deadline = time.monotonic() + grace
+        while self.session.files and self._dead is None and time.monotonic() < deadline:
+            await asyncio.sleep(HANGUP_POLL_S)
+        if self.session.files:
+            log.info("CUSE: %d opener(s) still hold %s (pids %s); closing it under them",
+                     len(self.session.files), self.path, self.session.opener_pids() or "?")
 
     async def close(self) -> None:
         """Answer every parked request, then close the fd (which removes the device)."""
