@@ -328,6 +328,11 @@ class PtyTransport:
         except OSError as exc:
             self._dropped(msg, exc)
 
+    def stream_status(self) -> dict[str, int]:
+        """For `status`: bytes the framer holds (an unfinished message) and what it and the
+        transport threw away, by kind."""
+        return {"held": self.framer.pending, **self.rejects.as_dict()}
+
     @property
     def dropped_writes(self) -> int:
         """Host messages the port refused (a PTY write cannot fail in the client)."""
