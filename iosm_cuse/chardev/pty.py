@@ -48,14 +48,15 @@ log = logging.getLogger("iosm_cuse.chardev.pty")
 
 DEFAULT_LINK = Path("/run/iosm-cuse/wwan0mbim0")
 # The framer's bound when the port's limit is larger (an OPEN may claim up to 4 GiB): a longer
-# "message" is garbage whatever was negotiated (libmbim never writes above 4096, §2).
+# "message" is garbage whatever was negotiated (libmbim never writes above 4096,
+# docs/mbim-port.md §2).
 MAX_MESSAGE = 64 * 1024
 READ_CHUNK = 65536
-# A message must be whole this long after its first byte arrived, or it is dropped. libmbim
-# writes each message in one write() (docs/mbim-port.md §2), so its bytes reach us within one
-# scheduling round, microseconds to milliseconds even under TCG; libmbim re-sends an OPEN every
-# 5 s and mbimcli gives most commands 10 s (§2). One second is ~100x the first and leaves a
-# client that was held up by a stalled message most of its own timeout (docs/mbim-port.md §6).
+# A message must be whole this long after its first byte arrived, or it is dropped
+# (docs/mbim-port.md §6). libmbim writes each message in one write(), re-sends OPEN every 5 s
+# and gives most commands 10 s (docs/mbim-port.md §2): a message's bytes reach us within
+# milliseconds even under TCG, so one second is ~100x that, and a client held up by a stalled
+# message keeps most of its own timeout.
 STALL_TIMEOUT = 1.0
 
 Limit = int | Callable[[], int]
