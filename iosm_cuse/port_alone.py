@@ -4,14 +4,18 @@ client. It wires a host part (`chardev/`) to a device part (`sim/`), so, like th
 at the top of the package and not in either side's folder.
 
 Prints one line `ready <path> (<transport>)` on stdout once the port can be opened, then serves
-until SIGTERM/SIGINT.
+until SIGTERM/SIGINT; with `--report`, one line `stats <JSON>` on SIGUSR1 and on the way out: the
+port's and the transport's counters and the model's answers by kind (`bench/hostile.py`
+accounts with them).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import errno
+import json
 import logging
 import signal
 import sys
@@ -21,8 +25,11 @@ from typing import Any
 from iosm_cuse.chardev import Transport, start_transport
 from iosm_cuse.chardev.loopback import LoopbackOpener, answer_open
 from iosm_cuse.chardev.port import MbimPort
-from iosm_cuse.chardev.pty import DEFAULT_LINK
+from iosm_cuse.chardev.pty import DEFAULT_LINK, PtyTransport
 from iosm_cuse.chardev.server import DEFAULT_DEVNAME, CuseServer, CuseUnavailable
+from iosm_cuse.mbim.message import describe_transfer
+
+Answers = collections.Counter[str]
 
 
 class FunctionChannel:
@@ -30,9 +37,11 @@ class FunctionChannel:
     MBIM function sends - answers and indications alike - arrives as DL transfers on a later
     loop iteration, as through the engine."""
 
-    def __init__(self, fn: Any, on_receive: Callable[[bytes], None]) -> None:
+    def __init__(self, fn: Any, on_receive: Callable[[bytes], None],
+                 answers: Answers | None = None) -> None:
         self.fn = fn
         self.on_receive = on_receive
+        self.answers = answers
         self.closed = False
         self._loop = asyncio.get_running_loop()
         fn.opened(self._queue)
@@ -41,6 +50,8 @@ class FunctionChannel:
         self._loop.call_soon(self._deliver, bytes(data))
 
     def _deliver(self, data: bytes) -> None:
+        if self.answers is not None:
+            self.answers[describe_transfer(data)] += 1
         if not self.closed:
             self.on_receive(data)
 
@@ -55,22 +66,48 @@ class FunctionChannel:
             self.fn.closed()
 
 
-def mbim_opener() -> Callable[[Callable[[bytes], None]], Any]:
-    """`open_channel` for the port: the model's MBIM function behind its ChannelFunction
-    adapter, the one the model attaches to channel 6, so indications reach the host too."""
+def mbim_opener(function: Any = None,
+                answers: Answers | None = None) -> Callable[[Callable[[bytes], None]], Any]:
+    """`open_channel` for the port: the model's MBIM function (`function`, or a new one) behind
+    its ChannelFunction adapter, the one the model attaches to channel 6, so indications reach
+    the host too. What the function sends is counted by kind into `answers` when given."""
     from iosm_cuse.sim.mbim import MbimChannelFunction, MbimFunction
 
-    fn = MbimChannelFunction(MbimFunction())
+    fn = MbimChannelFunction(function if function is not None else MbimFunction())
 
     async def open_channel(on_receive: Callable[[bytes], None]) -> FunctionChannel:
         await asyncio.sleep(0)  # opening a real channel takes a round trip
-        return FunctionChannel(fn, on_receive)
+        return FunctionChannel(fn, on_receive, answers)
 
     return open_channel
 
 
+def report(port: MbimPort, transport: Transport, function: Any,
+           answers: Answers) -> dict[str, Any]:
+    """The `stats` line: what the port passed and refused, what the transport saw and threw
+    away, and what the model answered."""
+    chardev: dict[str, Any]
+    if isinstance(transport, CuseServer):
+        st = transport.session.stats
+        chardev = {"requests": st.requests, **st.rejects.as_dict()}
+    elif isinstance(transport, PtyTransport):
+        chardev = dict(transport.stream_status())
+    else:
+        chardev = {}
+    return {"port": {**port.stats, "dropped": port.dropped}, "transport": chardev,
+            "answers": dict(sorted(answers.items())),
+            "internal_errors": getattr(function, "internal_errors", 0)}
+
+
 async def serve(args: argparse.Namespace) -> int:
-    port = MbimPort(LoopbackOpener(answer_open) if args.minimal else mbim_opener())
+    answers: Answers = collections.Counter()
+    function: Any = None
+    if not args.minimal:
+        from iosm_cuse.sim.mbim import MbimFunction
+
+        function = MbimFunction()
+    port = MbimPort(LoopbackOpener(answer_open) if args.minimal
+                    else mbim_opener(function, answers))
     try:
         if args.cuse_fd is not None:
             transport: Transport = CuseServer(port, args.devname, fd=args.cuse_fd)
@@ -85,12 +122,20 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def print_report() -> None:
+        print("stats " + json.dumps(report(port, transport, function, answers)), flush=True)
+
+    if args.report:
+        loop.add_signal_handler(signal.SIGUSR1, print_report)
     print(f"ready {transport.path} ({transport.transport})", flush=True)
     try:
         await stop.wait()
     finally:
         await transport.close()
         await port.close()
+        if args.report:
+            print_report()
     return 0
 
 
@@ -103,9 +148,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="answer OPEN/CLOSE/COMMAND with empty successes, no modem model")
     parser.add_argument("--cuse-fd", type=int, metavar="FD",
                         help="speak CUSE on this inherited SOCK_SEQPACKET fd (a fake kernel)")
+    parser.add_argument("--report", action="store_true",
+                        help="print one line `stats <JSON>` of counters on SIGUSR1 and on exit")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="warnings only (the model logs every rejected message at info)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level,
                         format="%(name)s: %(message)s", stream=sys.stderr)
     return asyncio.run(serve(args))
 

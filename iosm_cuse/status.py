@@ -57,10 +57,14 @@ def exec_stage_name(bus: Bus) -> str:
 
 
 def port_status(port: MbimPort, chardev: Transport | None) -> JsonDict:
-    """The MBIM port's openers (by pid where CUSE tells them), limits and counters."""
-    from iosm_cuse.chardev import CuseServer
+    """The MBIM port's openers (by pid where CUSE tells them), limits and counters; behind a
+    PTY also what its stream framing holds and threw away."""
+    from iosm_cuse.chardev import CuseServer, PtyTransport
 
     pids = chardev.opener_pids() if isinstance(chardev, CuseServer) else []
-    return {"openers": port.openers, "opener_pids": list(pids),
-            "max_control": port.negotiated, "gone": port.gone, "dropped": port.dropped,
-            "counters": dict(port.stats)}
+    st: JsonDict = {"openers": port.openers, "opener_pids": list(pids),
+                    "max_control": port.negotiated, "gone": port.gone, "dropped": port.dropped,
+                    "counters": dict(port.stats)}
+    if isinstance(chardev, PtyTransport):
+        st["stream"] = chardev.stream_status()
+    return st

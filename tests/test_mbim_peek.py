@@ -1,5 +1,6 @@
 """The MBIM peeks the ports use (mbim.message): the PTY framer's stream length, the port's OPEN
-MaxControlTransfer, a COMMAND's service and CID for the loopback's answers.
+MaxControlTransfer, a COMMAND's service and CID for the loopback's answers, and the name of an
+answer's kind that port_alone and bench/hostile.py count by.
 
 Each takes untrusted bytes: a truncated, oversized or wrong-typed message is rejected (None, or
 the codec's MessageError), never any other exception.
@@ -16,13 +17,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iosm_cuse.chardev.loopback import answer_open
-from iosm_cuse.mbim.constants import CommandType, MessageType, ProtocolError
+from iosm_cuse.mbim.constants import CommandType, MessageType, ProtocolError, Status
 from iosm_cuse.mbim.message import (
     Close,
+    CloseDone,
     Command,
+    CommandDone,
+    FunctionError,
+    IndicateStatus,
     MessageError,
     Open,
     command_target,
+    describe_transfer,
     encode_message,
     fragment,
     open_max_control_transfer,
@@ -131,6 +137,27 @@ def test_no_peek_raises_anything_but_the_codecs_error(tail: bytes, mtype: int,
         with contextlib.suppress(MessageError):
             command_target(data)
         assert isinstance(answer_open(data), list)
+        assert isinstance(describe_transfer(data), str)
+
+
+# ---- describe_transfer
+
+
+def test_describe_transfer_names_the_type_and_its_code() -> None:
+    bc = Service.BASIC_CONNECT.value
+    done = encode_message(CommandDone(3, bc, 1, Status.NO_DEVICE_SUPPORT, bytes(300)))
+    assert describe_transfer(done) == "COMMAND_DONE NO_DEVICE_SUPPORT"
+    assert describe_transfer(fragment(done, 128)[0]) == "COMMAND_DONE NO_DEVICE_SUPPORT"
+    assert describe_transfer(fragment(done, 128)[1]) == "COMMAND_DONE fragment"
+    assert describe_transfer(encode_message(FunctionError(4, ProtocolError.LENGTH_MISMATCH))) \
+        == "FUNCTION_ERROR LENGTH_MISMATCH"
+    assert describe_transfer(encode_message(CloseDone(5, 77))) == "CLOSE_DONE 77"
+    assert describe_transfer(encode_message(IndicateStatus(0, bc, 2))) == "INDICATE_STATUS"
+    assert describe_transfer(OPEN) == "OPEN"
+    assert describe_transfer(OPEN[:11]) == "unreadable"
+    assert describe_transfer(HDR.pack(0x99, 12, 1)) == "type 0x99"
+    assert describe_transfer(HDR.pack(MessageType.COMMAND_DONE, 24, 1) + bytes(12)) \
+        == "COMMAND_DONE truncated"
 
 
 # ---- the loopback's answers, built by the codec: the same bytes as the hand-built ones were

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass, field
 from uuid import UUID
 
-from iosm_cuse.mbim.constants import MessageType, ProtocolError
+from iosm_cuse.mbim.constants import MessageType, ProtocolError, Status
 
 HEADER = struct.Struct("<III")       # MessageType, MessageLength, TransactionId
 FRAGMENT = struct.Struct("<II")      # TotalFragments, CurrentFragment
@@ -399,3 +399,39 @@ class FragmentCollector:
         whole = (HEADER.pack(p.type, FRAGMENT_HEADER_SIZE + len(payload), p.tid)
                  + FRAGMENT.pack(1, 0) + payload)
         return FeedResult(whole, tuple(errors))
+
+
+_STATUS_AT = {  # where the status or error code sits in the first (or only) transfer
+    MessageType.OPEN_DONE: HEADER_SIZE,
+    MessageType.CLOSE_DONE: HEADER_SIZE,
+    MessageType.FUNCTION_ERROR: HEADER_SIZE,
+    MessageType.HOST_ERROR: HEADER_SIZE,
+    MessageType.COMMAND_DONE: FRAGMENT_HEADER_SIZE + _COMMAND_TARGET.size,
+}
+
+
+def describe_transfer(data: bytes) -> str:
+    """A short name for what a transfer says, for counting answers by kind: its type, and for
+    _DONE messages and errors its status or error code by name ("FUNCTION_ERROR
+    LENGTH_MISMATCH", "COMMAND_DONE NO_DEVICE_SUPPORT", "COMMAND_DONE fragment"). Never raises:
+    what cannot be read is "unreadable" or "type 0x…"."""
+    if len(data) < HEADER_SIZE:
+        return "unreadable"
+    mtype = _TYPES.get(HEADER.unpack_from(data)[0])
+    if mtype is None:
+        return f"type {HEADER.unpack_from(data)[0]:#x}"
+    at = _STATUS_AT.get(mtype)
+    if at is None:
+        return mtype.name
+    if mtype in FRAGMENTED and (len(data) < FRAGMENT_HEADER_SIZE
+                                or FRAGMENT.unpack_from(data, HEADER_SIZE)[1] != 0):
+        return f"{mtype.name} fragment"
+    if len(data) < at + 4:
+        return f"{mtype.name} truncated"
+    code = int.from_bytes(data[at:at + 4], "little")
+    names = ProtocolError if mtype in (MessageType.FUNCTION_ERROR, MessageType.HOST_ERROR) \
+        else Status
+    try:
+        return f"{mtype.name} {names(code).name}"
+    except ValueError:
+        return f"{mtype.name} {code}"
