@@ -107,8 +107,8 @@ def test_decoding_untrusted_bytes_fails_cleanly(layout: InfoLayout, data: st.Dat
 
 
 def test_string_layout_matches_libmbim_rules() -> None:
-    # As libmbim encodes it: proxy CONFIGURATION for /dev/null is offset 0x0c, size 0x12, timeout 30;
-    # UTF-16LE without NUL, padded to 4 bytes, padding not counted.
+    # As libmbim encodes it: proxy CONFIGURATION for /dev/null is offset 0x0c, size 0x12,
+    # timeout 30; UTF-16LE without NUL, padded to 4 bytes, padding not counted.
     encoded = infobuf.encode(cids.PROXY_CONFIGURATION, {"DevicePath": "/dev/null", "Timeout": 30})
     assert encoded[:12] == struct.pack("<III", 0x0C, 0x12, 0x1E)
     assert encoded[12:30] == "/dev/null".encode("utf-16-le")

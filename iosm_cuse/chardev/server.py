@@ -31,6 +31,10 @@ log = logging.getLogger("iosm_cuse.chardev.server")
 CUSE_DEV = "/dev/cuse"
 DEFAULT_DEVNAME = "wwan0mbim0"
 READY_TIMEOUT = 10.0  # CUSE_INIT + the node appearing; generous for slow guests
+# How long a stopping server keeps answering after hanging the port up, for openers to close
+# (docs/cuse.md §9): long enough for mbim-proxy to see POLLHUP and release, short enough for a
+# service manager's stop timeout.
+HANGUP_GRACE = 3.0
 
 
 class CuseUnavailable(OSError):
@@ -103,6 +107,7 @@ class CuseSession:
         self.initialized = False
         self.on_init: Callable[[], None] | None = None
         self.on_destroy: Callable[[], None] | None = None
+        self.on_release: Callable[[], None] | None = None  # after every RELEASE
         self.closed = False
         self.stats = SessionStats()
         port.add_listener(self._port_event)
@@ -226,6 +231,8 @@ class CuseSession:
             del self.parked[unique]
             self._error(unique, errno.EBADF)
         self._spawn(f.handle.close())
+        if self.on_release is not None:
+            self.on_release()
 
     def _ioctl(self, ev: cuse.Ioctl) -> None:
         f = self._file(ev.unique, ev.fh)
@@ -342,6 +349,8 @@ class CuseServer:
         # With a real /dev/cuse, start() waits for /dev/<devname>; a test socket has no node.
         self.wait_for_node = fd is None if wait_for_node is None else wait_for_node
         self.session = CuseSession(port, self._write, devname=devname)
+        self._released = asyncio.Event()
+        self.session.on_release = self._released.set
         self.bufsize = cuse.request_buffer_size()
         self._out: collections.deque[bytes] = collections.deque()
         self._writing = False
@@ -490,6 +499,34 @@ class CuseServer:
         if self._loop is not None:
             self._loop.remove_writer(self.fd)
         self._writing = False
+
+    @property
+    def openers(self) -> int:
+        return len(self.session.files)
+
+    async def hang_up(self, reason: str, grace: float = HANGUP_GRACE) -> int:
+        """Before closing: hang the port up while this server still answers, so no client is
+        left polling a dead node (docs/cuse.md §9). Pollers are woken (FUSE_NOTIFY_POLL),
+        POLL answers POLLHUP|POLLERR and reads fail with EIO from now on (the port's hangup
+        does all three through the session); then wait up to `grace` seconds for the openers
+        to close. Returns how many were still open."""
+        self.port.hangup(reason, quiet=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.session.files and self._dead is None and self.fd >= 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._released.clear()
+            try:
+                await asyncio.wait_for(self._released.wait(), remaining)
+            except TimeoutError:
+                break
+        left = len(self.session.files)
+        if left:
+            log.info("CUSE: %d opener(s) of %s still open after %.0f s (pids %s); closing",
+                     left, self.path, grace, self.opener_pids())
+        return left
 
     async def close(self) -> None:
         """Answer every parked request, then close the fd (which removes the device)."""
