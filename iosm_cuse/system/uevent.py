@@ -2,9 +2,10 @@
 
 A libudev listener (ModemManager, NetworkManager, `udevadm monitor --udev`) learns about devices
 from netlink NETLINK_KOBJECT_UEVENT messages in multicast group 2, each a 40-byte header and a
-block of NUL-terminated KEY=VALUE properties (docs/modemmanager.md §2). The driver's MBIM port
-is a CUSE node, which udev files under `cuse`; announcing it as a `wwan` port with the
-properties ModemManager reads is what makes stock ModemManager pick the modem up (§3).
+block of NUL-terminated KEY=VALUE properties (docs/modemmanager.md §2). The driver's MBIM
+port is a CUSE node, which udev files under `cuse`; announcing it as a `wwan` port with the
+properties ModemManager reads is what makes stock ModemManager pick the modem up
+(docs/modemmanager.md §3).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ UDEV_GROUP = 2  # the "udev" multicast group; 1 is the kernel's own uevents
 PREFIX = b"libudev\0"
 MAGIC = 0xFEEDCAFE
 # prefix, magic (big-endian), header size, properties offset, properties length (native),
-# MurmurHash2 of SUBSYSTEM and of DEVTYPE, tag bloom filter hi/lo (big-endian): §2.
+# MurmurHash2 of SUBSYSTEM and of DEVTYPE, tag bloom filter hi/lo (big-endian):
+# docs/modemmanager.md §2.
 _HEAD_MAGIC = struct.Struct(">8sI")
 _HEAD_SIZES = struct.Struct("=III")
 _HEAD_FILTER = struct.Struct(">IIII")
 HEADER_SIZE = _HEAD_MAGIC.size + _HEAD_SIZES.size + _HEAD_FILTER.size  # 40
-# A receiver refuses a message whose properties start less than 32 bytes before its end (§2);
+# A receiver refuses a message whose properties start less than 32 bytes before its end
+# (docs/modemmanager.md §2);
 # ACTION, DEVPATH, SUBSYSTEM and SEQNUM, each at least one character, take 42.
 MIN_PROPERTIES = 32
 MAX_MESSAGE = 8192  # libudev's receive buffer
@@ -33,7 +36,7 @@ _MASK = 0xFFFFFFFF
 
 def murmurhash2(data: bytes, seed: int = 0) -> int:
     """Austin Appleby's 32-bit MurmurHash2, reading 4-byte blocks little-endian as systemd does
-    on the little-endian machines this driver runs on (§2)."""
+    on the little-endian machines this driver runs on (docs/modemmanager.md §2)."""
     h = (seed ^ len(data)) & _MASK
     end = len(data) & ~3
     for i in range(0, end, 4):
@@ -118,7 +121,7 @@ def decode(data: bytes) -> Message:
     return Message(props, sub_hash, type_hash)
 
 
-# ---- the driver's two ports, as ModemManager wants to see them (§3)
+# ---- the driver's two ports, as ModemManager wants them (docs/modemmanager.md §3)
 
 def physdev_uid(instance: str) -> str:
     """What groups the MBIM port and the data link into one modem (ID_MM_PHYSDEV_UID); the
@@ -127,9 +130,9 @@ def physdev_uid(instance: str) -> str:
 
 
 # The properties that make ModemManager take a port: a candidate, processed whatever the
-# filter policy, grouped by a physical-device uid (§3).
+# filter policy, grouped by a physical-device uid (docs/modemmanager.md §3).
 MM_TAGS = ("ID_MM_CANDIDATE", "ID_MM_DEVICE_PROCESS")
-# Intel's ids for the XMM7560, as a PCI modem would show them (§4).
+# Intel's ids for the XMM7560, as a PCI modem would show them (docs/modemmanager.md §4).
 INTEL_VENDOR, XMM7560_PRODUCT = "8086", "7560"
 
 
@@ -145,7 +148,7 @@ class Ports:
 
 
 def port_event(ports: Ports, action: str, seqnum: int, usec: int) -> dict[str, str]:
-    """The MBIM port as a `wwan` subsystem port (§3)."""
+    """The MBIM port as a `wwan` subsystem port (docs/modemmanager.md §3)."""
     props = {
         "ACTION": action,
         "DEVPATH": f"/devices/virtual/cuse/{ports.port_name}",
@@ -167,7 +170,7 @@ def port_event(ports: Ports, action: str, seqnum: int, usec: int) -> dict[str, s
 
 def net_event(ports: Ports, action: str, seqnum: int, usec: int) -> dict[str, str]:
     """The data link, with the properties the udev rule gives it, for when no udevd runs to
-    apply the rule and for its removal (§3)."""
+    apply the rule and for its removal (docs/modemmanager.md §3)."""
     props = {
         "ACTION": action,
         "DEVPATH": f"/devices/virtual/net/{ports.instance}",
