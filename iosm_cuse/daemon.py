@@ -30,7 +30,7 @@ from iosm_cuse.wire.channels import MBIM_CHANNEL
 
 # The layers are imported while the model process boots (see Daemon.start), not with this module.
 if TYPE_CHECKING:
-    from iosm_cuse.chardev import MbimPort, Transport
+    from iosm_cuse.chardev import CuseServer, MbimPort, Transport
     from iosm_cuse.chardev.port import Channel
     from iosm_cuse.hw.engine import EngineState, IpcEngine
     from iosm_cuse.hw.mux.host import MuxHost
@@ -209,7 +209,18 @@ class Daemon:
         self.transport = chardev.transport
         if isinstance(chardev, CuseServer):  # the node can vanish under us
             chardev.on_dead = self._port_lost
+            chardev.start_keeper(self._withdraw_args(chardev))
         return chardev
+
+    def _withdraw_args(self, chardev: CuseServer) -> tuple[str, str, int, int] | None:
+        """What the keeper needs to withdraw the ports from ModemManager after a SIGKILL."""
+        if self.opts.modemmanager == "off":
+            return None
+        try:
+            st = os.stat(chardev.path)
+        except OSError:
+            return None
+        return self.instance, self.port_name, os.major(st.st_rdev), os.minor(st.st_rdev)
 
     def _port_lost(self, why: str) -> None:
         """The CUSE connection died: no port any more. Exit 1 rather than re-create the node

@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ class CuseSession:
         self.opening: dict[int, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_fh = 1
+        self.opens_seen = 0  # OPEN requests: the kernel gives each opened file a poll handle
         self.initialized = False
         self.on_init: Callable[[], None] | None = None
         self.on_destroy: Callable[[], None] | None = None
@@ -158,6 +160,7 @@ class CuseSession:
             self.on_init()
 
     def _open(self, ev: cuse.Open) -> None:
+        self.opens_seen += 1
         task = asyncio.ensure_future(self._open_async(ev.unique, ev.header.get("pid", 0)))
         self.opening[ev.unique] = task
         task.add_done_callback(lambda _t: self.opening.pop(ev.unique, None))
@@ -361,6 +364,10 @@ class CuseServer:
         # Called once, with the reason, if the CUSE connection dies after start() (the module
         # removed, the connection aborted): the device node is gone for good.
         self.on_dead: Callable[[str], None] | None = None
+        # The keeper that answers for the port if this process dies (start_keeper).
+        self._keeper: subprocess.Popen[bytes] | None = None
+        self._keeper_pipe = -1
+        self._reported: tuple[int, int] = (0, 0)
 
     @property
     def path(self) -> str:
@@ -463,6 +470,7 @@ class CuseServer:
                 self._fail("/dev/cuse closed")
                 return
             self.session.handle(data)
+            self._report_to_keeper()
 
     def _write(self, data: bytes) -> None:
         if self.fd < 0 or self._dead is not None:
@@ -504,6 +512,67 @@ class CuseServer:
     def openers(self) -> int:
         return len(self.session.files)
 
+    # -- the keeper: answers for the port after a SIGKILL (docs/modemmanager.md §6)
+
+    def start_keeper(self, withdraw: tuple[str, str, int, int] | None = None) -> None:
+        """Start the process that holds a duplicate of the connection and, if this process
+        dies without `close`, hangs the port up for its openers. `withdraw` (instance, port
+        name, major, minor): also send ModemManager the ports' remove events then."""
+        if self.fd < 0 or self._keeper is not None:
+            return
+        r, w = os.pipe()
+        dup = os.dup(self.fd)
+        argv = [sys.executable, "-m", "iosm_cuse.system.orphan", "--cuse-fd", str(dup),
+                "--pipe-fd", str(r)]
+        if withdraw is not None:
+            argv += ["--withdraw", *map(str, withdraw)]
+        try:
+            # A session of its own: a terminal's ^C stops the daemon, which then says bye.
+            self._keeper = subprocess.Popen(argv, pass_fds=(dup, r), stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+        except OSError as exc:
+            log.warning("CUSE: no keeper for %s after a crash: %s", self.path, exc)
+            os.close(w)
+            return
+        finally:
+            os.close(dup)
+            os.close(r)
+        os.set_blocking(w, False)
+        self._keeper_pipe = w
+        self._report_to_keeper()
+
+    def _report_to_keeper(self) -> None:
+        now = (self.session.opens_seen, len(self.session.files))
+        if self._keeper_pipe < 0 or now == self._reported:
+            return
+        self._reported = now
+        from iosm_cuse.system.orphan import report
+
+        try:
+            os.write(self._keeper_pipe, report(*now))
+        except OSError as exc:  # a full pipe: the keeper is stuck; it will wake all handles
+            log.debug("CUSE: keeper report: %s", exc)
+
+    async def _stop_keeper(self) -> None:
+        """A clean stop: the keeper must let go of its duplicate before this process closes
+        /dev/cuse, or the node would outlive the daemon."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is None:
+            return
+        from iosm_cuse.system.orphan import BYE
+
+        try:
+            os.write(self._keeper_pipe, BYE)
+        except OSError as exc:
+            log.debug("CUSE: keeper goodbye: %s", exc)
+        os.close(self._keeper_pipe)
+        self._keeper_pipe = -1
+        try:
+            await asyncio.wait_for(asyncio.to_thread(keeper.wait), 5)
+        except TimeoutError:
+            keeper.kill()
+            await asyncio.to_thread(keeper.wait)
+
     async def hang_up(self, reason: str, grace: float = HANGUP_GRACE) -> int:
         """Before closing: hang the port up while this server still answers, so no client is
         left polling a dead node (docs/cuse.md §9). Pollers are woken (FUSE_NOTIFY_POLL),
@@ -533,6 +602,7 @@ class CuseServer:
         self.on_dead = None  # ending on purpose
         self.session.shutdown(errno.EIO)
         await self.session.wait_closed()
+        await self._stop_keeper()
         if self.fd < 0:
             return
         if self._loop is not None:

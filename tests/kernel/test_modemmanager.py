@@ -291,15 +291,13 @@ def test_networkmanager_brings_wwan0_up_and_down(services: Services, network_man
         run("nmcli", "c", "delete", "wwan")
 
 
-@pytest.mark.parametrize("sig, within", [
-    (signal.SIGTERM, DROPPED_AFTER_TERM),
-    pytest.param(signal.SIGKILL, DROPPED_AFTER_KILL, marks=pytest.mark.xfail(
-        strict=True, reason="nothing hangs the port up after SIGKILL yet "
-        "(docs/modemmanager.md §6)"))])
+@pytest.mark.parametrize("sig, within", [(signal.SIGTERM, DROPPED_AFTER_TERM),
+                                         (signal.SIGKILL, DROPPED_AFTER_KILL)])
 def test_stopping_leaves_no_proxy_spinning(daemon: Daemon, services: Services,
                                            sig: signal.Signals, within: float) -> None:
     """SIGTERM (or SIGKILL) while ModemManager's mbim-proxy holds the port: the proxy idles,
-    ModemManager drops the modem, the node is gone, and the next `up` is listed again."""
+    ModemManager drops the modem, the node is gone, and the next `up` is listed again. After
+    SIGKILL it is the keeper process that hangs the port up (docs/modemmanager.md §6)."""
     proxies = proxy_pids()
     assert proxies, "ModemManager opened the port through mbim-proxy"
     try:
