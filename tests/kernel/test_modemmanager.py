@@ -13,9 +13,10 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import guest_up
 import pytest
@@ -318,3 +319,22 @@ def test_stopping_leaves_no_proxy_spinning(daemon: Daemon, services: Services,
         for pid in proxy_pids():
             if pid in proxies and cpu_ticks(pid) and sig == signal.SIGKILL:
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_listed_on_a_uio_device_too(services: Services, ivshmem: Any,
+                                    host_process: Callable[[list[str]], str]) -> None:
+    """The same announcement for a UIO-bound device (the ivshmem test device, the model on the
+    VM's host): the port wwan1mbim0 and the link wwan1 are one modem for ModemManager."""
+    host_process([guest_up.IOSM_CUSE, "modem", "--shm", ivshmem.host_path])
+    proc = guest_up.start("--device", f"uio:{ivshmem.bdf}", "--transport", "cuse",
+                          "--port-name", "wwan1mbim0",
+                          ready=("MBIM port /dev/wwan1mbim0 (cuse)", "ivshmem test device"))
+    try:
+        modem, _took = wait_listed(LISTED_WITHIN, services)
+        ports = keyvalues("-m", modem.rsplit("/", 1)[1])
+        listed = " ".join(v for k, v in ports.items() if k.startswith("modem.generic.ports"))
+        assert "wwan1mbim0 (mbim)" in listed and "wwan1 (net)" in listed, ports
+    finally:
+        guest_up.stop(proc)
+        guest_up.restore_runner_token(ivshmem)
+    until(lambda: modems() == [], DROPPED_AFTER_TERM, "UIO modem dropped", poll=0.2)
