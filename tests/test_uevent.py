@@ -98,6 +98,8 @@ def test_the_two_ports_as_modemmanager_wants_them() -> None:
     assert (port["MAJOR"], port["MINOR"]) == ("10", "123")
     assert port["ID_MM_PORT_TYPE_MBIM"] == port["ID_MM_CANDIDATE"] == "1"
     assert port["ID_MM_DEVICE_PROCESS"] == "1"
+    assert port["DRIVER"] == "iosm" and (port["ID_VENDOR_ID"], port["ID_MODEL_ID"]) == (
+        "8086", "7560")
     net = uevent.net_event(ports, "remove", 10, 100)
     assert net["SUBSYSTEM"] == "net" and net["INTERFACE"] == "wwan1" and net["IFINDEX"] == "5"
     assert net["DEVPATH"] == "/devices/virtual/net/wwan1" and "ID_MM_PORT_TYPE_MBIM" not in net

@@ -132,8 +132,11 @@ def physdev_uid(instance: str) -> str:
 # The properties that make ModemManager take a port: a candidate, processed whatever the
 # filter policy, grouped by a physical-device uid (docs/modemmanager.md §3).
 MM_TAGS = ("ID_MM_CANDIDATE", "ID_MM_DEVICE_PROCESS")
-# Intel's ids for the XMM7560, as a PCI modem would show them (docs/modemmanager.md §4).
+# Intel's ids for the XMM7560, as a PCI modem would show them, and the driver this program
+# stands in for; ModemManager shows the driver, but reads the ids only from a PCI or USB
+# parent (docs/modemmanager.md §4).
 INTEL_VENDOR, XMM7560_PRODUCT = "8086", "7560"
+DRIVER = "iosm"
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ def port_event(ports: Ports, action: str, seqnum: int, usec: int) -> dict[str, s
         "MINOR": str(ports.minor),
         "SEQNUM": str(seqnum),
         "USEC_INITIALIZED": str(usec),
+        "DRIVER": DRIVER,
         "ID_VENDOR_ID": INTEL_VENDOR,
         "ID_MODEL_ID": XMM7560_PRODUCT,
     }
@@ -176,6 +180,7 @@ def net_event(ports: Ports, action: str, seqnum: int, usec: int) -> dict[str, st
         "DEVPATH": f"/devices/virtual/net/{ports.instance}",
         "SUBSYSTEM": "net",
         "INTERFACE": ports.instance,
+        "DRIVER": DRIVER,
         "SEQNUM": str(seqnum),
         "USEC_INITIALIZED": str(usec),
     }
