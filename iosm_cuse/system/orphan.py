@@ -6,12 +6,15 @@ a hung-up one until its last opener has gone, so no `mbim-proxy` polls a dead no
 `OrphanPort` is the pure part (requests in, replies out); `main` is the process: it waits on a
 pipe whose write end only the daemon holds, reading the daemon's reports of how many opens it
 has seen and how many files are open; "bye" means a clean stop (exit, touching nothing), end of
-file without it means the daemon is gone.
+file without it means the daemon is gone. While it only waits it has imported nothing but the
+standard library and runs at a lower priority: it starts beside the daemon, when the machine
+is busiest.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -20,9 +23,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-
-from iosm_cuse.chardev import cuse
-from iosm_cuse.system import uevent
 
 log = logging.getLogger("iosm_cuse.system.orphan")
 
@@ -44,6 +44,8 @@ class OrphanPort:
     def wake_pollers(self) -> None:
         """The kernel numbers poll handles per opened file from 1; notifying one nobody polls
         on is ignored (docs/cuse.md §6), so every handle the connection can have had is woken."""
+        from iosm_cuse.chardev import cuse
+
         for kh in range(1, self.opens_seen + KH_SLACK + 1):
             self.send(cuse.notify_poll(kh))
 
@@ -52,6 +54,8 @@ class OrphanPort:
         return self.destroyed or self.open_files <= 0
 
     def handle(self, data: bytes) -> None:
+        from iosm_cuse.chardev import cuse
+
         ev = cuse.decode_request(data)
         if isinstance(ev, cuse.Rejected):
             if ev.unique is not None:
@@ -97,6 +101,7 @@ def report(opens_seen: int, open_files: int) -> bytes:
 
 
 def _forge_removes(instance: str, port_name: str, major: int, minor: int) -> None:
+    from iosm_cuse.system import uevent
     from iosm_cuse.system.announce import send_uevent
 
     ports = uevent.Ports(instance, port_name, major, minor, None)
@@ -119,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     # A service manager's SIGTERM to everything left must not cut the hang-up short: the
     # daemon's end of the pipe says when to act, and serve() is bounded by GRACE.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.nice(10)
     state: tuple[int, int] = (0, 0)
     buf = b""
     while True:
@@ -133,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not chunk:
             break
+    with contextlib.suppress(OSError):  # root may take its priority back: spinning clients wait
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
     log.warning("the daemon died: hanging %s up for its %d opener(s)",
                 args.withdraw[1] if args.withdraw else "the port", state[1])
     if args.withdraw:
@@ -144,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 def serve(fd: int, opens_seen: int, open_files: int, grace: float = GRACE) -> int:
     """Answer as the orphaned port until its openers are gone or `grace` runs out; then close
     the connection, which removes the node."""
+    from iosm_cuse.chardev import cuse
+
     def send(data: bytes) -> None:
         try:
             os.write(fd, data)
