@@ -568,7 +568,8 @@ class CuseServer:
         os.close(self._keeper_pipe)
         self._keeper_pipe = -1
         try:
-            await asyncio.wait_for(asyncio.to_thread(keeper.wait), 5)
+            # Within the daemon's 5 s for closing the port.
+            await asyncio.wait_for(asyncio.to_thread(keeper.wait), 3)
         except TimeoutError:
             keeper.kill()
             await asyncio.to_thread(keeper.wait)

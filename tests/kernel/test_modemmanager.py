@@ -275,6 +275,8 @@ def network_manager(services: Services) -> Iterator[None]:
 
 def test_networkmanager_brings_wwan0_up_and_down(services: Services, network_manager: None,
                                                   daemon: Daemon) -> None:
+    until(lambda: "gsm" in run("nmcli", "-t", "-f", "TYPE", "device", timeout=60).stdout, 60,
+          lambda: f"NetworkManager has no modem: {services.log('NetworkManager')}", poll=0.5)
     run("nmcli", "c", "add", "type", "gsm", "ifname", "*", "con-name", "wwan",
         "gsm.apn", "internet", check=True)
     try:
