@@ -173,8 +173,10 @@ def start_daemon(services: Services, old: str | None = None) -> Daemon:
 
 
 @pytest.fixture
-def daemon(services: Services) -> Iterator[Daemon]:
+def daemon(services: Services,
+           record_property: Callable[[str, object], None]) -> Iterator[Daemon]:
     d = start_daemon(services)
+    record_property("listed_after_ready_s", round(d.listed_s, 2))  # in the JUnit XML
     try:
         yield d
     finally:
@@ -297,7 +299,9 @@ def test_networkmanager_brings_wwan0_up_and_down(services: Services, network_man
 @pytest.mark.parametrize("sig, within", [(signal.SIGTERM, DROPPED_AFTER_TERM),
                                          (signal.SIGKILL, DROPPED_AFTER_KILL)])
 def test_stopping_leaves_no_proxy_spinning(daemon: Daemon, services: Services,
-                                           sig: signal.Signals, within: float) -> None:
+                                           sig: signal.Signals, within: float,
+                                           record_property: Callable[[str, object], None]
+                                           ) -> None:
     """SIGTERM (or SIGKILL) while ModemManager's mbim-proxy holds the port: the proxy idles,
     ModemManager drops the modem, the node is gone, and the next `up` is listed again. After
     SIGKILL it is the keeper process that hangs the port up (docs/modemmanager.md §6)."""
@@ -308,10 +312,12 @@ def test_stopping_leaves_no_proxy_spinning(daemon: Daemon, services: Services,
         daemon.proc.wait(60)
         t0 = time.monotonic()
         shares = {pid: proxy_cpu_share(pid) for pid in proxies}  # the following 5 s
+        record_property("proxy_cpu_share", max(shares.values()))
         assert all(share < 0.05 for share in shares.values()), shares
         until(lambda: daemon.modem not in modems(),
               max(0.0, within - (time.monotonic() - t0)), "ModemManager dropping the modem",
               poll=0.2)
+        record_property("dropped_within_s", round(time.monotonic() - t0, 2))
         assert not Path(PORT).exists()
         again = start_daemon(services, old=daemon.modem)
         guest_up.stop(again.proc)
