@@ -48,9 +48,13 @@ main.add_command(watch_command)
                    "TUN (iosmgw0), optionally in network namespace NAME.")
 @click.option("--port-name", metavar="wwanNmbimM",
               help="MBIM port name (default: wwan<N>mbim0, first N not in use).")
+@click.option("--modemmanager", type=click.Choice(["auto", "off"]), default="auto",
+              show_default=True,
+              help="auto: announce the MBIM port and the data link to ModemManager whenever "
+                   "it is on the system bus (needs root and `install-udev`'s rules); off: never.")
 @click.option("-v", "--verbose", is_flag=True)
 def up(device: str, transport: str, config: Path | None, mux: str | None, gateway: str,
-       port_name: str | None, verbose: bool) -> None:
+       port_name: str | None, modemmanager: str, verbose: bool) -> None:
     """Start the driver: MBIM port, data link wwan<N> (session 0), control socket."""
     from iosm_cuse.daemon import run_up
     from iosm_cuse.options import UpOptions
@@ -58,7 +62,7 @@ def up(device: str, transport: str, config: Path | None, mux: str | None, gatewa
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="iosm-cuse: %(message)s")
     opts = UpOptions(device=device, transport=transport, config=config, mux=mux,
-                     gateway=gateway, port_name=port_name)
+                     gateway=gateway, port_name=port_name, modemmanager=modemmanager)
     sys.exit(run_up(opts))
 
 

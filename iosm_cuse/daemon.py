@@ -30,16 +30,15 @@ from iosm_cuse.wire.channels import MBIM_CHANNEL
 
 # The layers are imported while the model process boots (see Daemon.start), not with this module.
 if TYPE_CHECKING:
-    from iosm_cuse.chardev import MbimPort, Transport
+    from iosm_cuse.chardev import CuseServer, MbimPort, Transport
     from iosm_cuse.chardev.port import Channel
     from iosm_cuse.hw.engine import EngineState, IpcEngine
     from iosm_cuse.hw.mux.host import MuxHost
     from iosm_cuse.link.manager import LinkManager
+    from iosm_cuse.system.announce import Announcer
 
 log = logging.getLogger("iosm_cuse.daemon")
 
-# How long a stopping daemon waits for the CUSE port's openers to close after the hangup.
-HANGUP_GRACE_S = 2.0
 
 _Layer = TypeVar("_Layer")
 
@@ -72,6 +71,7 @@ class Daemon:
         self.chardev: Transport | None = None
         self.links: LinkManager | None = None
         self.control: control.ControlServer | None = None
+        self.announcer: Announcer | None = None  # --modemmanager auto, on a CUSE port
         self.failure: str | None = None  # why the daemon stops by itself (exit status 1)
         self._stop = asyncio.Event()
         self._recovering: asyncio.Task[None] | None = None
@@ -101,19 +101,34 @@ class Daemon:
         self.control = control.ControlServer(control.socket_path(self.instance), self.handle)
         await self.control.start()
         self._mark("control")
+        self.announcer = self._start_announcer()
         return self.ready_line()
+
+    def _start_announcer(self) -> Announcer | None:
+        """ModemManager finds the port only when told (docs/modemmanager.md §1); a PTY port
+        is no device it could take."""
+        if self.opts.modemmanager == "off" or self.transport != "cuse":
+            return None
+        from iosm_cuse.system.announce import Announcer
+
+        announcer = Announcer(self.instance, self.port_name)
+        announcer.start()
+        announcer.port_ready()
+        return announcer
 
     def _mark(self, step: str) -> None:
         """Milliseconds since the process started, per startup step (`status` shows them)."""
         self.startup_ms[step] = round(_since_process_start() * 1000)
 
     async def close(self) -> None:
-        """Top-down: control socket, port (answering pending requests), links, engine, model."""
+        """Top-down: control socket, ModemManager's view (withdrawn), the port (hung up, its
+        openers given a few seconds to close, then closed), links, engine, model."""
         if self._recovering is not None:
             self._recovering.cancel()
         steps: list[tuple[str, Callable[[], Awaitable[None]] | None]] = [
             ("control socket", self.control.close if self.control is not None else None),
-            ("MBIM port's openers", self._hang_up_port if self.chardev is not None else None),
+            ("announcements", self.announcer.stop if self.announcer is not None else None),
+            ("port hangup", self._hang_up if self.chardev is not None else None),
             ("MBIM port", self.chardev.close if self.chardev is not None else None),
             ("links", self.links.stop if self.links is not None else None),
             ("engine", self.engine.stop if self.engine is not None else None),
@@ -126,14 +141,14 @@ class Daemon:
             except Exception as exc:  # keep going: every later step still has to run
                 log.warning("closing the %s: %s", what, exc or type(exc).__name__)
 
-    async def _hang_up_port(self) -> None:
-        """Tell the CUSE port's openers the device is going, as a removed modem's port tells
-        them (docs/mbim-port.md §1), and give them HANGUP_GRACE_S to close before the node
-        goes. The PTY needs nothing: closing its master hangs up the slave's openers."""
+    async def _hang_up(self) -> None:
+        """A client polling the node must see POLLHUP before the node goes: after /dev/cuse is
+        closed the kernel reports POLLERR alone, which libmbim's proxy polls on forever
+        (docs/cuse.md §9)."""
         from iosm_cuse.chardev import CuseServer
 
         if isinstance(self.chardev, CuseServer):
-            await self.chardev.hang_up("daemon stopping", HANGUP_GRACE_S)
+            await self.chardev.hang_up("stopping")
 
     async def serve_forever(self) -> None:
         await self._stop.wait()
@@ -195,7 +210,18 @@ class Daemon:
         self.transport = chardev.transport
         if isinstance(chardev, CuseServer):  # the node can vanish under us
             chardev.on_dead = self._port_lost
+            chardev.start_keeper(self._withdraw_args(chardev))
         return chardev
+
+    def _withdraw_args(self, chardev: CuseServer) -> tuple[str, str, int, int] | None:
+        """What the keeper needs to withdraw the ports from ModemManager after a SIGKILL."""
+        if self.opts.modemmanager == "off":
+            return None
+        try:
+            st = os.stat(chardev.path)
+        except OSError:
+            return None
+        return self.instance, self.port_name, os.major(st.st_rdev), os.minor(st.st_rdev)
 
     def _port_lost(self, why: str) -> None:
         """The CUSE connection died: no port any more. Exit 1 rather than re-create the node
@@ -226,10 +252,14 @@ class Daemon:
             log.warning("modem down: %s%s; %s", reason, f" ({exit_})" if exit_ else "",
                         "stopping" if self._stop.is_set() else "restarting")
             port.hangup(reason, quiet=True)
+            if self.announcer is not None:
+                self.announcer.modem_down()
             if self._recovering is None and not self._stop.is_set():
                 self._recovering = asyncio.get_running_loop().create_task(self._recover())
         elif state.value == "RUNNING":
             port.revive()
+            if self.announcer is not None and not self._stop.is_set():
+                self.announcer.port_ready()
 
     async def _recover(self) -> None:
         device, engine = _started(self.device, "device"), _started(self.engine, "engine")

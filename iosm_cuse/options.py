@@ -28,6 +28,8 @@ class UpOptions:
     mux: str | None = None  # the model's MUX capability; None = the config's (Lite for 7560)
     gateway: str = "echo"
     port_name: str | None = None  # None: wwanNmbim0 with the first free N
+    # auto: announce the ports to ModemManager whenever it is on the system bus; off: never
+    modemmanager: str = "auto"
 
     def model_options(self) -> ModelOptions:
         """What the built-in model is assembled from (sim/assembly.py)."""

@@ -561,3 +561,27 @@ def test_statistics_from_a_source(host: Host) -> None:
     assert st and (st["InOctets"], st["OutPackets"], st["InDiscards"]) == (5, 9, 1)
     counters.out_packets = 10
     assert host.command(B.PACKET_STATISTICS, Q)[1]["OutPackets"] == 10  # type: ignore[index]
+
+
+def test_unlocked_pin_names_pin1_and_its_retries(host: Host) -> None:
+    """ModemManager shows "unlock retries: sim-pin (3)" only for a real PinType
+    (docs/modemmanager.md §4)."""
+    status, pin = host.command(B.PIN, Q)
+    assert status == Status.NONE
+    assert pin == {"PinType": 2, "PinState": 0, "RemainingAttempts": 3}  # PIN1, unlocked
+
+
+def test_deactivation_carries_regular_deactivation_cause(host: Host) -> None:
+    """A host disconnect reports 3GPP cause #36 (docs/modemmanager.md §4), in the reply and
+    in the indication, where ModemManager logs "Unknown error" for 0."""
+    host.attach()
+    host.connect(sid=0)
+    host.indications()
+    status, conn = host.connect(sid=0, command=0)
+    assert status == Status.NONE and conn and conn["ActivationState"] == 3
+    assert conn["NwError"] == 36
+    connects = [v for cid, v in host.indications() if cid == B.CONNECT]
+    assert [(c["ActivationState"], c["NwError"]) for c in connects] == [(3, 36)]
+    # a session that was not up: nothing was deactivated, no cause
+    status, conn = host.connect(sid=0, command=0)
+    assert conn and conn["NwError"] == 0 and host.indications() == []

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from iosm_cuse.bus.pci import IOSM_PCI_IDS, IVSHMEM_PCI_ID
 from iosm_cuse.cli import main
+from iosm_cuse.system import uevent
 from iosm_cuse.udev_install import (
     RULES,
     TEST_RULES,
@@ -130,11 +131,26 @@ def test_binding_rule_overrides_driver_for_pci_add() -> None:
 
 
 def test_mbim_port_group_and_mode() -> None:
-    (port,) = find(rules_of(RULES), "KERNEL")
+    (port,) = find(rules_of(RULES), "GROUP")
     d = {(k, op): v for k, _, op, v in port}
     assert d[("SUBSYSTEM", "==")] == "cuse" and re.fullmatch(
         d[("KERNEL", "==")].replace("[0-9]*", "[0-9]+"), "wwan0mbim0")
     assert d[("GROUP", "=")] == "dialout" and d[("MODE", "=")] == "0660"
+
+
+def test_tun_link_grouped_with_its_port_for_modemmanager() -> None:
+    """The rule's ID_MM_PHYSDEV_UID for wwan<N> must be the one the daemon's forged port event
+    carries for wwan<N>mbim0, or ModemManager sees two devices."""
+    (link,) = find(rules_of(RULES), "TEST")
+    d = {(k, a, op): v for k, a, op, v in link}
+    assert d[("SUBSYSTEM", None, "==")] == "net" and d[("TEST", None, "==")] == "tun_flags"
+    assert re.fullmatch(d[("KERNEL", None, "==")].replace("[0-9]*", "[0-9]+"), "wwan3")
+    assert d[("ENV", "ID_MM_CANDIDATE", "=")] == "1"
+    assert d[("ENV", "ID_MM_DEVICE_PROCESS", "=")] == "1"
+    ports = uevent.Ports("wwan3", "wwan3mbim0", 10, 60, 7)
+    assert d[("ENV", "ID_MM_PHYSDEV_UID", "=")].replace("%k", "wwan3") == \
+        uevent.port_event(ports, "add", 1, 1)["ID_MM_PHYSDEV_UID"] == \
+        uevent.net_event(ports, "add", 1, 1)["ID_MM_PHYSDEV_UID"]
 
 
 def _verify_unit(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:

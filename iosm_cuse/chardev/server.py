@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -31,7 +32,10 @@ log = logging.getLogger("iosm_cuse.chardev.server")
 CUSE_DEV = "/dev/cuse"
 DEFAULT_DEVNAME = "wwan0mbim0"
 READY_TIMEOUT = 10.0  # CUSE_INIT + the node appearing; generous for slow guests
-HANGUP_POLL_S = 0.02  # how often hang_up looks whether the openers have closed
+# How long a stopping server keeps answering after hanging the port up, for openers to close
+# (docs/cuse.md §9): long enough for mbim-proxy to see POLLHUP and release, short enough for a
+# service manager's stop timeout.
+HANGUP_GRACE = 3.0
 
 
 class CuseUnavailable(OSError):
@@ -101,9 +105,11 @@ class CuseSession:
         self.opening: dict[int, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._next_fh = 1
+        self.opens_seen = 0  # OPEN requests: the kernel gives each opened file a poll handle
         self.initialized = False
         self.on_init: Callable[[], None] | None = None
         self.on_destroy: Callable[[], None] | None = None
+        self.on_release: Callable[[], None] | None = None  # after every RELEASE
         self.closed = False
         self.stats = SessionStats()
         port.add_listener(self._port_event)
@@ -154,6 +160,7 @@ class CuseSession:
             self.on_init()
 
     def _open(self, ev: cuse.Open) -> None:
+        self.opens_seen += 1
         task = asyncio.ensure_future(self._open_async(ev.unique, ev.header.get("pid", 0)))
         self.opening[ev.unique] = task
         task.add_done_callback(lambda _t: self.opening.pop(ev.unique, None))
@@ -227,6 +234,8 @@ class CuseSession:
             del self.parked[unique]
             self._error(unique, errno.EBADF)
         self._spawn(f.handle.close())
+        if self.on_release is not None:
+            self.on_release()
 
     def _ioctl(self, ev: cuse.Ioctl) -> None:
         f = self._file(ev.unique, ev.fh)
@@ -343,6 +352,8 @@ class CuseServer:
         # With a real /dev/cuse, start() waits for /dev/<devname>; a test socket has no node.
         self.wait_for_node = fd is None if wait_for_node is None else wait_for_node
         self.session = CuseSession(port, self._write, devname=devname)
+        self._released = asyncio.Event()
+        self.session.on_release = self._released.set
         self.bufsize = cuse.request_buffer_size()
         self._out: collections.deque[bytes] = collections.deque()
         self._writing = False
@@ -353,6 +364,10 @@ class CuseServer:
         # Called once, with the reason, if the CUSE connection dies after start() (the module
         # removed, the connection aborted): the device node is gone for good.
         self.on_dead: Callable[[str], None] | None = None
+        # The keeper that answers for the port if this process dies (start_keeper).
+        self._keeper: subprocess.Popen[bytes] | None = None
+        self._keeper_pipe = -1
+        self._reported: tuple[int, int] = (0, 0)
 
     @property
     def path(self) -> str:
@@ -455,6 +470,7 @@ class CuseServer:
                 self._fail("/dev/cuse closed")
                 return
             self.session.handle(data)
+            self._report_to_keeper()
 
     def _write(self, data: bytes) -> None:
         if self.fd < 0 or self._dead is not None:
@@ -492,32 +508,102 @@ class CuseServer:
             self._loop.remove_writer(self.fd)
         self._writing = False
 
-    async def hang_up(self, reason: str, grace: float) -> None:
-        """Stop serving as the kernel's port does when its modem goes away, while this server
-        still answers (docs/cuse.md §9): parked reads fail with EIO, pollers are woken and see
-        POLLHUP | POLLERR, new opens fail; then wait up to `grace` seconds for the openers to
-        close. Closing /dev/cuse before that would leave them only POLLERR from an aborted
-        connection, which a poll loop like mbim-proxy's does not take as the end."""
-        if self._dead is not None or self.fd < 0:
+    @property
+    def openers(self) -> int:
+        return len(self.session.files)
+
+    # -- the keeper: answers for the port after a SIGKILL (docs/modemmanager.md §6)
+
+    def start_keeper(self, withdraw: tuple[str, str, int, int] | None = None) -> None:
+        """Start the process that holds a duplicate of the connection and, if this process
+        dies without `close`, hangs the port up for its openers. `withdraw` (instance, port
+        name, major, minor): also send ModemManager the ports' remove events then."""
+        if self.fd < 0 or self._keeper is not None:
             return
+        r, w = os.pipe()
+        dup = os.dup(self.fd)
+        argv = [sys.executable, "-m", "iosm_cuse.system.orphan", "--cuse-fd", str(dup),
+                "--pipe-fd", str(r)]
+        if withdraw is not None:
+            argv += ["--withdraw", *map(str, withdraw)]
+        try:
+            # A session of its own: a terminal's ^C stops the daemon, which then says bye.
+            self._keeper = subprocess.Popen(argv, pass_fds=(dup, r), stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+        except OSError as exc:
+            log.warning("CUSE: no keeper for %s after a crash: %s", self.path, exc)
+            os.close(w)
+            return
+        finally:
+            os.close(dup)
+            os.close(r)
+        os.set_blocking(w, False)
+        self._keeper_pipe = w
+        self._report_to_keeper()
+
+    def _report_to_keeper(self) -> None:
+        now = (self.session.opens_seen, len(self.session.files))
+        if self._keeper_pipe < 0 or now == self._reported:
+            return
+        self._reported = now
+        from iosm_cuse.system.orphan import report
+
+        try:
+            os.write(self._keeper_pipe, report(*now))
+        except OSError as exc:  # a full pipe: the keeper is stuck; it will wake all handles
+            log.debug("CUSE: keeper report: %s", exc)
+
+    async def _stop_keeper(self) -> None:
+        """A clean stop: the keeper must let go of its duplicate before this process closes
+        /dev/cuse, or the node would outlive the daemon."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is None:
+            return
+        from iosm_cuse.system.orphan import BYE
+
+        try:
+            os.write(self._keeper_pipe, BYE)
+        except OSError as exc:
+            log.debug("CUSE: keeper goodbye: %s", exc)
+        os.close(self._keeper_pipe)
+        self._keeper_pipe = -1
+        try:
+            # Within the daemon's 5 s for closing the port.
+            await asyncio.wait_for(asyncio.to_thread(keeper.wait), 3)
+        except TimeoutError:
+            keeper.kill()
+            await asyncio.to_thread(keeper.wait)
+
+    async def hang_up(self, reason: str, grace: float = HANGUP_GRACE) -> int:
+        """Before closing: hang the port up while this server still answers, so no client is
+        left polling a dead node (docs/cuse.md §9). Pollers are woken (FUSE_NOTIFY_POLL),
+        POLL answers POLLHUP|POLLERR and reads fail with EIO from now on (the port's hangup
+        does all three through the session); then wait up to `grace` seconds for the openers
+        to close. Returns how many were still open."""
         self.port.hangup(reason, quiet=True)
-        openers = len(self.session.files)
-        if not openers:
-            return
-        log.info("CUSE: %s hung up (%s); waiting up to %.1f s for %d opener(s) to close",
-                 self.path, reason, grace, openers)
-        deadline = time.monotonic() + grace
-        while self.session.files and self._dead is None and time.monotonic() < deadline:
-            await asyncio.sleep(HANGUP_POLL_S)
-        if self.session.files:
-            log.info("CUSE: %d opener(s) still hold %s (pids %s); closing it under them",
-                     len(self.session.files), self.path, self.session.opener_pids() or "?")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.session.files and self._dead is None and self.fd >= 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._released.clear()
+            try:
+                await asyncio.wait_for(self._released.wait(), remaining)
+            except TimeoutError:
+                break
+        left = len(self.session.files)
+        if left:
+            log.info("CUSE: %d opener(s) of %s still open after %.0f s (pids %s); closing",
+                     left, self.path, grace, self.opener_pids())
+        return left
 
     async def close(self) -> None:
         """Answer every parked request, then close the fd (which removes the device)."""
         self.on_dead = None  # ending on purpose
         self.session.shutdown(errno.EIO)
         await self.session.wait_closed()
+        await self._stop_keeper()
         if self.fd < 0:
             return
         if self._loop is not None:

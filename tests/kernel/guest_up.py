@@ -3,11 +3,14 @@ stopped. Everything is slow under TCG, so every wait is generous but bounded."""
 
 from __future__ import annotations
 
+import mmap
+import os
 import selectors
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,3 +48,18 @@ def stop(proc: subprocess.Popen[str]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def restore_runner_token(ivshmem: Any) -> None:
+    """tests/vm checks after the run that the guest's token is in the host file; the model and
+    the engine own that memory while they run, so put the token back if a test had written it."""
+    info = ivshmem.info
+    if not Path(info["guest_wrote_marker"]).exists():
+        return
+    fd = os.open(ivshmem.resource2, os.O_RDWR | os.O_SYNC)
+    try:
+        with mmap.mmap(fd, ivshmem.size) as mm:
+            off = info["guest_token_offset"]
+            mm[off:off + 16] = bytes.fromhex(info["guest_token"])
+    finally:
+        os.close(fd)

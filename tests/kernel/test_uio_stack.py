@@ -6,8 +6,6 @@ real CUSE node. Host and guest meet only in the ivshmem memory, as a driver and 
 from __future__ import annotations
 
 import asyncio
-import mmap
-import os
 import signal
 import subprocess
 import sys
@@ -24,21 +22,6 @@ pytestmark = pytest.mark.kernel
 
 PORT_NAME = "wwan1mbim0"  # test_stack.py owns wwan0mbim0
 STEP = 120  # seconds; everything is slow under TCG
-
-
-def _restore_runner_token(ivshmem: Any) -> None:
-    """tests/vm checks after the run that the guest's token is in the host file; the model and
-    the engine own that memory while they run, so put the token back if a test had written it."""
-    info = ivshmem.info
-    if not Path(info["guest_wrote_marker"]).exists():
-        return
-    fd = os.open(ivshmem.resource2, os.O_RDWR | os.O_SYNC)
-    try:
-        with mmap.mmap(fd, ivshmem.size) as mm:
-            off = info["guest_token_offset"]
-            mm[off:off + 16] = bytes.fromhex(info["guest_token"])
-    finally:
-        os.close(fd)
 
 
 def test_engine_over_ivshmem_against_the_model_on_the_host(
@@ -67,7 +50,7 @@ def test_engine_over_ivshmem_against_the_model_on_the_host(
     try:
         assert asyncio.run(main()) == ("RUNNING", "STOPPED")
     finally:
-        _restore_runner_token(ivshmem)
+        guest_up.restore_runner_token(ivshmem)
 
 
 def test_up_over_uio_with_the_model_on_the_host(ivshmem: Any,
@@ -94,7 +77,7 @@ def test_up_over_uio_with_the_model_on_the_host(ivshmem: Any,
         if up.poll() is None:
             up.kill()
             up.wait()
-        _restore_runner_token(ivshmem)
+        guest_up.restore_runner_token(ivshmem)
 
 
 def test_watch_starts_the_stack_on_bind(ivshmem: Any, host_process: Callable[[list[str]], str],
@@ -133,7 +116,7 @@ def test_watch_starts_the_stack_on_bind(ivshmem: Any, host_process: Callable[[li
         if read_device(bdf).driver is None:  # hand the device back bound, as conftest wants it
             (sysdev / "driver_override").write_text("uio_pci_generic")
             Path("/sys/bus/pci/drivers_probe").write_text(bdf)
-        _restore_runner_token(ivshmem)
+        guest_up.restore_runner_token(ivshmem)
 
 
 def _wait(cond: Callable[[], bool], what: str, log: Path | None = None) -> None:

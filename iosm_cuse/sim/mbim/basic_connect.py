@@ -28,7 +28,7 @@ from iosm_cuse.mbim.cids import (
 from iosm_cuse.mbim.constants import CommandType, Status
 from iosm_cuse.mbim.uuids import ContextType, Service
 from iosm_cuse.sim.mbim.handlers import Answer, FunctionContext, ServiceHandlers, Values
-from iosm_cuse.sim.mbim.modem import ModemState, SessionState
+from iosm_cuse.sim.mbim.modem import NW_REGULAR_DEACTIVATION, ModemState, SessionState
 
 MAX_ACCESS_STRING = 100            # characters, MBIM 1.0
 MAX_USER_OR_PASSWORD = 255
@@ -180,7 +180,8 @@ def connect(fn: FunctionContext, ct: int, req: Values) -> Answer:
         return Answer(Status.NONE, modem.connect_values(sid))
     if req["ActivationCommand"] == ActivationCommand.DEACTIVATE:
         indications = modem.deactivate(sid)
-        return Answer(Status.NONE, modem.connect_values(sid), indications)
+        cause = NW_REGULAR_DEACTIVATION if indications else 0
+        return Answer(Status.NONE, modem.connect_values(sid, cause), indications)
     return _activate(modem, sid, req)
 
 

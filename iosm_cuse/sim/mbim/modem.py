@@ -47,6 +47,10 @@ Values = dict[str, Any]
 NW_MISSING_OR_UNKNOWN_APN = 27     # 3GPP cause carried in NwError
 NW_IPV4_ONLY_ALLOWED = 50
 NW_IPV6_ONLY_ALLOWED = 51
+# 3GPP TS 24.008 cause #36, "regular deactivation": the NwError of a CONNECT reporting a
+# session taken down on request, which ModemManager names instead of "Unknown error"
+# (docs/modemmanager.md §4)
+NW_REGULAR_DEACTIVATION = 36
 NOT_REGISTERED_SIGNAL = 99         # MBIM's "unknown" Rssi and ErrorRate
 
 
@@ -242,7 +246,9 @@ class ModemState:
         if self.pin_locked:
             return {"PinType": PinType.PIN1, "PinState": PinState.LOCKED,
                     "RemainingAttempts": self.pin_retries}
-        return {"PinType": PinType.UNKNOWN, "PinState": PinState.UNLOCKED,
+        # Unlocked, a real modem still names the PIN it would ask for, so the host can show
+        # its retries (docs/modemmanager.md §4).
+        return {"PinType": PinType.PIN1, "PinState": PinState.UNLOCKED,
                 "RemainingAttempts": self.pin_retries}
 
     def provider_values(self, provider_id: str, name: str, state: int) -> Values:
@@ -380,7 +386,7 @@ class ModemState:
             return []
         del self.sessions[session_id]
         self._announce(session_id, None)
-        return [self._connect_indication(session_id)]
+        return [self._connect_indication(session_id, NW_REGULAR_DEACTIVATION)]
 
     def set_signal(self, rssi: int, error_rate: int | None = None) -> list[Indication]:
         """The radio conditions changed."""
@@ -492,8 +498,8 @@ class ModemState:
             return IpType.IPV6, 0
         return None, NW_IPV4_ONLY_ALLOWED
 
-    def _connect_indication(self, session_id: int) -> Indication:
-        return _basic_connect(BasicConnect.CONNECT, self.connect_values(session_id))
+    def _connect_indication(self, session_id: int, nw_error: int = 0) -> Indication:
+        return _basic_connect(BasicConnect.CONNECT, self.connect_values(session_id, nw_error))
 
     def _announce(self, sid: int, state: SessionState | None) -> None:
         if self.session_listener is not None:
