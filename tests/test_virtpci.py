@@ -473,3 +473,31 @@ def test_vhost_messages_that_cannot_be_used_are_rejected(
     front.sock.sendall(HEADER.pack(request=1, flags=1, size=1 << 20))
     until(lambda: bus.rejects["vhost_size"] == 1, WAIT, lambda: bus.rejects.as_dict())
     until(lambda: server.end is None, WAIT, "connection dropped")
+
+
+def test_modem_command_serves_the_model_as_virtpci_function(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    sock = tmp_path / "modem.sock"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "iosm-cuse"), "modem", "--virtpci",
+                             str(sock), "--mux", "aggregation", "--caps", "200300",
+                             "--pci-id", "8086:7360"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    fe = None
+    try:
+        until(lambda: sock.exists() or proc.poll() is not None, 20, "the socket bound")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        fe = FakeFrontEnd(sock)
+        fe.handshake()
+        assert fe.cfg_read(0, 4) == 0x7360_8086
+        caps = fe.mmio_read(BAR2, SCRATCHPAD["cp_capabilities"].offset, 4)
+        assert int.from_bytes(caps, "little") == 0x200300
+    finally:
+        if fe is not None:
+            fe.close()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert b"serving" in out
