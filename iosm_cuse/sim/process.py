@@ -419,12 +419,16 @@ async def serve_virtpci(path: Path, functions: str | None, config: DeviceConfig,
     from iosm_cuse.sim.device import DeviceModel
 
     stop = _stop_on_signals(asyncio.get_running_loop())  # before the socket exists
+    # UML busy-waits ~40 ms for each config/MMIO read, answered on the server's thread: hand the
+    # GIL over more often than the default 5 ms, and finish the heavy setup (imports of the
+    # functions) before the socket exists, so no read waits behind it.
+    sys.setswitchinterval(0.0005)
     bus = VirtPciBus(PciId(*pci_id))
     model = DeviceModel(bus, config)  # its scratchpad is there before the first MMIO read
+    attached = attach_functions(model, functions, options or {})
     server = VirtPciServer(bus, path)
     server.start()
     try:
-        attached = attach_functions(model, functions, options or {})
         running = asyncio.ensure_future(model.run())
         stopping = asyncio.ensure_future(stop.wait())
         try:

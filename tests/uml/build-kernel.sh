@@ -15,7 +15,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$(readlink -f "$0")")" && pwd)
 FRAGMENT=$HERE/kernel.config
-PATCHES=("$HERE/um-virtpci-root-port.patch" "$HERE/um-xstate-fallback.patch")
+PATCHES=("$HERE/um-virtpci-root-port.patch" "$HERE/um-xstate-full-area.patch")
 TARBALL=/usr/src/linux-source-6.1.tar.xz
 CACHE=${IOSM_UML_CACHE:-/var/cache/iosm-cuse/uml}
 

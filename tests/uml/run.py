@@ -10,9 +10,11 @@ not boot, or a port that never appears, fails the run with the reason and the co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,10 +31,10 @@ SOCKET_WAIT_S = 20
 INIT = """#!/bin/sh
 # PID 1 of the UML guest (tests/uml/run.py): mounts, wait for the driver's port, run, power off.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export PYTHONDONTWRITEBYTECODE=1 IOSM_IN_UML=1 HOME=/tmp
+# GLib tools (mbimcli) refuse to run in the POSIX locale ("Embedded NUL byte in conversion")
+export PYTHONDONTWRITEBYTECODE=1 IOSM_IN_UML=1 HOME=/tmp LANG=C.UTF-8
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
@@ -97,10 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cmd", help="shell command to run inside instead of pytest -m uml")
     ap.add_argument("--dyndbg", action="store_true", help="iosm.dyndbg=+p (driver debug log)")
     ap.add_argument("--keep", action="store_true", help="keep the run directory")
+    ap.add_argument("--timeout", type=float, default=BOOT_TIMEOUT_S,
+                    help="seconds before the guest is killed (default %(default)s)")
     args = ap.parse_args(argv)
 
     linux = kernel_path()
-    work = Path(tempfile.mkdtemp(prefix="iosm-uml-"))
+    # not under /tmp: the guest mounts a tmpfs there, which would hide the results directory
+    work = Path(tempfile.mkdtemp(prefix="iosm-uml-", dir="/var/tmp"))
     results = work / "results"
     results.mkdir()
     sock = work / "virtpci.sock"
@@ -119,18 +124,28 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 2
             time.sleep(0.05)
-        cmdline = [str(linux), "mem=256M", "rootfstype=hostfs", "rootflags=/", "ro",
+        # UML busy-polls while it waits for a read's answer: at a lower priority it yields the
+        # CPU to the model's thread that is to answer it (the machine may be busy)
+        cmdline = ["nice", "-n", "5", str(linux), "mem=256M", "rootfstype=hostfs", "rootflags=/",
+                   "ro",
                    f"init={init}", f"virtio_uml.device={sock}:{VIRTIO_ID}", "con=null",
                    "ssl=null", "con0=fd:0,fd:1", "pcie_aspm=off"]
         if args.dyndbg:
             cmdline.append("iosm.dyndbg=+p")
+        # UML forks helper processes: its own session, so a timeout can end all of them
+        uml = subprocess.Popen(cmdline, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, cwd=work, start_new_session=True)
         try:
-            uml = subprocess.run(cmdline, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, timeout=BOOT_TIMEOUT_S, cwd=work)
-            console = uml.stdout.decode(errors="replace")
-        except subprocess.TimeoutExpired as exc:
-            console = (exc.stdout or b"").decode(errors="replace")
-            console += f"\n[uml: no power-off within {BOOT_TIMEOUT_S} s]"
+            out_bytes, _ = uml.communicate(timeout=args.timeout)
+            console = out_bytes.decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            os.killpg(uml.pid, signal.SIGKILL)
+            out_bytes, _ = uml.communicate()
+            console = out_bytes.decode(errors="replace")
+            console += f"\n[uml: no power-off within {args.timeout} s]"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(uml.pid, signal.SIGKILL)  # helpers left behind by a power-off
         (work / "console.log").write_text(console)
         elapsed = time.monotonic() - t0
         out = (results / "out").read_text(errors="replace") if (results / "out").exists() else ""
