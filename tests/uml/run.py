@@ -5,6 +5,8 @@ kernel of tests/uml/build-kernel.sh (built first if missing) over the host's roo
 read-only, plus a writable results directory), waits inside for the kernel's MBIM port, runs
 `pytest -m uml tests/uml` there (or the command) and exits with its status. A kernel that does
 not boot, or a port that never appears, fails the run with the reason and the console tail.
+With --pci-id 8086:7360 the 6.1 driver creates AT ports only: use --cmd (the tier-4 tests
+expect the XMM7560's MBIM port).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 HERE = Path(__file__).resolve().parent
 VIRTIO_ID = 1234  # CONFIG_UML_PCI_OVER_VIRTIO_DEVICE_ID in tests/uml/kernel.config
 PORT_WAIT_S = 30
+# The port whose appearance says the driver is up: 6.1 gives the XMM7360 its AT ports only.
+READY_PORT = {"8086:7560": "/dev/wwan0mbim0", "8086:7360": "/dev/wwan0at0"}
 BOOT_TIMEOUT_S = 600
 SOCKET_WAIT_S = 20
 
@@ -42,13 +46,13 @@ mount -t hostfs hostfs {results} -o {results}
 ip link set lo up
 status=97
 i=0
-while [ ! -e /dev/wwan0mbim0 ] && [ $i -lt {port_wait} ]; do sleep 0.2; i=$((i+1)); done
-if [ -e /dev/wwan0mbim0 ]; then
+while [ ! -e {port} ] && [ $i -lt {port_wait} ]; do sleep 0.2; i=$((i+1)); done
+if [ -e {port} ]; then
     cd {root}
     ( {command} ) > {results}/out 2>&1 </dev/null
     status=$?
 else
-    echo "no /dev/wwan0mbim0 after {port_wait_s} s" > {results}/out
+    echo "no {port} after {port_wait_s} s" > {results}/out
 fi
 dmesg > {results}/dmesg
 echo $status > {results}/status
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     init = work / "init"
     init.write_text(INIT.format(results=shlex.quote(str(results)), root=shlex.quote(str(ROOT)),
                                 command=args.cmd or default_command(),
-                                port_wait=PORT_WAIT_S * 5, port_wait_s=PORT_WAIT_S))
+                                port_wait=PORT_WAIT_S * 5, port_wait_s=PORT_WAIT_S,
+                                port=READY_PORT[args.pci_id]))
     init.chmod(0o755)
     model_log = open(work / "model.log", "wb")  # noqa: SIM115 (closed in finally)
     model = subprocess.Popen(model_command(sock, args), stdout=model_log, stderr=model_log)
