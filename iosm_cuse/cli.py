@@ -139,17 +139,39 @@ link.add_command(link_show, "lst")
               help="Modem model configuration.")
 @click.option("--mux", type=click.Choice(["lite", "aggregation"]))
 @click.option("--gateway", default="echo", show_default=True, metavar="echo|tun|netns:NAME")
+@click.option("--virtpci", type=click.Path(dir_okay=False, path_type=Path), metavar="SOCKET",
+              help="Be a PCI function of a User-Mode Linux kernel instead: serve vhost-user on "
+                   "SOCKET (UML: virtio_uml.device=SOCKET:<id>); the kernel's iosm driver is "
+                   "then the host.")
+@click.option("--caps", metavar="HEX", help="CP capabilities the model announces, in hex "
+              "(overrides the MUX mode's; e.g. 200000 for UL flow credit). With --virtpci.")
+@click.option("--pci-id", default="8086:7560", show_default=True,
+              type=click.Choice(["8086:7560", "8086:7360"]), help="PCI id. With --virtpci.")
 @click.option("-v", "--verbose", is_flag=True)
 def modem(shm: Path | None, size: int, config: Path | None, mux: str | None, gateway: str,
-          verbose: bool) -> None:
-    """Run the modem model alone, for a driver in another process or a VM (ivshmem)."""
+          virtpci: Path | None, caps: str | None, pci_id: str, verbose: bool) -> None:
+    """Run the modem model alone, for a driver in another process or a VM (ivshmem), or as a
+    PCI function of a UML kernel (--virtpci)."""
     from iosm_cuse.options import UpOptions
-    from iosm_cuse.sim.process import run_modem
+    from iosm_cuse.sim.process import run_modem, run_modem_virtpci
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="iosm-cuse modem: %(message)s")
     options = UpOptions(config=config, mux=mux, gateway=gateway).model_options()
-    sys.exit(run_modem(options, shm, size))
+    if virtpci is None:
+        if caps is not None or pci_id != "8086:7560":
+            raise click.UsageError("--caps and --pci-id go with --virtpci")
+        sys.exit(run_modem(options, shm, size))
+    if shm is not None:
+        raise click.UsageError("--shm and --virtpci exclude each other")
+    try:
+        capabilities = int(caps, 16) if caps is not None else None
+    except ValueError:
+        raise click.BadParameter(f"{caps!r} is not a hex number", param_hint="--caps") from None
+    if capabilities is not None and not 0 <= capabilities <= 0xFFFFFFFF:
+        raise click.BadParameter("beyond 32 bits", param_hint="--caps")
+    vendor, device = (int(x, 16) for x in pci_id.split(":"))
+    sys.exit(run_modem_virtpci(options, virtpci, capabilities, (vendor, device)))
 
 
 _LINK_NAME = re.compile(r"^(wwan[0-9]{1,3})(?:-[0-9]+)?$")

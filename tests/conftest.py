@@ -38,10 +38,22 @@ from helpers import ShmPair, device_view
 from iosm_cuse.bus.shm import ShmBus
 
 IN_GUEST = os.environ.get("IOSM_IN_GUEST") == "1"
+IN_UML = os.environ.get("IOSM_IN_UML") == "1"
 KERNEL_SKIP = "kernel tier: runs in the guest via tests/vm"
+UML_SKIP = "uml tier: runs in User-Mode Linux via tests/uml"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IN_UML:
+        others = [item for item in items if item.get_closest_marker("uml") is None]
+        if others:
+            config.hook.pytest_deselected(items=others)
+            items[:] = [item for item in items if item.get_closest_marker("uml") is not None]
+        return
+    uml_skip = pytest.mark.skip(reason=UML_SKIP)
+    for item in items:
+        if item.get_closest_marker("uml") is not None:
+            item.add_marker(uml_skip)
     if IN_GUEST:
         others = [item for item in items if item.get_closest_marker("kernel") is None]
         if others:

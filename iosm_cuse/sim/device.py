@@ -93,6 +93,22 @@ class _Channel:
     backlog: collections.deque[bytes] = field(default_factory=collections.deque)
 
 
+class _Sink:
+    """The function of a channel no function was attached to: UL is consumed and counted."""
+
+    def __init__(self, model: DeviceModel) -> None:
+        self.model = model
+
+    def opened(self, send: Send) -> None:
+        return None
+
+    def receive(self, ul_transfer: bytes) -> None:
+        self.model.ul_unclaimed += 1
+
+    def closed(self) -> None:
+        return None
+
+
 _Taken = tuple[_Channel, int, list[bytes]]  # (channel, its generation then, UL copies)
 
 
@@ -123,6 +139,7 @@ class DeviceModel:
         self.features = 0
         self.dl_refused = 0  # send() returned False: backlog full
         self.ul_transfers = 0
+        self.ul_unclaimed = 0  # UL transfers on channels without a function (consumed, dropped)
         self.dl_transfers = 0
         self._shared: _Shared | None = None
         self._msg_tail = 0
@@ -311,9 +328,11 @@ class DeviceModel:
         self._wr32(self._shared.tail_array + 4 * number, 0)
         ch = self.channels.get(ch_id)
         if ch is None:
-            fn = self.functions.get(ch_id)
-            if fn is None:
-                return MsgStatus.SUCCESS  # a pipe nobody listens to: bytes are dropped
+            # A channel with nothing behind it (AT, trace, RPC, loopback in the assembled model)
+            # still consumes its UL TDs: a real modem completes them, and a driver that waits
+            # for completions (the kernel's, on close and when the ring is full) would hang
+            # (docs/uml-virtpci.md §9).
+            fn = self.functions.get(ch_id) or _Sink(self)
             ch = self.channels[ch_id] = _Channel(ch_id, fn)
         if number % 2 == 0:
             ch.ul = pipe

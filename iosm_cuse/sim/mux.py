@@ -58,6 +58,11 @@ Send = Callable[[bytes], bool]
 Uplink = Callable[[int, bytes], None]
 MAX_DL_HEAD_PAD = 256  # what the model accepts as dl_head_pad_len
 RETRY = 0.001  # a DL block the backlog refused is offered again this soon
+# The first credit grant of a session follows its OPEN_SESSION response this much later. Sent in
+# the same DL burst, the kernel's iosm driver decodes it before the session opener registered the
+# session's net device and drops it; credits are additive and never resent, so the uplink would
+# stall for good (docs/uml-virtpci.md §9). A real modem grants once the session is up.
+FIRST_GRANT_DELAY = 0.1
 
 _LITE_FIRST = (Sig.CMDH, Sig.ADGH, Sig.QLTH)
 _AGGR_FIRST = (Sig.ACBH, Sig.ADBH)
@@ -103,6 +108,7 @@ class MuxDevice:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_pending = False
         self._retry: asyncio.TimerHandle | None = None
+        self._first_grants: dict[int, asyncio.TimerHandle] = {}
 
     # ---- ChannelFunction (Contract 3)
 
@@ -130,6 +136,9 @@ class MuxDevice:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        for handle in self._first_grants.values():
+            handle.cancel()
+        self._first_grants.clear()
 
     def receive(self, data: bytes) -> None:
         """One UL transfer from the host: exactly one top-level structure."""
@@ -225,7 +234,7 @@ class MuxDevice:
                                 {"response": RESP_SUCCESS, "ul_head_pad_len": 0}))
             if self.credit_window > 0:
                 self._used[if_id] = 0
-                self.grant_credits(if_id, self.credit_window)
+                self._grant_first(if_id, FIRST_GRANT_DELAY)
         elif code == c.close_session:
             self._close_session(if_id)
             self._reply(Command(c.close_session_resp, if_id, cmd.transaction_id,
@@ -237,7 +246,25 @@ class MuxDevice:
         else:
             raise MuxDecodeError("command", f"unexpected command {code} from the host")
 
+    def _grant_first(self, if_id: int, delay: float) -> None:
+        """The session's first window of credit, `delay` s from now (at once without a loop)."""
+        old = self._first_grants.pop(if_id, None)
+        if old is not None:
+            old.cancel()
+        if self._loop is None:
+            self.grant_credits(if_id, self.credit_window)
+            return
+        self._first_grants[if_id] = self._loop.call_later(delay, self._first_grant_due, if_id)
+
+    def _first_grant_due(self, if_id: int) -> None:
+        self._first_grants.pop(if_id, None)
+        if if_id in self.sessions and not self.grant_credits(if_id, self.credit_window):
+            self._grant_first(if_id, RETRY)  # the DL backlog is full: try again
+
     def _close_session(self, if_id: int) -> None:
+        handle = self._first_grants.pop(if_id, None)
+        if handle is not None:
+            handle.cancel()
         if if_id in self.sessions:
             self.flush()  # what was already accepted for the session still goes down
         self.sessions.discard(if_id)

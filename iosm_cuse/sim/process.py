@@ -39,7 +39,7 @@ from iosm_cuse.wire.ipc import SCRATCHPAD, ExecStage
 
 if TYPE_CHECKING:
     from iosm_cuse.sim.assembly import ModelOptions
-    from iosm_cuse.sim.device import DeviceModel
+    from iosm_cuse.sim.device import DeviceConfig, DeviceModel
 
 log = logging.getLogger("iosm_cuse.sim.process")
 
@@ -404,5 +404,63 @@ def run_modem(options: ModelOptions, shm: Path | None, size: int = DEFAULT_SHM_S
           "-device ivshmem-plain,memdev=iosm", flush=True)
     try:
         return asyncio.run(serve_file(path, MODEL, mux, options.as_json()))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def serve_virtpci(path: Path, functions: str | None, config: DeviceConfig,
+                        options: dict[str, Any] | None = None,
+                        pci_id: tuple[int, int] = (0x8086, 0x7560)) -> int:
+    """Serve the model as a virt-pci function on the vhost-user socket `path`, for a UML kernel
+    (docs/uml-virtpci.md): the kernel's own iosm driver is then the host."""
+    from iosm_cuse.bus.pci import PciId
+    from iosm_cuse.bus.virtpci.device import VirtPciBus
+    from iosm_cuse.bus.virtpci.server import VirtPciServer
+    from iosm_cuse.sim.device import DeviceModel
+
+    stop = _stop_on_signals(asyncio.get_running_loop())  # before the socket exists
+    # UML busy-waits ~40 ms for each config/MMIO read, answered on the server's thread: hand the
+    # GIL over more often than the default 5 ms, and finish the heavy setup (imports of the
+    # functions) before the socket exists, so no read waits behind it.
+    sys.setswitchinterval(0.0005)
+    bus = VirtPciBus(PciId(*pci_id))
+    model = DeviceModel(bus, config)  # its scratchpad is there before the first MMIO read
+    attached = attach_functions(model, functions, options or {})
+    server = VirtPciServer(bus, path)
+    server.start()
+    try:
+        running = asyncio.ensure_future(model.run())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if running.done():
+                running.result()
+        finally:
+            await _cancel(running, stopping)
+            await close_functions(attached)
+            log.info("virt-pci model stopped: ipc %s, ul %d, dl %d, rejects %s, bus rejects %s",
+                     model.ipc_state.name, model.ul_transfers, model.dl_transfers,
+                     model.rejects.as_dict(), bus.rejects.as_dict())
+    finally:
+        server.stop()
+        bus.close()
+    return 0
+
+
+def run_modem_virtpci(options: ModelOptions, path: Path, capabilities: int | None = None,
+                      pci_id: tuple[int, int] = (0x8086, 0x7560)) -> int:
+    """`iosm-cuse modem --virtpci SOCKET`: the assembled model as a PCI function of a UML
+    kernel (`linux ... virtio_uml.device=SOCKET:<id>`). `capabilities` overrides the MUX mode's
+    CP capabilities (e.g. bit 21, UL flow credit)."""
+    from iosm_cuse.sim.assembly import MODEL
+    from iosm_cuse.sim.device import DeviceConfig
+
+    config = DeviceConfig.for_mux(options.mux or "lite")
+    if capabilities is not None:
+        config.capabilities = capabilities
+    print(f"iosm-cuse modem: serving {path} as PCI {pci_id[0]:04x}:{pci_id[1]:04x} "
+          f"(capabilities {config.capabilities:#x})", flush=True)
+    try:
+        return asyncio.run(serve_virtpci(path, MODEL, config, options.as_json(), pci_id))
     except KeyboardInterrupt:
         return 0

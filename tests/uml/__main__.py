@@ -1,0 +1,5 @@
+import sys
+
+from tests.uml.run import main
+
+sys.exit(main())
