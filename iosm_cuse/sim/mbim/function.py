@@ -50,6 +50,7 @@ from iosm_cuse.sim.mbim.modem import (
     SessionListener,
     SessionState,
 )
+from iosm_cuse.wire.rejects import Rejects
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class MbimFunction:
         # Called when an indication is queued outside receive() (e.g. set_signal()).
         self.wakeup: Callable[[], None] | None = None
         self.internal_errors = 0           # handler bugs caught and answered with FAILURE
+        # Host input thrown away or refused: counted by kind, one log line per kind at most
+        # every 10 s, so a hostile client cannot flood the log.
+        self.rejects = Rejects(log, what="MBIM function: rejected host input")
         self.opened = False
         self.max_transfer = self.config.max_control_transfer
         self._collector = FragmentCollector()
@@ -108,7 +112,7 @@ class MbimFunction:
         err = self._collector.expire(self.clock() if now is None else now, self.fragment_timeout)
         if err is None:
             return []
-        log.info("MBIM: %s", err)
+        self.rejects("fragment_timeout", "%s", err)
         assert err.tid is not None
         return self._function_error(err.tid, err.error)
 
@@ -148,7 +152,8 @@ class MbimFunction:
             self._collector.reset()
             return [encode_message(CloseDone(msg.tid, Status.NONE))]
         if isinstance(msg, HostError):
-            log.info("MBIM: host reports error %d for TID %d", msg.error, msg.tid)
+            self.rejects("host_error", "the host reports error %d for TID %d", msg.error,
+                         msg.tid)
             self._collector.reset()
             return []
         if isinstance(msg, Command):
@@ -160,7 +165,8 @@ class MbimFunction:
 
     def _open(self, msg: Open) -> list[bytes]:
         if msg.max_control_transfer < MIN_CONTROL_TRANSFER:
-            log.info("MBIM: OPEN with MaxControlTransfer %d refused", msg.max_control_transfer)
+            self.rejects("open_max_control_transfer", "OPEN with MaxControlTransfer %d refused",
+                         msg.max_control_transfer)
             return [encode_message(OpenDone(msg.tid, Status.INVALID_PARAMETERS))]
         # A second OPEN is a re-open: it succeeds and keeps the modem state (see module doc).
         self.opened = True
@@ -170,7 +176,7 @@ class MbimFunction:
         return [encode_message(OpenDone(msg.tid, Status.NONE))]
 
     def _message_error(self, e: MessageError) -> list[bytes]:
-        log.info("MBIM: rejected transfer: %s", e)
+        self.rejects(f"transfer_{e.error.name.lower()}", "%s", e)
         if e.tid is None:
             return []
         return self._function_error(e.tid, e.error)
@@ -198,7 +204,7 @@ class MbimFunction:
             # The one place a request is checked against its layout, enum values included.
             request = decode(layout, cmd.info)
         except InfoBufferError as e:
-            log.info("MBIM: %s: %s", spec.name, e)
+            self.rejects("information_buffer", "%s: %s", spec.name, e)
             return Status.INVALID_PARAMETERS, b""
         try:
             answer = handler(self, cmd.command_type, request)
