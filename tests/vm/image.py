@@ -226,6 +226,10 @@ mkdir -p /upper/data /upper/work
 mount -t overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work overlay /newroot \\
     || die "mount overlay failed"
 cp -a /etc-guest/. /newroot/etc/ || die "cannot write the guest's /etc"
+# Empty /tmp and /var/tmp, as in the plain boot: through the overlay they would show the host's,
+# and systemd-tmpfiles' boot-time clean-up would walk all of it over 9p (~45 s under TCG).
+mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || die "no /tmp on the host root"
+mount -t tmpfs -o mode=1777 tmpfs /newroot/var/tmp || die "no /var/tmp on the host root"
 mount --move /dev /newroot/dev
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
