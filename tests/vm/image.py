@@ -226,6 +226,9 @@ mkdir -p /upper/data /upper/work
 mount -t overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work overlay /newroot \\
     || die "mount overlay failed"
 cp -a /etc-guest/. /newroot/etc/ || die "cannot write the guest's /etc"
+# The host may be a container: its /.dockerenv makes systemd in the guest believe it is one too
+# and skip units with ConditionVirtualization=!container (ModemManager's). Hide it in the guest.
+rm -f /newroot/.dockerenv /newroot/run/.containerenv
 # Empty /tmp and /var/tmp, as in the plain boot: through the overlay they would show the host's,
 # and systemd-tmpfiles' boot-time clean-up would walk all of it over 9p (~45 s under TCG).
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || die "no /tmp on the host root"
