@@ -28,6 +28,8 @@ from helpers import until
 pytestmark = [
     pytest.mark.kernel,
     pytest.mark.systemd_pid1,
+    # Two daemon starts and stops under TCG, each bounded by STEP: more than the default 300 s.
+    pytest.mark.timeout(1200),
     pytest.mark.skipif(not Path("/run/systemd/system").is_dir(),
                        reason="needs systemd as PID 1: python3 -m tests.vm --systemd"),
 ]
