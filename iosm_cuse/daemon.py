@@ -25,6 +25,7 @@ from iosm_cuse.control import ControlError, JsonDict
 from iosm_cuse.devices import DeviceSpec, ModemDevice, open_device, parse_device
 from iosm_cuse.options import UpError, UpOptions
 from iosm_cuse.rundir import claim_instance, pty_link_path
+from iosm_cuse.sd_notify import Notifier
 from iosm_cuse.status import exec_stage_name, port_status
 from iosm_cuse.wire.channels import MBIM_CHANNEL
 
@@ -75,6 +76,8 @@ class Daemon:
         self.failure: str | None = None  # why the daemon stops by itself (exit status 1)
         self._stop = asyncio.Event()
         self._recovering: asyncio.Task[None] | None = None
+        # Under iosm-cuse@.service (Type=notify) systemd waits for READY=1 (docs/systemd.md §1).
+        self.notify = Notifier.from_environ()
 
     # -- lifecycle
 
@@ -254,6 +257,7 @@ class Daemon:
             port.hangup(reason, quiet=True)
             if self.announcer is not None:
                 self.announcer.modem_down()
+            self.notify.status(f"modem down: {reason}")
             if self._recovering is None and not self._stop.is_set():
                 self._recovering = asyncio.get_running_loop().create_task(self._recover())
         elif state.value == "RUNNING":
@@ -275,10 +279,13 @@ class Daemon:
             else:
                 self.failure = "modem did not come back after 3 restarts"
                 log.error("%s; stopping", self.failure)
+                self.notify.status(self.failure)
                 self._stop.set()
                 return
             self.restarts += 1
             log.info("modem running again (restart %d)", self.restarts)
+            self.notify.status(f"modem running again (restart {self.restarts}); "
+                               + self.ready_line())
         finally:
             self._recovering = None
 
@@ -376,11 +383,16 @@ async def _serve(daemon: Daemon) -> int:
             line = await daemon.start()
         except (UpError, OSError) as exc:
             print(f"iosm-cuse: {exc}", file=sys.stderr)
+            daemon.notify.status(f"failed: {exc}")
             return 1
         log.debug("ready %d ms after the process started: %s", daemon.startup_ms["control"],
                   daemon.startup_ms)
         print(line, flush=True)
+        # The port and the data link exist now: the unit becomes active (docs/systemd.md §1).
+        daemon.notify.ready(line.removeprefix("iosm-cuse: "))
         await daemon.serve_forever()
         return 0 if daemon.failure is None else 1
     finally:
+        daemon.notify.stopping(f"stopping: {daemon.failure or 'asked to stop'}")
         await daemon.close()
+        daemon.notify.close()

@@ -123,6 +123,46 @@ def test_initramfs_loads_9p_modules_in_dependency_order(tmp_path: Path,
     assert entries["bin/busybox"][:4] == b"\x7fELF"
 
 
+
+def test_systemd_initramfs_puts_the_guest_etc_over_an_overlay(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--systemd: overlay is loaded after 9p, the guest's /etc additions are in the archive
+    (its target as default.target, masked units linked to /dev/null, the run's paths), and the
+    init hands over to systemd, not to guest.sh."""
+    monkeypatch.delenv("IOSM_VM_KERNEL", raising=False)
+    monkeypatch.delenv("IOSM_VM_KVER", raising=False)
+    try:
+        kernel = image.find_kernel()
+    except image.VmError as exc:
+        pytest.skip(str(exc))
+    run_dir = tmp_path / "run"
+    entries = {name: (mode, data) for name, mode, data in _read_newc(
+        image.initramfs(kernel, tmp_path, run_dir, systemd=True))}
+    init = entries["init"][1].decode()
+    order = init.split("for m in ", 1)[1].split(";", 1)[0].split()
+    assert order[-1] == "overlay.ko" and "9p.ko" in order
+    assert "mount -t overlay" in init and "cp -a /etc-guest/. /newroot/etc/" in init
+    assert init.rstrip().endswith("exec switch_root /newroot /lib/systemd/systemd")
+    units = "etc-guest/systemd/system"
+    symlink = 0o120777
+    assert entries[f"{units}/default.target"] == (symlink, b"iosm-vm.target")
+    for name in image.MASKED_UNITS:
+        assert entries[f"{units}/{name}"] == (symlink, b"/dev/null")
+    test_unit = entries[f"{units}/iosm-vm-test.service"][1].decode()
+    assert "ExecStart=/bin/sh ${IOSM_VM_GUEST_SH} ${IOSM_VM_RUN_DIR} systemd" in test_unit
+    assert "SuccessAction=poweroff-force" in test_unit
+    assert "FailureAction=poweroff-force" in test_unit
+    env = entries["etc-guest/iosm-vm.env"][1].decode().splitlines()
+    assert env == [f"IOSM_VM_GUEST_SH={tmp_path}/tests/vm/guest.sh", f"IOSM_VM_RUN_DIR={run_dir}"]
+    plain = {name for name, _, _ in _read_newc(image.initramfs(kernel, tmp_path, run_dir))}
+    assert not any(name.startswith("etc-guest") for name in plain)
+
+
+def test_each_boot_runs_its_own_kernel_tests() -> None:
+    assert "'kernel and not systemd_pid1'" in run._pytest_command(Path("j.xml"), [])
+    assert "'kernel and systemd_pid1'" in run._pytest_command(Path("j.xml"), [], systemd=True)
+
+
 def test_junit_counts(tmp_path: Path) -> None:
     junit = tmp_path / "junit.xml"
     junit.write_text('<testsuites><testsuite name="pytest" tests="7" failures="1" errors="1" '

@@ -19,6 +19,26 @@ from pathlib import Path
 
 # Mounting the host's root and the work tree over 9p needs these (and their dependencies).
 BOOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
+# With systemd as PID 1 the root is an overlay: the host's root read-only below, tmpfs above.
+SYSTEMD_BOOT_MODULES = (*BOOT_MODULES, "overlay")
+SYSTEMD_UNITS = Path(__file__).resolve().parent / "systemd"
+# Units the systemd guest must not start: they are slow under TCG, touch interfaces or files
+# that are not the guest's, or wait for things that never come. Masked (linked to /dev/null)
+# in the overlay's /etc, so the host's own configuration is never read for them.
+MASKED_UNITS = (
+    "getty.target",  # no logins on the test console
+    "timers.target",  # apt-daily, man-db, e2scrub... would wake up during a test
+    "networking.service",  # ifupdown would configure the host's interfaces file
+    "systemd-networkd.service", "systemd-networkd.socket",
+    "systemd-networkd-wait-online.service", "NetworkManager-wait-online.service",
+    "systemd-timesyncd.service",  # no network to sync time over
+    "systemd-remount-fs.service",  # the root is the overlay the initramfs made; no fstab root
+    "systemd-hwdb-update.service",  # ~10 s under TCG, and the host's hwdb.bin is there
+    "ldconfig.service", "systemd-journal-catalog-update.service",
+    "systemd-update-done.service",  # ConditionNeedsUpdate: the fresh /etc looks out of date
+    "systemd-firstboot.service", "systemd-machine-id-commit.service",
+    "systemd-journal-flush.service",  # volatile journal (journald-volatile.conf)
+)
 
 XZ_MAGIC = b"\xfd7zXZ\x00"
 GZIP_MAGIC = b"\x1f\x8b\x08"
@@ -187,26 +207,90 @@ exec switch_root /newroot /bin/sh {work}/tests/vm/guest.sh {run_dir}
 """
 
 
-def initramfs(kernel: Kernel, work: Path, run_dir: Path) -> bytes:
-    """A newc cpio archive: busybox, the 9p/virtio modules and an init for this work tree."""
+SYSTEMD_INIT_TEMPLATE = """#!/bin/busybox sh
+# PID 1 of the initramfs for a guest with systemd as PID 1: the host's root read-only over 9p
+# under a tmpfs in an overlay (so /etc and /var are writable and nothing reaches the host), the
+# work tree read-write over 9p, the guest's units from /etc-guest, then systemd.
+/bin/busybox --install -s /bin
+export PATH=/bin
+die() {{ echo "iosm-vm init: $*"; poweroff -f; }}
+mkdir -p /proc /sys /dev /newroot /lower /upper
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in {modules}; do insmod /modules/$m || die "insmod $m failed"; done
+opts=trans=virtio,version=9p2000.L,msize=512000
+mount -t 9p -o $opts,ro,cache=loose hostroot /lower || die "mount hostroot failed"
+mount -t tmpfs -o mode=755 tmpfs /upper || die "no tmpfs for the overlay"
+mkdir -p /upper/data /upper/work
+mount -t overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work overlay /newroot \\
+    || die "mount overlay failed"
+cp -a /etc-guest/. /newroot/etc/ || die "cannot write the guest's /etc"
+# The host may be a container: its /.dockerenv makes systemd in the guest believe it is one too
+# and skip units with ConditionVirtualization=!container (ModemManager's). Hide it in the guest.
+rm -f /newroot/.dockerenv /newroot/run/.containerenv
+# Empty /tmp and /var/tmp, as in the plain boot: through the overlay they would show the host's,
+# and systemd-tmpfiles' boot-time clean-up would walk all of it over 9p (~45 s under TCG).
+mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || die "no /tmp on the host root"
+mount -t tmpfs -o mode=1777 tmpfs /newroot/var/tmp || die "no /var/tmp on the host root"
+mount --move /dev /newroot/dev
+mount --move /proc /newroot/proc
+mount --move /sys /newroot/sys
+mkdir -p /newroot{work}
+mount -t 9p -o $opts work /newroot{work} || die "mount work tree {work} failed"
+if [ -d /newroot{work}/.venv ]; then
+    mount -t 9p -o $opts,ro,cache=loose venv /newroot{work}/.venv || die "mount .venv failed"
+fi
+exec switch_root /newroot /lib/systemd/systemd
+"""
+
+
+def initramfs(kernel: Kernel, work: Path, run_dir: Path, systemd: bool = False) -> bytes:
+    """A newc cpio archive: busybox, the 9p/virtio modules and an init for this work tree;
+    with `systemd`, also overlay and the guest's /etc additions, and systemd as PID 1."""
     busybox = shutil.which("busybox") or "/bin/busybox"
     if not Path(busybox).is_file():
         raise VmError("busybox not found (install busybox-static)")
-    modules = module_load_order(kernel.version, BOOT_MODULES)
+    if systemd and not Path("/lib/systemd/systemd").is_file():
+        raise VmError("systemd not found (install systemd, udev, dbus, polkitd, modemmanager, "
+                      "network-manager)")
+    modules = module_load_order(kernel.version, SYSTEMD_BOOT_MODULES if systemd else BOOT_MODULES)
     archive = _Cpio()
     for directory in ("bin", "modules", "proc", "sys", "dev", "newroot"):
         archive.add(directory, b"", 0o040755)
+    if systemd:
+        _add_guest_etc(archive, work, run_dir)
     archive.add("bin/busybox", Path(busybox).read_bytes(), 0o100755)
     names = []
     for module in modules:
         name = module.name.split(".ko")[0] + ".ko"
         archive.add(f"modules/{name}", _module_bytes(module), 0o100644)
         names.append(name)
-    init = INIT_TEMPLATE.format(
+    template = SYSTEMD_INIT_TEMPLATE if systemd else INIT_TEMPLATE
+    init = template.format(
         modules=" ".join(names), work=shlex.quote(str(work)), run_dir=shlex.quote(str(run_dir))
     )
     archive.add("init", init.encode(), 0o100755)
     return archive.finish()
+
+
+def _add_guest_etc(archive: _Cpio, work: Path, run_dir: Path) -> None:
+    """/etc-guest: what the init copies over the overlay's /etc before systemd starts."""
+    units = "etc-guest/systemd/system"
+    for directory in ("etc-guest", "etc-guest/systemd", units, "etc-guest/systemd/journald.conf.d"):
+        archive.add(directory, b"", 0o040755)
+    for name in ("iosm-vm.target", "iosm-vm-test.service"):
+        archive.add(f"{units}/{name}", (SYSTEMD_UNITS / name).read_bytes(), 0o100644)
+    archive.add("etc-guest/systemd/journald.conf.d/iosm-vm.conf",
+                (SYSTEMD_UNITS / "journald-volatile.conf").read_bytes(), 0o100644)
+    archive.add(f"{units}/default.target", b"iosm-vm.target", 0o120777)
+    for name in MASKED_UNITS:
+        archive.add(f"{units}/{name}", b"/dev/null", 0o120777)
+    # No mounts from the host's fstab: the initramfs has mounted everything the guest needs.
+    archive.add("etc-guest/fstab", b"# tests/vm: the initramfs mounts everything\n", 0o100644)
+    env = {"IOSM_VM_GUEST_SH": work / "tests" / "vm" / "guest.sh", "IOSM_VM_RUN_DIR": run_dir}
+    text = "".join(f"{key}={shlex.quote(str(value))}\n" for key, value in env.items())
+    archive.add("etc-guest/iosm-vm.env", text.encode(), 0o100644)
 
 
 def _module_bytes(path: Path) -> bytes:

@@ -2,6 +2,8 @@
 
     python3 -m tests.vm [--timeout S] [--host-helper CMD]... [--junitxml PATH] [-- PYTEST ARGS]
     python3 -m tests.vm --cmd 'SHELL COMMAND'
+    python3 -m tests.vm --systemd [-- PYTEST ARGS]   systemd as PID 1 (overlay root), the
+                                                    `systemd_pid1` tests
 
 Run it from the repository root, as root. Stdlib only. Environment:
     IOSM_VM_KERNEL   kernel to boot (bzImage or ELF vmlinux); default: newest /boot/vmlinuz-*
@@ -45,6 +47,9 @@ IVSHMEM_SIZE = int(os.environ.get("IOSM_VM_IVSHMEM_SIZE", 8 * 1024 * 1024))
 HOST_TOKEN_OFFSET = 0
 GUEST_TOKEN_OFFSET = 4096
 STALE_RUN_SECONDS = 6 * 3600
+# systemd as PID 1: only failures on the console (the test's output stays readable).
+CMDLINE = "console=ttyS0 quiet loglevel=1 panic=-1"
+SYSTEMD_CMDLINE = " systemd.show_status=error"
 
 
 @dataclass
@@ -71,6 +76,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         help="shell command run on the host beside the guest, for the whole boot")
     parser.add_argument("--junitxml", type=Path, help="where pytest in the guest writes its report")
     parser.add_argument("--cmd", help="run this shell command in the guest instead of pytest")
+    parser.add_argument("--systemd", action="store_true",
+                        help="boot with systemd as PID 1 over a writable overlay of the host's "
+                             "root, with udevd, D-Bus, polkit, ModemManager and NetworkManager "
+                             "as units; runs the tests marked systemd_pid1")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     return parser.parse_args(argv)
 
@@ -91,7 +100,7 @@ def _run(args: argparse.Namespace) -> int:
     junit.unlink(missing_ok=True)
     if args.cmd is None:
         _compile_python()
-        command = _pytest_command(junit, args.pytest_args)
+        command = _pytest_command(junit, args.pytest_args, args.systemd)
     else:
         command = args.cmd
     accel = _choose_accel(qemu, kernel, vmlinux)
@@ -99,8 +108,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         tokens = _prepare_ivshmem(shm, run_dir)
         _write_run_files(run_dir, command, len(args.host_helper))
-        (run_dir / "initrd.cpio").write_bytes(image.initramfs(kernel, WORK, run_dir))
-        print(f"iosm-vm: kernel {kernel.version} ({kernel.path}), accel {accel}, "
+        (run_dir / "initrd.cpio").write_bytes(
+            image.initramfs(kernel, WORK, run_dir, systemd=args.systemd))
+        init = "systemd" if args.systemd else "guest.sh"
+        print(f"iosm-vm: kernel {kernel.version} ({kernel.path}), accel {accel}, init {init}, "
               f"prepared in {time.monotonic() - started:.1f} s; run dir {run_dir}", flush=True)
         outcome = _boot_with_partners(qemu, accel, vmlinux, run_dir, shm, args)
         ivshmem_ok = _check_guest_write(shm, run_dir, tokens)
@@ -137,8 +148,10 @@ def _compile_python() -> None:
                    check=False, stdout=subprocess.DEVNULL, env=env)
 
 
-def _pytest_command(junit: Path, extra: list[str]) -> str:
-    argv = [str(_venv_python()), "-m", "pytest", "-m", "kernel", "-p", "no:cacheprovider",
+def _pytest_command(junit: Path, extra: list[str], systemd: bool = False) -> str:
+    # The systemd_pid1 tests need the systemd boot; the plain boot runs every other kernel test.
+    marks = "kernel and systemd_pid1" if systemd else "kernel and not systemd_pid1"
+    argv = [str(_venv_python()), "-m", "pytest", "-m", marks, "-p", "no:cacheprovider",
             "-p", "no:hypothesispytest", "--color=no", f"--junitxml={junit}", *extra]
     if not any(not arg.startswith("-") for arg in extra):
         argv.append("tests/kernel")  # collecting every test module in the guest costs ~1 min
@@ -162,7 +175,7 @@ def _choose_accel(qemu: str, kernel: image.Kernel, vmlinux: Path) -> str:
         _prepare_ivshmem(shm, trial)
         _write_run_files(trial, "true", 0)
         (trial / "initrd.cpio").write_bytes(image.initramfs(kernel, WORK, trial))
-        outcome = _boot(qemu, "kvm", vmlinux, trial, shm, timeout=60, echo=False)
+        outcome = _boot(qemu, "kvm", vmlinux, trial, shm, timeout=60, echo=False, systemd=False)
     finally:
         shm.unlink(missing_ok=True)
     shutil.rmtree(trial, ignore_errors=True)
@@ -217,14 +230,16 @@ def _boot_with_partners(qemu: str, accel: str, vmlinux: Path, run_dir: Path, shm
             helpers.append(subprocess.Popen(helper, shell=True, cwd=WORK, env=env, stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True))
-        return _boot(qemu, accel, vmlinux, run_dir, shm, timeout=args.timeout, echo=True)
+        return _boot(qemu, accel, vmlinux, run_dir, shm, timeout=args.timeout, echo=True,
+                     systemd=args.systemd)
     finally:
         for process in helpers:
             stop_process(process)
         agent.close()
 
 
-def _qemu_argv(qemu: str, accel: str, vmlinux: Path, run_dir: Path, shm: Path) -> list[str]:
+def _qemu_argv(qemu: str, accel: str, vmlinux: Path, run_dir: Path, shm: Path,
+               systemd: bool = False) -> list[str]:
     def esc(path: Path | str) -> str:
         return str(path).replace(",", ",,")
 
@@ -238,7 +253,7 @@ def _qemu_argv(qemu: str, accel: str, vmlinux: Path, run_dir: Path, shm: Path) -
         qemu, *cpu, "-machine", "q35", "-smp", "2", "-m", "2G",
         "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio",
         "-kernel", str(vmlinux), "-initrd", str(run_dir / "initrd.cpio"),
-        "-append", "console=ttyS0 quiet loglevel=1 panic=-1",
+        "-append", CMDLINE + (SYSTEMD_CMDLINE if systemd else ""),
         "-fsdev", "local,id=r,path=/,security_model=none,readonly=on,multidevs=remap",
         "-device", "virtio-9p-pci,fsdev=r,mount_tag=hostroot",
         "-fsdev", f"local,id=w,path={esc(WORK)},security_model=none,multidevs=remap",
@@ -251,12 +266,12 @@ def _qemu_argv(qemu: str, accel: str, vmlinux: Path, run_dir: Path, shm: Path) -
 
 
 def _boot(qemu: str, accel: str, vmlinux: Path, run_dir: Path, shm: Path, *, timeout: float,
-          echo: bool) -> Outcome:
+          echo: bool, systemd: bool) -> Outcome:
     started = time.monotonic()
     status_file = run_dir / "status"
     status_file.unlink(missing_ok=True)
     with (run_dir / "console.log").open("wb") as log:
-        process = subprocess.Popen(_qemu_argv(qemu, accel, vmlinux, run_dir, shm),
+        process = subprocess.Popen(_qemu_argv(qemu, accel, vmlinux, run_dir, shm, systemd),
                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         assert process.stdout is not None
@@ -297,6 +312,7 @@ def _check_guest_write(shm: Path, run_dir: Path, tokens: dict[str, str]) -> bool
 def _report(outcome: Outcome, args: argparse.Namespace, junit: Path, run_dir: Path,
             ivshmem_ok: bool | None, total: float) -> int:
     print(f"iosm-vm: guest ran {outcome.seconds:.1f} s, whole run {total:.1f} s", flush=True)
+    print(_guest_times(run_dir), flush=True)
     if outcome.status is None:
         cause = f"timed out after {args.timeout:.0f} s" if outcome.timed_out else \
             "exited without writing an exit status"
@@ -311,11 +327,25 @@ def _report(outcome: Outcome, args: argparse.Namespace, junit: Path, run_dir: Pa
     if counts is None:
         raise VmError(f"pytest in the guest wrote no report {junit} (exit status {outcome.status})")
     ran, passed, failed = counts
-    print(f"kernel tier: {ran} tests ran in the guest ({passed} passed, {failed} failed)",
+    tier = "systemd tier" if args.systemd else "kernel tier"
+    print(f"{tier}: {ran} tests ran in the guest ({passed} passed, {failed} failed)",
           flush=True)
     if outcome.status == 5 or ran == 0:
-        raise VmError("kernel tier: no tests ran in the guest")
+        raise VmError(f"{tier}: no tests ran in the guest")
     return outcome.status
+
+
+def _guest_times(run_dir: Path) -> str:
+    """Boot (power-on to the test command) and test command times, by the guest's clock."""
+    try:
+        start = float((run_dir / "uptime-start").read_text())
+    except (OSError, ValueError):
+        return "iosm-vm: the test command never started"
+    try:
+        test = f"{float((run_dir / 'uptime-end').read_text()) - start:.1f} s"
+    except (OSError, ValueError):
+        test = "unfinished"
+    return f"iosm-vm: boot to the test command {start:.1f} s, test command {test} (guest clock)"
 
 
 def _junit_counts(junit: Path) -> tuple[int, int, int] | None:
