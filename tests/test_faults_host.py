@@ -201,8 +201,11 @@ def test_daemon_stopped_under_a_reader_a_poller_and_a_transaction(
     returned_s = time.monotonic() - stopped
     ended = {c.name: c.ended for c in clients}
     print(f"{signal.Signals(sig).name}: clients returned after {returned_s:.2f} s: {ended}")
-    # The PTY's master closes with the daemon: readers see EIO, pollers POLLHUP.
-    assert ended == {"reader": "EIO", "poller": "POLLERR|POLLHUP", "transaction": "EIO"}, ended
+    # The PTY's master closes with the daemon: readers see EIO, pollers POLLHUP (with POLLERR
+    # or not: which the tty reports depends on whether the poll woke before the hangup ended).
+    polled = ended.pop("poller")
+    assert polled in ("POLLHUP", "POLLERR|POLLHUP"), polled
+    assert ended == {"reader": "EIO", "transaction": "EIO"}, ended
     code, err = up.terminate(0)
     assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), err
     until(lambda: not Path(f"/proc/{model_pid}").exists(), 10, "model outlived its daemon",

@@ -105,6 +105,7 @@ def modem(host_process: Callable[[list[str]], str]) -> Iterator[Modem]:
     try:
         yield device
     finally:
+        run("nmcli", "c", "delete", "wwan")
         run("systemctl", "stop", "iosm-cuse@*.service")
         if device.driver() is not None:
             (device.sysdev / "driver" / "unbind").write_text(device.bdf)
@@ -149,6 +150,31 @@ def assert_stopped(unit: str) -> None:
           f"{PORT} and {LINK} to go with the unit")
 
 
+def assert_managed() -> None:
+    """Stock ModemManager lists the announced modem and NetworkManager brings wwan0 up on it:
+    an IPv4 address, a default route through wwan0, and the bearer's gateway answering ping."""
+    until(lambda: "/Modem/" in run("mmcli", "-L").stdout, 60, "ModemManager to list the modem")
+    if "wwan" not in run("nmcli", "-t", "-f", "NAME", "c", "show").stdout.split():
+        ok("nmcli", "c", "add", "type", "gsm", "ifname", "*", "con-name", "wwan",
+           "gsm.apn", "internet")
+    ok("nmcli", "c", "up", "wwan")
+    addrs = json.loads(ok("ip", "-j", "addr", "show", LINK))[0]["addr_info"]
+    assert any(a["family"] == "inet" for a in addrs), addrs
+    routes = [r for r in json.loads(ok("ip", "-j", "route", "show", "default"))
+              if r.get("dev") == LINK]
+    assert routes and routes[0].get("gateway"), ok("ip", "route")
+    # The gateway NetworkManager routes through is the bearer's, the model's echo gateway.
+    ok("ping", "-c", "2", "-W", "5", "-I", LINK, routes[0]["gateway"])
+
+
+def assert_unmanaged() -> None:
+    """The unit stopped: ModemManager drops the modem and NetworkManager the device."""
+    until(lambda: "No modems were found" in run("mmcli", "-L").stdout, 30,
+          "ModemManager to drop the modem")
+    until(lambda: PORT.name not in run("nmcli", "-t", "-f", "DEVICE", "device").stdout, 30,
+          "NetworkManager to drop the modem")
+
+
 def test_bind_starts_the_unit_unbind_stops_it_bind_brings_it_back(modem: Modem) -> None:
     for service in ("systemd-udevd", "dbus", "polkit", "ModemManager", "NetworkManager"):
         assert run("systemctl", "is-active", service).stdout.strip() == "active", \
@@ -161,14 +187,17 @@ def test_bind_starts_the_unit_unbind_stops_it_bind_brings_it_back(modem: Modem) 
     assert modem.driver() == "uio_pci_generic"
     unit = f"iosm-cuse@{modem.uio_name()}.service"
     assert_serving(unit)
+    assert_managed()
 
     # Unbind: the UIO node goes, BindsTo= stops the unit, the daemon takes its port and link.
     (modem.sysdev / "driver" / "unbind").write_text(modem.bdf)
     assert_stopped(unit)
+    assert_unmanaged()
 
     # Bind again (driver_override still names uio_pci_generic): the whole chain returns.
     Path("/sys/bus/pci/drivers_probe").write_text(modem.bdf)
     until(lambda: modem.uio_name() is not None, STEP, "the device to bind again")
     unit = f"iosm-cuse@{modem.uio_name()}.service"
     assert_serving(unit)
+    assert_managed()
     assert unit_state(unit)["NRestarts"] == "0"
