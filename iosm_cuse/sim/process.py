@@ -3,7 +3,9 @@
 The parent creates the shared memory (memfds) and the eventfds (`ShmBus.create`), starts
 `python -m iosm_cuse.sim --sock-fd N` with one end of a Unix socketpair, and sends the fds
 (SCM_RIGHTS) with a JSON header: the layout, the device config and the `functions` factory
-spec. After that the socket carries JSON-line commands (crash, hang, reset, stats, ping).
+spec. After that the socket carries JSON-line commands (crash, hang, reset, stats, ping);
+`stats` includes the child's own rss_kb, fds and tasks (procstat.py), which the daemon's
+`status` shows as "modem"."process".
 
 `functions` is "module:callable"; in the child it is called as `factory(model, options)` and
 attaches the channel functions (`sim.assembly.MODEL` attaches the MBIM function, the MUX and
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from iosm_cuse.bus.base import BAR2
 from iosm_cuse.bus.shm import ShmBus, ShmLayout, send_bus_fds
+from iosm_cuse.procstat import process_usage
 from iosm_cuse.wire.ipc import SCRATCHPAD, ExecStage
 
 if TYPE_CHECKING:
@@ -348,7 +351,7 @@ def _command(model: DeviceModel, functions: ModelFunctions, line: bytes) -> dict
                 "dl_transfers": model.dl_transfers, "dropped_dl": model.dropped_dl,
                 "dl_refused": model.dl_refused,
                 "rejects": dict(model.rejects.counters), "ipc_state": int(model.ipc_state),
-                "gateway": None, **functions.stats()}
+                "gateway": None, "process": process_usage(), **functions.stats()}
     return {"ok": False, "error": f"unknown op {op!r}"}
 
 
