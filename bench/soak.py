@@ -64,6 +64,7 @@ READY = re.compile(r"MBIM port (\S+) \(")
 STAMP = struct.Struct("!Bd")
 BUCKET_S = 0.1  # traffic is accounted in buckets of send time
 ECHO_DEADLINE_S = 3.0  # a datagram not echoed within this is lost
+STALL_S = 1.0  # a session with nothing echoed this long, undisturbed, has stalled
 LEAD_S = 0.5  # datagrams sent this long before a disturbance may be in flight when it starts
 QUERIES = ("--query-device-caps", "--query-subscriber-ready-status", "--query-radio-state",
            "--query-registration-state", "--query-signal-state", "--query-packet-service-state",
@@ -587,37 +588,60 @@ class Soak:
     # -- the figures
 
     def traffic(self, measured_from: float) -> dict[str, Any]:
-        """Datagrams sent from the warm-up's end on, and where the lost ones were lost."""
-        sent = echoed = lost_disturbed = send_errors_disturbed = 0
-        lost_steady: dict[int, int] = {}
-        lost_when: dict[int, list[float]] = {}
+        """Datagrams sent from the warm-up's end on, and where the lost ones were lost.
+
+        UDP may lose a datagram on a loaded machine, so a loss no disturbance explains is a
+        figure (with when it happened), not by itself an error; the errors are a session that
+        stalls (STALL_S of its datagrams sent and none echoed) and a send refused, outside any
+        disturbance of that session."""
+        sent = echoed = lost_disturbed = send_errors_disturbed = lost_steady = 0
+        episodes: list[str] = []
+        per_session: dict[int, list[tuple[float, int, int, int]]] = {}
         for n, b, s, e, err, _ in self.buckets:
             t = (b + 0.5) * BUCKET_S
-            if t < measured_from:
-                continue
-            n, s, e, err = int(n), int(s), int(e), int(err)
-            sent += s
-            echoed += e
-            disturbed = any(w.covers(n, t) for w in self.windows)
-            if disturbed:
-                lost_disturbed += s - e
-                send_errors_disturbed += err
-            elif s - e or err:
-                lost_steady[n] = lost_steady.get(n, 0) + s - e + err
-                lost_when.setdefault(n, []).append(t - self.t0)
-        for n, lost in sorted(lost_steady.items()):
-            when = lost_when[n]
-            self.errors.add("traffic", f"session {n}: {lost} datagrams lost or unsent outside "
-                                       f"any disturbance, sent {when[0]:.1f}-{when[-1]:.1f}s "
-                                       f"({len(when)} buckets of {BUCKET_S} s)", False, self.t0)
+            if t >= measured_from:
+                per_session.setdefault(int(n), []).append((t, int(s), int(e), int(err)))
+        for n, rows in sorted(per_session.items()):
+            stall: list[float] = []  # undisturbed buckets in a row with nothing echoed
+            for t, s, e, err in sorted(rows):
+                sent += s
+                echoed += e
+                if any(w.covers(n, t) for w in self.windows):
+                    lost_disturbed += s - e
+                    send_errors_disturbed += err
+                    self.check_stall(n, stall)
+                    continue
+                lost_steady += s - e
+                if s - e:
+                    episodes.append(f"session {n}: {s - e} at {t - self.t0:.1f}s")
+                if err:
+                    self.errors.add("traffic", f"session {n}: {err} sends refused at "
+                                               f"{t - self.t0:.1f}s outside any disturbance",
+                                    False, self.t0)
+                if s > 0 and e == 0:
+                    stall.append(t)
+                else:
+                    self.check_stall(n, stall)
+            self.check_stall(n, stall)
         if lost_disturbed:
             self.errors.expected["datagrams_lost_in_disturbances"] = lost_disturbed
         if send_errors_disturbed:
             self.errors.expected["sends_refused_in_disturbances"] = send_errors_disturbed
         return {"sent": sent, "echoed": echoed, "lost_in_disturbances": lost_disturbed,
                 "send_errors_in_disturbances": send_errors_disturbed,
-                "lost_outside_disturbances": sum(lost_steady.values()),
+                "lost_outside_disturbances": lost_steady,
+                "lost_outside_pct": round(lost_steady / sent * 100, 4) if sent else None,
+                "lost_outside_where": episodes[:40],
                 "rate_per_session": self.args.rate, "size": self.args.size}
+
+    def check_stall(self, n: int, stall: list[float]) -> None:
+        """Count a run of unechoed undisturbed buckets as a stall if it is long enough; the
+        run is over either way."""
+        if stall and stall[-1] - stall[0] + BUCKET_S >= STALL_S:
+            self.errors.add("traffic", f"session {n} stalled: nothing echoed of what was sent "
+                                       f"{stall[0] - self.t0:.1f}-{stall[-1] - self.t0:.1f}s, "
+                                       "outside any disturbance", False, self.t0)
+        stall.clear()
 
     def traffic_back(self) -> None:
         """Each crash's traffic_back_s, exactly: the first echo of a datagram sent after the
@@ -714,7 +738,7 @@ def report(r: dict[str, Any]) -> str:
     t = r["traffic"]
     lines.append(f"  traffic: {t['sent']} datagrams sent, {t['echoed']} echoed, "
                  f"{t['lost_in_disturbances']} lost in disturbances, "
-                 f"{t['lost_outside_disturbances']} outside")
+                 f"{t['lost_outside_disturbances']} outside ({t['lost_outside_pct']} %)")
     lines.append(f"  flaps {r['flaps']}, MBIM queries answered {r['mbim_queries_ok']}")
     lines.append(f"  expected errors: {r['errors_expected'] or 'none'}")
     lines.append(f"  unexpected errors: {len(r['errors_unexpected'])}")

@@ -25,6 +25,9 @@ pytestmark = [pytest.mark.host,
 
 SOAK = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
 RSS_SLACK_PCT = 15.0
+# UDP on a loaded shared machine loses the odd datagram with no disturbance to blame (measured:
+# 0-0.3 % at load average 5-6 on 2 cores); a stall or refused send is an error of its own.
+LOSS_SLACK_PCT = 2.0
 
 
 def test_status_reports_both_processes_figures(up: Up) -> None:
@@ -47,6 +50,7 @@ def test_two_minute_soak_stays_flat_and_recovers_every_crash() -> None:
     assert all(rec["traffic_back_s"] is not None for rec in r["recoveries"]), r["recoveries"]
     assert r["flaps"]["del_add"] >= 2 and r["flaps"]["down_up"] >= 2, r["flaps"]
     assert r["mbim_queries_ok"] > 0 and r["traffic"]["echoed"] > 0
+    assert r["traffic"]["lost_outside_pct"] <= LOSS_SLACK_PCT, r["traffic"]
     for proc in ("daemon", "model"):
         start, end = r["start"][proc], r["end"][proc]
         assert end["fds"] == start["fds"], (proc, start, end)
