@@ -344,14 +344,18 @@ class Soak:
                  str(self.args.size)), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env=self.env)
 
-    async def connect_sessions(self, must: bool = False) -> bool:
+    async def connect_sessions(self, must: bool = False, rec: dict[str, Any] | None = None
+                               ) -> bool:
         """Attach and connect sessions 0-7 (after the start and after every model restart),
         as a connection manager would; True when every step worked (each gets 3 tries: the
         first commands after a restart may meet a port that is still reopening)."""
         steps = [["--attach-packet-service"]] + [
             [f"--connect=session-id={n},access-string=internet,ip-type=ipv4"] for n in SESSIONS]
         ok = True
+        waiting = time.monotonic()
         async with self.port_lock:
+            if rec is not None:  # an mbimcli query the crash caught may still hold the port
+                rec["port_wait_s"] = round(time.monotonic() - waiting, 3)
             for step in steps:
                 for attempt in range(3):
                     rc, out = await self.run("mbimcli", "-d", self.port, *step)
@@ -449,8 +453,8 @@ class Soak:
             self.windows.append(window)
             os.kill(pid, signal.SIGKILL)
             rec: dict[str, Any] = {"at_s": round(kill - self.t0, 1), "model_back_s": None,
-                                   "reconnected_s": None, "traffic_back_s": None,
-                                   "completed": False}
+                                   "port_wait_s": None, "reconnected_s": None,
+                                   "traffic_back_s": None, "completed": False}
             self.recoveries.append(rec)
             deadline = kill + TIMEOUT_S
             while time.monotonic() < deadline:
@@ -465,7 +469,7 @@ class Soak:
                 self.errors.add("recovery", f"model not running {TIMEOUT_S} s after SIGKILL",
                                 False, self.t0)
                 return
-            if not await self.connect_sessions():
+            if not await self.connect_sessions(rec=rec):
                 window.end = time.monotonic()
                 self.errors.add("recovery", "sessions not reconnected", False, self.t0)
                 return
@@ -733,7 +737,8 @@ def report(r: dict[str, Any]) -> str:
     lines.append(f"  flat within 5 %: {'yes' if r['flat_within_5pct'] else 'NO'}")
     for rec in r["recoveries"]:
         lines.append(f"  crash at {rec['at_s']} s: model back {rec['model_back_s']} s, "
-                     f"reconnected {rec['reconnected_s']} s, traffic back "
+                     f"reconnected {rec['reconnected_s']} s (of which waiting for the port "
+                     f"{rec['port_wait_s']} s), traffic back "
                      f"{rec['traffic_back_s']} s{'' if rec['completed'] else ' (INCOMPLETE)'}")
     t = r["traffic"]
     lines.append(f"  traffic: {t['sent']} datagrams sent, {t['echoed']} echoed, "
