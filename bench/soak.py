@@ -107,12 +107,28 @@ def nsx(ns: str, *argv: str) -> list[str]:
 # ---- helper processes: the echo server (gateway namespace) and the load (daemon namespace) ----
 
 
+HELPER_RCVBUF = 8 * 1024 * 1024
+SO_RCVBUFFORCE = 33  # Linux's socket option (root may exceed rmem_max); not in the stubs
+
+
+def udp_socket() -> socket.socket:
+    """A UDP socket whose receive buffer outlasts a helper that waits for a CPU: the default
+    (~90 datagrams of 1000 bytes, a tenth of a second of the whole load) overflowed on this
+    shared 2-core machine and lost datagrams the data path had delivered."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, HELPER_RCVBUF)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, HELPER_RCVBUF)
+    return sock
+
+
 def serve_udp_echo(port: int) -> None:
     """Echo every datagram back to its sender until stdin closes."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = udp_socket()
         sock.bind(("0.0.0.0", port))
         sock.setblocking(False)
 
@@ -168,7 +184,7 @@ def serve_udp_load(rate: float, size: int, port: int) -> None:
 
         for n in SESSIONS:
             ip = config.session_ip(n)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock = udp_socket()
             sock.bind((str(ip.ipv4.ip), 0))
             sock.setblocking(False)
             socks[n] = (sock, (str(ip.ipv4_gateway), port))
@@ -263,6 +279,7 @@ class Soak:
         self.flap_next = 1
         self.recoveries: list[dict[str, Any]] = []
         self.log: list[tuple[float, str]] = []
+        self.rcvbuf_errors: dict[str, int | None] = {}
         self.log_reader: asyncio.Future[None] | None = None
 
     # -- running commands
@@ -583,8 +600,18 @@ class Soak:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.log_reader, 5)
         for ns in (DAEMON_NS, GW_NS):
+            self.rcvbuf_errors[ns] = await self.udp_rcvbuf_errors(ns)
             await self.run("ip", "netns", "del", ns)
         return code
+
+    async def udp_rcvbuf_errors(self, ns: str) -> int | None:
+        """Datagrams the kernel dropped at a full socket buffer in `ns` (the helpers' sockets
+        are the only UDP sockets there): a loss of the bench, not of the data path."""
+        rc, out = await self.run(*nsx(ns, "cat", "/proc/net/snmp"))
+        rows = [line.split() for line in out.splitlines() if line.startswith("Udp:")]
+        if rc != 0 or len(rows) < 2 or "RcvbufErrors" not in rows[0]:
+            return None
+        return int(rows[1][rows[0].index("RcvbufErrors")])
 
     def daemon_log(self) -> str:
         return "\n".join(line for _, line in self.log)
@@ -714,6 +741,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         result["errors_unexpected"] = soak.errors.unexpected
         result["errors_expected"] = soak.errors.expected
         result["daemon_exit"] = code
+        result["traffic"]["udp_rcvbuf_errors"] = {
+            "daemon_ns": soak.rcvbuf_errors.get(DAEMON_NS), "gateway_ns":
+            soak.rcvbuf_errors.get(GW_NS)}
         result["started"] = started
         result["wall_s"] = round(time.monotonic() - soak.t0, 1)
         if args.save:
