@@ -291,18 +291,13 @@ MODEL_USAGE_TIMEOUT = 1.0
 
 
 async def _model_usage(device: ModemDevice | None) -> JsonDict | None:
-    """The model process's own rss_kb, fds and tasks (its `stats` command), or None: a UIO
-    device has no process of ours, and a model that is down or slow has none to give."""
-    from iosm_cuse.sim.process import ModelError, ModelProcess
+    """The model process's own rss_kb, fds and tasks, or None: a UIO device has no process of
+    ours, and a model that is down, busy restarting or slow has none to give."""
+    from iosm_cuse.sim.process import ModelProcess
 
-    if not isinstance(device, ModelProcess) or not device.alive:
+    if not isinstance(device, ModelProcess):
         return None
-    try:
-        reply = await device.command("stats", timeout=MODEL_USAGE_TIMEOUT)
-    except (ModelError, OSError, ValueError):
-        return None
-    usage = reply.get("process")
-    return usage if isinstance(usage, dict) else None
+    return await device.process_usage(MODEL_USAGE_TIMEOUT)
 
 
 def _since_process_start() -> float:

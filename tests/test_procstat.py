@@ -64,3 +64,32 @@ def test_the_model_process_reports_its_own_figures() -> None:
             await mp.close()
 
     run(main())
+
+
+def test_a_late_reply_is_not_taken_for_the_next_commands() -> None:
+    """A command that timed out may still be answered: that line must be skipped."""
+    from iosm_cuse.sim.process import _reply_to
+
+    async def main() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b'{"ok": true, "id": 1, "late": true}\n{"ok": true, "id": 2}\n')
+        assert await _reply_to(reader, 2) == {"ok": True, "id": 2}
+
+    asyncio.run(main())
+
+
+def test_status_never_queues_behind_a_model_command() -> None:
+    """While another command (a reset during a restart) holds the model's command socket,
+    `status` reports no model figures instead of waiting its turn."""
+
+    async def main() -> None:
+        mp = await ModelProcess.spawn()
+        try:
+            assert (await mp.process_usage()) is not None
+            async with mp._lock:
+                assert (await mp.process_usage()) is None
+        finally:
+            await mp.close()
+        assert (await mp.process_usage()) is None  # not running
+
+    run(main())
