@@ -581,8 +581,19 @@ class Soak:
 
     async def stop(self) -> int | None:
         """Everything down: helpers, the daemon (SIGTERM, as a user would), namespaces.
-        Returns the daemon's exit status (None if it had to be killed)."""
-        await self.stop_load()
+        Returns the daemon's exit status (None if it had to be killed). The namespaces go
+        whatever failed before."""
+        try:
+            return await self.stop_processes()
+        finally:
+            for ns in (DAEMON_NS, GW_NS):
+                with contextlib.suppress(Exception):
+                    self.rcvbuf_errors[ns] = await self.udp_rcvbuf_errors(ns)
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+    async def stop_processes(self) -> int | None:
+        with contextlib.suppress(Exception):  # a load that died already has nothing to say
+            await self.stop_load()
         if self.echo is not None:
             if self.echo.stdin is not None:
                 self.echo.stdin.close()
@@ -602,9 +613,6 @@ class Soak:
             if self.log_reader is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.log_reader, 5)
-        for ns in (DAEMON_NS, GW_NS):
-            self.rcvbuf_errors[ns] = await self.udp_rcvbuf_errors(ns)
-            await self.run("ip", "netns", "del", ns)
         return code
 
     async def udp_rcvbuf_errors(self, ns: str) -> int | None:
