@@ -24,6 +24,7 @@ from iosm_cuse import control
 from iosm_cuse.control import ControlError, JsonDict
 from iosm_cuse.devices import DeviceSpec, ModemDevice, open_device, parse_device
 from iosm_cuse.options import UpError, UpOptions
+from iosm_cuse.procstat import process_usage
 from iosm_cuse.rundir import claim_instance, pty_link_path
 from iosm_cuse.sd_notify import Notifier
 from iosm_cuse.status import exec_stage_name, port_status
@@ -294,7 +295,9 @@ class Daemon:
     async def handle(self, op: str, args: JsonDict) -> JsonDict:
         """The control socket's operations (declared in control.OPS)."""
         if op == "status":
-            return self.status()
+            st = self.status()
+            st["modem"]["process"] = await _model_usage(self.device)
+            return st
         from iosm_cuse.link.args import LinkError
 
         try:
@@ -314,6 +317,7 @@ class Daemon:
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "startup_ms": self.startup_ms,
+            "process": process_usage(),
             "modem": {
                 "name": device.description,
                 "pid": _model_process_detail(device, "pid"),
@@ -329,6 +333,21 @@ class Daemon:
             "links": [info.as_dict() for info in links.show()],
             "errors": errors,
         }
+
+
+# A model that does not answer within this is reported without its figures, not waited for:
+# `status` must answer while the model hangs or restarts.
+MODEL_USAGE_TIMEOUT = 1.0
+
+
+async def _model_usage(device: ModemDevice | None) -> JsonDict | None:
+    """The model process's own rss_kb, fds and tasks, or None: a UIO device has no process of
+    ours, and a model that is down, busy restarting or slow has none to give."""
+    from iosm_cuse.sim.process import ModelProcess
+
+    if not isinstance(device, ModelProcess):
+        return None
+    return await device.process_usage(MODEL_USAGE_TIMEOUT)
 
 
 def _since_process_start() -> float:

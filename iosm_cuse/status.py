@@ -1,5 +1,9 @@
 """The `status` answer: the parts the daemon reads off its layers, and the text `iosm-cuse
-status` prints for humans (`status --json` prints the answer itself)."""
+status` prints for humans (`status --json` prints the answer itself).
+
+"process" (the daemon) and "modem"."process" (the model process, asked over its command socket
+with a 1 s bound; null for a UIO modem or a model that is down) are {"rss_kb", "fds", "tasks"}:
+resident memory, open descriptors, asyncio tasks (procstat.py), so a long run can be watched."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ def format_status(st: JsonDict) -> str:
         f"MUX {modem.get('mux_mode')}, restarts {modem.get('restarts', 0)}",
         f"port:   {port.get('path')} ({port.get('transport')}), "
         f"open by {port.get('openers', 0)}" + _pids(port.get("opener_pids", [])),
+        f"memory: daemon {_usage(st.get('process'))}; model {_usage(modem.get('process'))}",
         "links:",
     ]
     for ln in st.get("links", []):
@@ -35,6 +40,13 @@ def format_status(st: JsonDict) -> str:
     errors = st.get("errors", {})
     lines.append("errors: " + (", ".join(f"{k} {v}" for k, v in errors.items()) or "none"))
     return "\n".join(lines)
+
+
+def _usage(usage: JsonDict | None) -> str:
+    """A process's "process" figures (procstat.process_usage), or why there are none."""
+    if not usage:
+        return "n/a"
+    return f"RSS {usage.get('rss_kb')} kB, {usage.get('fds')} fds, {usage.get('tasks')} tasks"
 
 
 def _pids(pids: list[object]) -> str:

@@ -3,7 +3,9 @@
 The parent creates the shared memory (memfds) and the eventfds (`ShmBus.create`), starts
 `python -m iosm_cuse.sim --sock-fd N` with one end of a Unix socketpair, and sends the fds
 (SCM_RIGHTS) with a JSON header: the layout, the device config and the `functions` factory
-spec. After that the socket carries JSON-line commands (crash, hang, reset, stats, ping).
+spec. After that the socket carries JSON-line commands (crash, hang, reset, stats, ping);
+`stats` includes the child's own rss_kb, fds and tasks (procstat.py), which the daemon's
+`status` shows as "modem"."process".
 
 `functions` is "module:callable"; in the child it is called as `factory(model, options)` and
 attaches the channel functions (`sim.assembly.MODEL` attaches the MBIM function, the MUX and
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from iosm_cuse.bus.base import BAR2
 from iosm_cuse.bus.shm import ShmBus, ShmLayout, send_bus_fds
+from iosm_cuse.procstat import process_usage
 from iosm_cuse.wire.ipc import SCRATCHPAD, ExecStage
 
 if TYPE_CHECKING:
@@ -71,6 +74,7 @@ class ModelProcess:
         self._writer: asyncio.StreamWriter | None = None
         self._watch: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._next_id = 0
         self.last_exit: str | None = None  # how the last child ended by itself, for the log
 
     @classmethod
@@ -129,20 +133,36 @@ class ModelProcess:
                     os.eventfd_write(self.bus.irq_efd, 1)
 
     async def command(self, op: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:
-        """One JSON-line command to the child and its reply."""
-        if self._writer is None or self._reader is None or not self.alive:
-            raise ModelError("model process is not running")
+        """One JSON-line command to the child and its reply. Each command carries an id that
+        the reply repeats: the late reply of a command that timed out is skipped, not taken
+        for the answer to the next one."""
         async with self._lock:
-            self._writer.write(json.dumps({"op": op, **args}).encode() + b"\n")
-            await self._writer.drain()
+            # Checked under the lock: a restart may have replaced the child while we waited.
+            writer, reader = self._writer, self._reader
+            if writer is None or reader is None or not self.alive:
+                raise ModelError("model process is not running")
+            self._next_id += 1
+            cmd_id = self._next_id
+            writer.write(json.dumps({"op": op, "id": cmd_id, **args}).encode() + b"\n")
+            await writer.drain()
             try:
-                line = await asyncio.wait_for(self._reader.readline(), timeout)
+                reply = await asyncio.wait_for(_reply_to(reader, cmd_id), timeout)
             except TimeoutError:
                 raise ModelError(f"model did not answer {op!r} in {timeout} s") from None
-        if not line:
-            raise ModelError("model process closed its control socket")
-        reply: dict[str, Any] = json.loads(line)
         return reply
+
+    async def process_usage(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        """The child's own rss_kb, fds and tasks (procstat) for `status`; None when it is not
+        running, is busy with another command (a reset during a restart goes first: `status`
+        never delays a recovery) or does not answer within `timeout`."""
+        if not self.alive or self._lock.locked():
+            return None
+        try:
+            reply = await self.command("stats", timeout=timeout)
+        except (ModelError, OSError):
+            return None
+        usage = reply.get("process")
+        return usage if isinstance(usage, dict) else None
 
     async def crash(self) -> None:
         await self.command("crash")
@@ -184,6 +204,20 @@ class ModelProcess:
     async def close(self) -> None:
         await self._stop_child()
         self.bus.close()
+
+
+async def _reply_to(reader: asyncio.StreamReader, cmd_id: int) -> dict[str, Any]:
+    """The reply line that repeats `cmd_id`; earlier lines (late replies) are skipped."""
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ModelError("model process closed its control socket")
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise ModelError("model process sent a malformed reply") from None
+        if isinstance(reply, dict) and reply.get("id") == cmd_id:
+            return reply
 
 
 def _describe_exit(code: int) -> str:
@@ -269,7 +303,10 @@ async def child_main(sock_fd: int) -> int:
 async def _serve_commands(model: DeviceModel, functions: ModelFunctions,
                           reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     while line := await reader.readline():
-        writer.write(json.dumps(_command(model, functions, line)).encode() + b"\n")
+        reply = _command(model, functions, line)
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            reply["id"] = json.loads(line).get("id")  # repeated so the parent can match it
+        writer.write(json.dumps(reply).encode() + b"\n")
         await writer.drain()
 
 
@@ -348,7 +385,7 @@ def _command(model: DeviceModel, functions: ModelFunctions, line: bytes) -> dict
                 "dl_transfers": model.dl_transfers, "dropped_dl": model.dropped_dl,
                 "dl_refused": model.dl_refused,
                 "rejects": dict(model.rejects.counters), "ipc_state": int(model.ipc_state),
-                "gateway": None, **functions.stats()}
+                "gateway": None, "process": process_usage(), **functions.stats()}
     return {"ok": False, "error": f"unknown op {op!r}"}
 
 
