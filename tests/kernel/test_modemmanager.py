@@ -97,6 +97,9 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     svc = Services(tmp_path_factory.mktemp("services"), {})
     mounted: list[str] = []
     rules = Path("/run/udev/rules.d")
+    # The plain guest has no udevd, and later tests (iosm-cuse watch) rely on that: whatever
+    # udevd leaves in /run/udev (its control socket above all) goes when it stops.
+    udev_run_existed = Path("/run/udev").exists()
     try:
         os.makedirs("/run/dbus", exist_ok=True)
         Path("/run/dbus/system_bus_socket").unlink(missing_ok=True)
@@ -118,6 +121,10 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         for name in reversed(list(svc.procs)):
             svc.stop(name)
         (rules / "70-iosm-cuse.rules").unlink(missing_ok=True)
+        if udev_run_existed:
+            Path("/run/udev/control").unlink(missing_ok=True)
+        else:
+            shutil.rmtree("/run/udev", ignore_errors=True)
         for path in reversed(mounted):
             subprocess.run(["umount", path], check=False)
 
