@@ -43,6 +43,9 @@ mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t hostfs hostfs {results} -o {results}
+# A work tree under /tmp or /run (a CI clone, say) is hidden by the tmpfs mounts above: the
+# host's copy is mounted back over it.
+case {root} in /tmp/*|/run/*) mkdir -p {root} && mount -t hostfs hostfs {root} -o {root} ;; esac
 ip link set lo up
 status=97
 i=0
