@@ -69,22 +69,32 @@ def up(device: str, transport: str, config: Path | None, mux: str | None, gatewa
 _socket_option = click.option(
     "--socket", "sock", type=click.Path(path_type=Path), envvar=control.SOCKET_ENV,
     help="Control socket of the daemon (default: the one for the named wwan device).")
+# Which modem of several (`up` twice gives wwan0 and wwan1): the default is the only one
+# running. `modem` subcommands take it the same way (`_socket_for`).
+instance_option = click.option(
+    "--instance", type=click.IntRange(0, 999), metavar="N",
+    help="The modem wwanN (default: the only one running).")
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@instance_option
 @_socket_option
-def status(as_json: bool, sock: Path | None) -> None:
+def status(as_json: bool, instance: int | None, sock: Path | None) -> None:
     """Device, modem state, MBIM port and its openers, links and their counters."""
     from iosm_cuse.status import format_status
 
-    st = _call(sock, None, "status")
+    st = _call(sock, _named(instance), "status")
     click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
 
 
 @main.group()
-def link() -> None:
-    """Data links wwan<N>-<linkid>, as with `ip link ... type wwan`."""
+@instance_option
+@click.pass_context
+def link(ctx: click.Context, instance: int | None) -> None:
+    """Data links wwan<N>-<linkid>, as with `ip link ... type wwan`. The modem is the one a
+    wwanN or wwanN-M name belongs to, else --instance N, else the only one running."""
+    ctx.obj = _named(instance)
 
 
 _ip_args = {"context_settings": {"ignore_unknown_options": True, "allow_interspersed_args": False}}
@@ -96,7 +106,8 @@ _ip_args = {"context_settings": {"ignore_unknown_options": True, "allow_interspe
 def link_add(sock: Path | None, args: tuple[str, ...]) -> None:
     """add [dev] NAME parentdev-name wwan0 type wwan linkid ID [mtu MTU]"""
     req = _parse_ip(args, "add")
-    res = _call(sock, req.get("parent") or _instance_of(req.get("dev")), "link.add", req)
+    res = _call(sock, req.get("parent") or _instance_of(req.get("dev")) or _link_instance(),
+                "link.add", req)
     _print_links(res)
 
 
@@ -106,7 +117,7 @@ def link_add(sock: Path | None, args: tuple[str, ...]) -> None:
 def link_del(sock: Path | None, args: tuple[str, ...]) -> None:
     """del [dev] NAME"""
     req = _parse_ip(args, "del")
-    _call(sock, _instance_of(req.get("dev")), "link.del", req)
+    _call(sock, _instance_of(req.get("dev")) or _link_instance(), "link.del", req)
 
 
 @link.command("show", **_ip_args)
@@ -116,7 +127,7 @@ def link_show(sock: Path | None, args: tuple[str, ...]) -> None:
     """show [[dev] NAME]"""
     req = _parse_ip(args, "show")
     as_json = req.pop("json", False)
-    res = _call(sock, _instance_of(req.get("dev")), "link.show", req)
+    res = _call(sock, _instance_of(req.get("dev")) or _link_instance(), "link.show", req)
     if as_json:
         click.echo(json.dumps(res.get("links", [])))
     else:
@@ -183,13 +194,43 @@ def _instance_of(name: object) -> str | None:
     return m.group(1) if m else None
 
 
+def _named(instance: int | None) -> str | None:
+    """--instance N -> 'wwanN'."""
+    return None if instance is None else f"wwan{instance}"
+
+
+def _link_instance() -> str | None:
+    """The `link` group's --instance, for a command whose names do not say the modem."""
+    ctx = click.get_current_context(silent=True)
+    while ctx is not None:
+        if ctx.command.name == "link":
+            return ctx.obj if isinstance(ctx.obj, str) else None
+        ctx = ctx.parent
+    return None
+
+
+class NoInstance(click.ClickException):
+    """Several modems run and the command did not say which (exit status 1)."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"iosm-cuse: {self.format_message()}", err=True)
+
+
 def _socket_for(sock: Path | None, instance: str | None) -> Path:
+    """The control socket to use: --socket, else the named instance's, else the only running
+    daemon's (wwan0's when none runs: the error then says no daemon listens there). With
+    several running and none named, NoInstance lists them."""
+    from iosm_cuse.rundir import running_instances
+
     if sock is not None:
         return sock
     if instance is not None:
         return control.socket_path(instance)
-    running = sorted(control.run_dir().glob("*.sock"))
-    return running[0] if len(running) == 1 else control.socket_path("wwan0")
+    running = running_instances()
+    if len(running) > 1:
+        raise NoInstance(f"{len(running)} modems are running ({', '.join(running)}); "
+                         "say which with --instance N")
+    return control.socket_path(running[0] if running else "wwan0")
 
 
 def _call(sock: Path | None, instance: str | None, op: str,

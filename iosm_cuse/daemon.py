@@ -86,7 +86,7 @@ class Daemon:
         """Bring everything up; returns the ready line."""
         # The model process boots (a second Python) while this one imports the layers: on two
         # cores that overlap is most of the < 1 s to ready.
-        opening = asyncio.ensure_future(open_device(self.spec, self.opts))
+        opening = asyncio.ensure_future(open_device(self.spec, self.opts, self.instance))
         await asyncio.sleep(0)
         try:
             _import_layers()

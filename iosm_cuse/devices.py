@@ -45,9 +45,10 @@ class DeviceSpec:
     ref: str = ""  # uio: PCI address (0000:03:00.0) or UIO node (/dev/uio0)
 
     @property
-    def lock_key(self) -> str:
-        """Two daemons must never drive the same device: one lock file per key."""
-        return "sim" if self.kind == "sim" else "uio-" + self.ref.replace("/", "_")
+    def lock_key(self) -> str | None:
+        """Two daemons must never drive the same device: one lock file per key. None for the
+        model: each `up --device sim` starts a modem of its own (rundir.claim_instance)."""
+        return None if self.kind == "sim" else "uio-" + self.ref.replace("/", "_")
 
     def __str__(self) -> str:
         return self.kind if self.kind == "sim" else f"uio:{self.ref}"
@@ -94,10 +95,12 @@ def find_default_device(sysfs: Path | None = None) -> DeviceSpec:
     return DeviceSpec("sim")
 
 
-async def open_device(spec: DeviceSpec, opts: UpOptions) -> ModemDevice:
-    """The one place that turns a DeviceSpec into a started device."""
+async def open_device(spec: DeviceSpec, opts: UpOptions,
+                      instance: str = "wwan0") -> ModemDevice:
+    """The one place that turns a DeviceSpec into a started device; a model is started as the
+    modem of wwan `instance`."""
     if spec.kind == "sim":
-        return await spawn_model(opts)
+        return await spawn_model(opts, instance)
     from iosm_cuse.bus.uio import UioError, UioModemDevice
 
     try:
@@ -106,7 +109,7 @@ async def open_device(spec: DeviceSpec, opts: UpOptions) -> ModemDevice:
         raise UpError(str(exc)) from exc
 
 
-async def spawn_model(opts: UpOptions) -> ModelProcess:
+async def spawn_model(opts: UpOptions, instance: str = "wwan0") -> ModelProcess:
     """The modem model in its own process on a shared-memory bus, assembled over there from
     `opts` (sim/assembly.py)."""
     from dataclasses import asdict
@@ -119,6 +122,6 @@ async def spawn_model(opts: UpOptions) -> ModelProcess:
     try:
         return await ModelProcess.spawn(
             functions=MODEL, config=asdict(DeviceConfig.for_mux(opts.mux or "lite")),
-            options=opts.model_options().as_json(), start_timeout=MODEL_START_TIMEOUT)
+            options=opts.model_options(instance).as_json(), start_timeout=MODEL_START_TIMEOUT)
     except ModelError as exc:
         raise UpError(f"modem model: {exc}") from exc

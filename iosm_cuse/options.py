@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from iosm_cuse.sim.assembly import ModelOptions
 
+_INSTANCE = re.compile(r"^wwan([0-9]{1,3})$")
 _PORT_NAME = re.compile(r"^(wwan[0-9]{1,3})mbim[0-9]{1,3}$")
 # Instances `up` tries, in order, when no --port-name is given.
 MAX_INSTANCES = 16
@@ -31,12 +32,22 @@ class UpOptions:
     # auto: announce the ports to ModemManager whenever it is on the system bus; off: never
     modemmanager: str = "auto"
 
-    def model_options(self) -> ModelOptions:
-        """What the built-in model is assembled from (sim/assembly.py)."""
+    def model_options(self, instance: str = "wwan0") -> ModelOptions:
+        """What the built-in model is assembled from (sim/assembly.py), as the modem of wwan
+        `instance` (its addresses, IMEI and gateway TUN name)."""
         from iosm_cuse.sim.assembly import ModelOptions
 
         return ModelOptions(config=str(self.config) if self.config else None,
-                            gateway=self.gateway, mux=self.mux)
+                            gateway=self.gateway, mux=self.mux,
+                            instance=instance_number(instance))
+
+
+def instance_number(instance: str) -> int:
+    """wwanK -> K."""
+    m = _INSTANCE.match(instance)
+    if m is None:
+        raise UpError(f"{instance!r} is no wwan instance (wwan<N>)")
+    return int(m.group(1))
 
 
 def port_name_choices(port_name: str | None) -> list[tuple[str, str]]:

@@ -127,21 +127,25 @@ def test_up_rejects_a_bad_device_and_port_name(tmp_path: Path,
 def test_second_claim_of_a_device_is_refused_with_the_owner(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
+    """A UIO device is one modem: a second claim is refused. Each model is a modem of its own:
+    a second `up --device sim` gets the next instance, as a second iosm device is wwan1."""
     monkeypatch.setenv(control.RUN_DIR_ENV, str(tmp_path))
-    spec = devices.DeviceSpec("sim")
+    spec = devices.DeviceSpec("uio", "0000:03:00.0")
     instance, port, locks = rundir.claim_instance(spec, None)
     assert (instance, port) == ("wwan0", "wwan0mbim0")
     try:
-        with pytest.raises(UpError, match=r"device sim is already driven .*pid \d+"):
+        with pytest.raises(UpError, match=r"device uio:0000:03:00.0 is already driven .*pid \d+"):
             rundir.claim_instance(spec, None)
-        # Another device takes the next free name; an explicit used name is refused.
-        other = devices.DeviceSpec("uio", "0000:03:00.0")
-        inst2, port2, locks2 = rundir.claim_instance(other, None)
+        # A model takes the next free name; an explicit used name is refused.
+        sim = devices.DeviceSpec("sim")
+        inst2, port2, locks2 = rundir.claim_instance(sim, None)
         assert (inst2, port2) == ("wwan1", "wwan1mbim0")
-        for lock in locks2:
+        inst3, port3, locks3 = rundir.claim_instance(sim, None)
+        assert (inst3, port3) == ("wwan2", "wwan2mbim0")
+        for lock in locks2 + locks3:
             lock.release()
         with pytest.raises(UpError, match="wwan0mbim0 is already served"):
-            rundir.claim_instance(other, "wwan0mbim0")
+            rundir.claim_instance(sim, "wwan0mbim0")
     finally:
         for lock in locks:
             lock.release()

@@ -59,7 +59,8 @@ class ModelOptions:
     gateway: str = "echo"  # echo | tun | netns:NAME (Gateway's modes)
     mux: str | None = None  # the MUX mode the device insists on; None: the host's choice
     mbim: bool = True  # the MBIM function on channel 6
-    tun_name: str | None = None  # the gateway TUN in tun and netns modes; None: iosmgw0
+    tun_name: str | None = None  # the gateway TUN in tun and netns modes; None: iosmgw<K>
+    instance: int = 0  # K of wwanK: the modem's addresses and IMEI (ModemConfig.for_instance)
     connect: tuple[int, ...] = ()  # sessions connected from the start, as if by MBIM
 
     @classmethod
@@ -119,11 +120,13 @@ def build(model: DeviceModel, options: ModelOptions) -> Assembly:
     """Attach the model's functions to their channels and start the gateway (in the background:
     a TUN in a namespace takes a while, and the model must answer the host meanwhile)."""
     from iosm_cuse.sim.config import ModemConfig
-    from iosm_cuse.sim.gateway import DEFAULT_TUN_NAME, Gateway
+    from iosm_cuse.sim.gateway import Gateway
     from iosm_cuse.sim.mux import MuxDevice
 
     config = ModemConfig.load(options.config) if options.config else ModemConfig()
-    gateway = Gateway(config, options.gateway, tun_name=options.tun_name or DEFAULT_TUN_NAME)
+    config = config.for_instance(options.instance)
+    gateway = Gateway(config, options.gateway,
+                      tun_name=options.tun_name or gateway_tun_name(options.instance))
     mux = MuxDevice(gateway.uplink, options.mux, credit_window=credit_window(model))
     gateway.downlink = mux.downlink
     mbim = _attach_mbim(model, config, gateway) if options.mbim else None
@@ -133,6 +136,12 @@ def build(model: DeviceModel, options: ModelOptions) -> Assembly:
     starting = asyncio.get_running_loop().create_task(gateway.start())
     starting.add_done_callback(_log_start_failure)
     return Assembly(gateway, mux, mbim, starting)
+
+
+def gateway_tun_name(instance: int) -> str:
+    """The gateway TUN of modem wwanK in tun and netns modes: iosmgw0 for the first, iosmgwK
+    for the others, so several modems' gateways never take the same name."""
+    return f"iosmgw{instance}"
 
 
 def _attach_mbim(model: DeviceModel, config: ModemConfig, gateway: Gateway) -> MbimFunction:

@@ -14,6 +14,11 @@ that mbimcli and mbim-network flows work out of the box. Load overrides from TOM
 
 Addresses default to 10.99.N.2/24 (gateway and DNS 10.99.N.1) and fd99:N::2/64 (gateway and
 DNS fd99:N::1) for session N.
+
+Several modems on one machine (`iosm-cuse up` twice): instance K (wwanK) hands out the default
+addresses of sessions 8K..8K+7 instead (10.99.8K+N.2/24 for its session N), so two modems'
+links never claim the same subnet, and reports an IMEI of its own (`for_instance`). Addresses a
+configuration file sets are kept as they are.
 """
 
 from __future__ import annotations
@@ -124,6 +129,23 @@ class ModemConfig:
         ip = self.sessions[session_id]
         return dataclasses.replace(ip, mtu=self.mtu) if ip.mtu != self.mtu else ip
 
+    def for_instance(self, instance: int) -> ModemConfig:
+        """This configuration as modem `instance` (wwanK) of several on one machine: default
+        session addresses moved to 10.99.(8K+N), the default IMEI's serial part moved by K.
+        Instance 0 is the configuration unchanged; 32 subnets of 8 fill 10.99.0-255, so
+        instance 32 (only by --port-name) shares instance 0's addresses."""
+        if instance <= 0:
+            return self
+        block = instance % 32
+        sessions = [SessionIp.default(8 * block + n, ip.mtu)
+                    if ip == SessionIp.default(n, ip.mtu) else ip
+                    for n, ip in enumerate(self.sessions)]
+        device_id = self.device_id
+        if device_id == ModemConfig.device_id and device_id.isdigit():
+            body = f"{int(device_id[:14]) + instance:014d}"
+            device_id = body + str(luhn_digit(body))
+        return dataclasses.replace(self, sessions=sessions, device_id=device_id)
+
     def validate(self) -> None:
         unknown = set(self.data_classes) - DATA_CLASS_NAMES.keys()
         if unknown:
@@ -193,6 +215,15 @@ class ModemConfig:
             raise ConfigError(f"bad configuration: {e}") from e
         _check_types(config)
         return config
+
+
+def luhn_digit(body: str) -> int:
+    """The Luhn check digit that completes `body` (an IMEI's first 14 digits)."""
+    total = 0
+    for i, ch in enumerate(reversed(body)):
+        d = int(ch) * (2 if i % 2 == 0 else 1)
+        total += d - 9 if d > 9 else d
+    return (10 - total % 10) % 10
 
 
 def _sessions(items: list[dict[str, Any]], mtu: int) -> list[SessionIp]:
