@@ -170,7 +170,8 @@ def gateway_statistics(c: Mapping[str, int]) -> PacketStatistics:
     from iosm_cuse.sim.mbim import PacketStatistics
 
     return PacketStatistics(
-        in_discards=c["drop_downlink"] + c["drop_no_session"],
+        in_discards=c["drop_downlink"] + c["drop_no_session"] + c["drop_shaped_loss"]
+        + c["drop_shaped_queue"],
         in_octets=c["dl_bytes"], in_packets=c["dl_packets"],
         out_octets=c["ul_bytes"], out_packets=c["ul_packets"], out_errors=c["drop_malformed"],
         out_discards=c["drop_not_connected"] + c["drop_source"] + c["drop_link_local"]

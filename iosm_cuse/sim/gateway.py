@@ -16,6 +16,14 @@ missing, and then removed again by `close`). Downlink packets read from that TUN
 connected session that owns their destination address.
 
 The packet functions (`parse_addresses`, `echo_reply`) are pure and take untrusted bytes.
+
+Shaping (`set_shape`, `clear_shape`, `shapes`): per session, the packets towards the host
+(downlink: echo replies and what the gateway TUN routes to the session) are delayed, dropped
+at random or held to a rate, as netem does on the egress queue of a link; the decisions are
+sim/shaper.py's, this class holds the packets and runs their timers. Only the downlink is
+shaped: a ping's round trip grows by the delay once, its loss is the reply's, and the rate caps
+what the host receives. Each session's loss is drawn from an RNG seeded by its id, so a run
+with the same packets drops the same ones.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Interface
@@ -32,6 +42,7 @@ from typing import Any
 
 from iosm_cuse.net.gso import VNET_HDR_LEN, Coalescer, checksum, segment
 from iosm_cuse.sim.config import ModemConfig
+from iosm_cuse.sim.shaper import Shaper, ShapeSpec
 from iosm_cuse.wire.rejects import PACKET_LOG_EVERY, Rejects, merged
 
 log = logging.getLogger(__name__)
@@ -151,7 +162,12 @@ class SessionAddresses:
 
 
 DROPS = ("drop_not_connected", "drop_source", "drop_link_local", "drop_malformed",
-         "drop_not_echo", "drop_no_session", "drop_downlink", "drop_tun_write")
+         "drop_not_echo", "drop_no_session", "drop_downlink", "drop_tun_write",
+         "drop_shaped_loss", "drop_shaped_queue")
+SHAPE_SEED = 0x105C  # + the session id: each session's loss sequence, the same every run
+# A held packet due within this is sent with the one the timer fired for: one wake-up per
+# batch at high rates, never sooner than the clock's own resolution would allow anyway.
+SHAPE_SLACK = 0.0002
 TRAFFIC = ("ul_packets", "ul_bytes", "dl_packets", "dl_bytes", "ul_gso_frames",
            "dl_gso_frames", "echo_replies")
 COUNTERS = (*TRAFFIC, *DROPS)  # what `counters` shows, in this order
@@ -184,6 +200,11 @@ class Gateway:
         self._view = memoryview(self._buf)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._created_netns = False
+        # shaping, per session: the decisions, the packets held (leave time, packet), the
+        # timer of the first held one
+        self._shapers: dict[int, Shaper] = {}
+        self._held: dict[int, deque[tuple[float, bytes]]] = {}
+        self._shape_timers: dict[int, asyncio.TimerHandle] = {}
 
     @property
     def counters(self) -> dict[str, int]:
@@ -288,6 +309,9 @@ class Gateway:
                        "request")
             return
         self.echo_replies += 1
+        if self._shapers and if_id in self._shapers:
+            self._shape_down(if_id, reply)
+            return
         self._send_down(if_id, reply)
 
     def _send_down(self, if_id: int, pkt: bytes) -> None:
@@ -339,12 +363,90 @@ class Gateway:
             self.drops("drop_no_session", "dropped downlink packets for an address of no "
                        "connected session")
             return
+        if self._shapers and sid in self._shapers:
+            self._shape_down(sid, pkt)
+            return
         downlink = self.downlink
         if downlink is not None and downlink(sid, pkt):
             self.dl_packets += 1
             self.dl_bytes += n
         else:
             self.drops("drop_downlink", "the MUX refused a downlink packet for session %d", sid)
+
+    # -- shaping (the decisions are sim/shaper.py's; here the packets wait for them)
+
+    def set_shape(self, session_id: int, *, delay_ms: float = 0.0, loss_percent: float = 0.0,
+                  rate_mbit: float | None = None) -> None:
+        """Shape what session `session_id` receives from now on (replacing its shaping so far;
+        packets already held leave when they were due). ValueError for a session the modem
+        does not have or a value out of range. Called from the running loop."""
+        self._check_session(session_id)
+        spec = ShapeSpec(delay_ms, loss_percent, rate_mbit)
+        self._loop = self._loop or asyncio.get_running_loop()
+        self._shapers[session_id] = Shaper(spec, random.Random(SHAPE_SEED + session_id))
+        log.info("gateway: session %d shaped: delay %g ms, loss %g %%, rate %s", session_id,
+                 spec.delay_ms, spec.loss_percent,
+                 "unlimited" if spec.rate_mbit is None else f"{spec.rate_mbit:g} Mbit/s")
+
+    def clear_shape(self, session_id: int) -> None:
+        """No shaping of the session any more; packets it holds are sent now, in order."""
+        self._check_session(session_id)
+        if self._shapers.pop(session_id, None) is not None:
+            log.info("gateway: session %d no longer shaped", session_id)
+        timer = self._shape_timers.pop(session_id, None)
+        if timer is not None:
+            timer.cancel()
+        for _, pkt in self._held.pop(session_id, ()):
+            self._send_down(session_id, pkt)
+
+    def shapes(self) -> dict[int, dict[str, float | None]]:
+        """session id -> its shaping as set (delay_ms, loss_percent, rate_mbit)."""
+        return {sid: shaper.spec.as_dict() for sid, shaper in sorted(self._shapers.items())}
+
+    def shape_counters(self) -> dict[int, dict[str, int]]:
+        """session id -> packets its shaper passed, lost and dropped from a full queue."""
+        return {sid: {"passed": s.passed, "lost": s.lost, "overflowed": s.overflowed}
+                for sid, s in sorted(self._shapers.items())}
+
+    def _check_session(self, session_id: int) -> None:
+        if isinstance(session_id, bool) or not isinstance(session_id, int) \
+                or not 0 <= session_id < self.config.max_sessions:
+            raise ValueError(f"session {session_id!r}: the modem has sessions "
+                             f"0..{self.config.max_sessions - 1}")
+
+    def _shape_down(self, sid: int, pkt: bytes) -> None:
+        loop = self._loop
+        assert loop is not None  # set_shape set it
+        now = loop.time()
+        shaper = self._shapers[sid]
+        overflowed = shaper.overflowed
+        leave = shaper.admit(now, len(pkt))
+        if leave is None:  # dropped as set: counted, never logged
+            self.drops.count("drop_shaped_queue" if shaper.overflowed != overflowed
+                             else "drop_shaped_loss")
+            return
+        held = self._held.get(sid)
+        if not held and leave <= now:
+            self._send_down(sid, pkt)
+            return
+        if held is None:
+            held = self._held[sid] = deque()
+        if held and held[-1][0] > leave:  # never overtake (a shape changed while held)
+            leave = held[-1][0]
+        held.append((leave, pkt))
+        if len(held) == 1:
+            self._shape_timers[sid] = loop.call_at(leave, self._release, sid)
+
+    def _release(self, sid: int) -> None:
+        self._shape_timers.pop(sid, None)
+        held = self._held.get(sid)
+        if not held or self._loop is None:
+            return
+        due = self._loop.time() + SHAPE_SLACK
+        while held and held[0][0] <= due:
+            self._send_down(sid, held.popleft()[1])
+        if held:
+            self._shape_timers[sid] = self._loop.call_at(held[0][0], self._release, sid)
 
     # -- the gateway TUN
 
@@ -400,6 +502,10 @@ class Gateway:
             self._created_netns = False
 
     def _close_fd(self) -> None:
+        for timer in self._shape_timers.values():
+            timer.cancel()
+        self._shape_timers.clear()
+        self._held.clear()
         if self._gro_timer is not None:
             self._gro_timer.cancel()
             self._gro_timer = None

@@ -3,9 +3,16 @@
 The parent creates the shared memory (memfds) and the eventfds (`ShmBus.create`), starts
 `python -m iosm_cuse.sim --sock-fd N` with one end of a Unix socketpair, and sends the fds
 (SCM_RIGHTS) with a JSON header: the layout, the device config and the `functions` factory
-spec. After that the socket carries JSON-line commands (crash, hang, reset, stats, ping);
-`stats` includes the child's own rss_kb, fds and tasks (procstat.py), which the daemon's
-`status` shows as "modem"."process".
+spec. After that the socket carries JSON-line commands (crash, hang, reset, stats, ping,
+shape); `stats` includes the child's own rss_kb, fds and tasks (procstat.py), which the
+daemon's `status` shows as "modem"."process". `shape` shapes a session's downlink in the
+packet gateway (sim/gateway.py, Gateway.set_shape / clear_shape):
+
+    {"op": "shape", "session": 0, "delay_ms": 50, "loss_percent": 1, "rate_mbit": 10}
+    {"op": "shape", "session": 0, "clear": true}
+    {"op": "shape"}                        (only the answer: every shaped session)
+    -> {"ok": true, "shapes": {"0": {"delay_ms": 50.0, "loss_percent": 1.0,
+                                     "rate_mbit": 10.0}}, "shaped": {"0": {"passed": ...}}}
 
 `functions` is "module:callable"; in the child it is called as `factory(model, options)` and
 attaches the channel functions (`sim.assembly.MODEL` attaches the MBIM function, the MUX and
@@ -380,6 +387,8 @@ def _command(model: DeviceModel, functions: ModelFunctions, line: bytes) -> dict
     if op in ("crash", "hang", "reset"):
         getattr(model, op)()
         return {"ok": True}
+    if op == "shape":
+        return _shape(functions, json.loads(line))
     if op == "stats":
         return {"ok": True, "ul_transfers": model.ul_transfers,
                 "dl_transfers": model.dl_transfers, "dropped_dl": model.dropped_dl,
@@ -387,6 +396,36 @@ def _command(model: DeviceModel, functions: ModelFunctions, line: bytes) -> dict
                 "rejects": dict(model.rejects.counters), "ipc_state": int(model.ipc_state),
                 "gateway": None, "process": process_usage(), **functions.stats()}
     return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+SHAPE_ARGS = {"op", "id", "session", "delay_ms", "loss_percent", "rate_mbit", "clear"}
+
+
+def _shape(functions: ModelFunctions, cmd: dict[str, Any]) -> dict[str, Any]:
+    """The `shape` command: set or clear a session's shaping, answer every session's."""
+    from iosm_cuse.sim.assembly import Assembly
+
+    if not isinstance(functions, Assembly):
+        return {"ok": False, "error": "this model has no packet gateway"}
+    gateway = functions.gateway
+    unknown = sorted(set(cmd) - SHAPE_ARGS)
+    if unknown:
+        return {"ok": False, "error": f"shape: unknown argument {unknown[0]!r}"}
+    if not isinstance(cmd.get("clear", False), bool):
+        return {"ok": False, "error": "shape: 'clear' must be true or false"}
+    try:
+        if "session" in cmd:
+            session = cmd["session"]
+            if cmd.get("clear") is True:
+                gateway.clear_shape(session)
+            else:
+                gateway.set_shape(session, delay_ms=cmd.get("delay_ms", 0.0),
+                                  loss_percent=cmd.get("loss_percent", 0.0),
+                                  rate_mbit=cmd.get("rate_mbit"))
+    except ValueError as exc:
+        return {"ok": False, "error": f"shape: {exc}"}
+    return {"ok": True, "shapes": {str(k): v for k, v in gateway.shapes().items()},
+            "shaped": {str(k): v for k, v in gateway.shape_counters().items()}}
 
 
 async def serve_file(path: Path, functions: str | None, mux: str = "lite",
