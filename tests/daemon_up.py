@@ -55,9 +55,10 @@ def network_namespace(name: str, *, create: bool = True) -> Iterator[str]:
         ip("netns", "del", name, check=False)
 
 
-def link_name(session: int) -> str:
-    """The data link of MBIM session `session`, as `iosm-cuse link add` names them here."""
-    return "wwan0" if session == 0 else f"wwan0-{session}"
+def link_name(session: int, instance: str = "wwan0") -> str:
+    """The data link of MBIM session `session` of modem `instance`, as `iosm-cuse link add`
+    names them here."""
+    return instance if session == 0 else f"{instance}-{session}"
 
 
 def disable_ipv6(ns: str) -> None:
@@ -68,7 +69,9 @@ def disable_ipv6(ns: str) -> None:
 
 class Up:
     """A running `iosm-cuse up`; every command runs in its namespace with its run directory.
-    If it never prints its ready line, the process is killed and reaped before the failure."""
+    If it never prints its ready line, the process is killed and reaped before the failure.
+    Several may run with one run directory: each is a modem of its own (`instance`, wwanN,
+    from its ready line), and `status`, `add_link` and `connect` address that one."""
 
     def __init__(self, ns: str, run_dir: Path, *extra: str, mount_ns: bool = True) -> None:
         self.ns = ns
@@ -92,6 +95,11 @@ class Up:
             self.reap()
             raise
         self.port = m.group(1)
+        self.instance = m.group(3)  # wwanN: its data link of session 0
+
+    def link(self, session: int) -> str:
+        """This modem's data link of `session` (wwanN, wwanN-M)."""
+        return link_name(session, self.instance)
 
     def _read_ready(self, timeout: float) -> str:
         assert self.proc.stdout is not None and self.proc.stderr is not None
@@ -117,14 +125,14 @@ class Up:
         return self.run("mbimcli", "-d", self.port, *args)
 
     def status(self) -> dict[str, Any]:
-        res = self.cli("status", "--json")
+        res = self.cli("status", "--json", "--instance", self.instance.removeprefix("wwan"))
         assert res.returncode == 0, res.stderr
         st: dict[str, Any] = json.loads(res.stdout)
         return st
 
     def add_link(self, session: int) -> None:
         """`iosm-cuse link add` of wwan0-N for session N (wwan0 always exists)."""
-        res = self.cli("link", "add", "dev", link_name(session), "parentdev-name", "wwan0",
+        res = self.cli("link", "add", "dev", self.link(session), "parentdev-name", self.instance,
                        "type", "wwan", "linkid", str(session))
         assert res.returncode == 0, res.stderr
 
@@ -138,8 +146,8 @@ class Up:
         addr = re.search(r"IP \[0\]: '([0-9.]+/[0-9]+)'", con.stdout)
         gw = re.search(r"Gateway: '([0-9.]+)'", con.stdout)
         assert addr and gw, con.stdout
-        ip("-n", self.ns, "addr", "replace", addr.group(1), "dev", link_name(session))
-        ip("-n", self.ns, "link", "set", link_name(session), "up")
+        ip("-n", self.ns, "addr", "replace", addr.group(1), "dev", self.link(session))
+        ip("-n", self.ns, "link", "set", self.link(session), "up")
         return gw.group(1)
 
     def open_fds(self, pid: int | None = None) -> int:

@@ -88,10 +88,11 @@ def test_up_serves_mbimcli_links_status_and_cleans_up(up: Up) -> None:
     assert wwan01["counters"]["rx_packets"] >= 2 and wwan01["counters"]["tx_packets"] >= 2
     assert st["mux"]["sessions"]["1"]["rx_packets"] >= 2  # JSON turned the if_id into a key
 
-    # A second `up` for the same device refuses, and does not disturb the first.
-    second = up.cli("up", "--device", "sim", "--transport", "pty")
+    # A second `up` for the same port name refuses, and does not disturb the first (a second
+    # `up` without one is a second modem: tests/test_multi_modem_host.py).
+    second = up.cli("up", "--device", "sim", "--transport", "pty", "--port-name", "wwan0mbim0")
     assert second.returncode != 0
-    assert "already driven by iosm-cuse" in second.stderr
+    assert "wwan0mbim0 is already served by iosm-cuse" in second.stderr
     assert up.mbimcli("--query-device-caps").returncode == 0
 
     code, err = up.terminate()
