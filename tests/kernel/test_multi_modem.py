@@ -1,0 +1,121 @@
+"""Several modems on one machine, in the Debian-kernel guest with CUSE and stock ModemManager:
+`iosm-cuse up --device sim --transport cuse` N times gives /dev/wwan0mbim0 .. /dev/wwanN-1mbim0
+and links wwan0 .. wwanN-1; each answers mbimcli on its own port, connects through ModemManager
+and pings over its own wwanK, and ModemManager lists every one as a modem of its own.
+
+Two and eight modems. Under TCG (~11x slower) the eight cost several minutes; the figures
+each run measures are in the JUnit XML (record_property) and the README.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import guest_up
+import pytest
+from helpers import until
+from mm_services import Services, have_modemmanager, keyvalues, modems, run, running_services
+
+pytestmark = [pytest.mark.kernel,
+              pytest.mark.skipif(not have_modemmanager(),
+                                 reason="modemmanager is not installed (./dev TEST_PACKAGES)")]
+
+LISTED_PER_MODEM = 30.0  # s ModemManager may take per modem to list them all, under TCG
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    with running_services(tmp_path_factory.mktemp("services")) as svc:
+        yield svc
+
+
+@pytest.fixture
+def start_modems() -> Iterator[Callable[[int], list[subprocess.Popen[str]]]]:
+    started: list[subprocess.Popen[str]] = []
+
+    def start(n: int) -> list[subprocess.Popen[str]]:
+        for k in range(n):
+            started.append(guest_up.start("--device", "sim", "--transport", "cuse",
+                                          ready=f"MBIM port /dev/wwan{k}mbim0 (cuse)"))
+        return started
+
+    try:
+        yield start
+    finally:
+        for proc in reversed(started):
+            guest_up.stop(proc)
+
+
+def modem_of(instance: str, listed: list[str]) -> str:
+    """The number of the ModemManager modem whose ports are wwanKmbim0 and wwanK."""
+    for path in listed:
+        m = path.rsplit("/", 1)[1]
+        info = keyvalues("-m", m)
+        ports = " ".join(v for k, v in info.items() if k.startswith("modem.generic.ports"))
+        if f"{instance}mbim0 (mbim)" in ports:
+            assert f"{instance} (net)" in ports, info
+            return m
+    raise AssertionError(f"no modem with port {instance}mbim0 among {listed}")
+
+
+def check_modem(k: int, m: str) -> str:
+    """Modem wwanK answers mbimcli on its own port (through ModemManager's proxy, which holds
+    it), connects and pings over its own link; returns its IMEI."""
+    instance = f"wwan{k}"
+    caps = run("mbimcli", "-p", "-d", f"/dev/{instance}mbim0", "--query-device-caps",
+               check=True)
+    imei = re.search(r"Device ID: '(\d+)'", caps.stdout)
+    assert imei, caps.stdout
+    gw, addr = f"10.99.{8 * k}.1", f"10.99.{8 * k}.2"
+    run("mmcli", "-m", m, "--simple-connect=apn=internet", check=True)
+    info = keyvalues("-m", m)
+    bearers = [v for key, v in info.items() if key.startswith("modem.generic.bearers.value")]
+    assert len(bearers) == 1, info
+    b = keyvalues("-b", bearers[0].rsplit("/", 1)[1])
+    assert b["bearer.status.interface"] == instance, b
+    assert (b["bearer.ipv4-config.address"], b["bearer.ipv4-config.gateway"]) == (addr, gw), b
+    run("ip", "link", "set", instance, "up", check=True)
+    run("ip", "addr", "add", f"{addr}/24", "dev", instance, check=True)
+    try:
+        before = Path(f"/sys/class/net/{instance}/statistics/rx_packets").read_text()
+        run("ping", "-c", "2", "-W", "20", "-I", instance, gw, check=True)
+        after = Path(f"/sys/class/net/{instance}/statistics/rx_packets").read_text()
+        assert int(after) >= int(before) + 2
+    finally:
+        run("ip", "addr", "flush", "dev", instance)
+    run("mmcli", "-m", m, "--simple-disconnect", check=True)
+    return imei.group(1)
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_modems_each_answer_ping_and_are_listed(n: int, services: Services,
+                                                start_modems: Callable[[int], object],
+                                                record_property: Callable[[str, object], None]
+                                                ) -> None:
+    t0 = time.monotonic()
+    start_modems(n)
+    started = time.monotonic()
+    record_property("started_s", round(started - t0, 1))
+    for k in range(n):
+        assert Path(f"/dev/wwan{k}mbim0").exists() and Path(f"/sys/class/net/wwan{k}").exists()
+    listed: list[str] = []
+
+    def all_listed() -> bool:
+        listed[:] = modems()
+        return len(listed) == n
+
+    until(all_listed, LISTED_PER_MODEM * n, lambda: f"mmcli -L: {listed}; ModemManager: "
+          f"{services.log('ModemManager')}", poll=0.5)
+    record_property("listed_s", round(time.monotonic() - started, 1))
+    numbers = [modem_of(f"wwan{k}", listed) for k in range(n)]
+    assert len(set(numbers)) == n
+    checked = time.monotonic()
+    imeis = {check_modem(k, m) for k, m in enumerate(numbers)}
+    assert len(imeis) == n
+    record_property("checked_s", round(time.monotonic() - checked, 1))
+    print(f"{n} modems: started in {started - t0:.0f} s, listed after "
+          f"{checked - started:.0f} s, checked in {time.monotonic() - checked:.0f} s")
