@@ -314,6 +314,7 @@ class Daemon:
         errors.update(links.counters())
         return {
             "device": str(self.spec),
+            "instance": self.instance,
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "startup_ms": self.startup_ms,

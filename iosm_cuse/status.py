@@ -21,7 +21,8 @@ def format_status(st: JsonDict) -> str:
     modem = st.get("modem", {})
     port = st.get("port", {})
     lines = [
-        f"device: {st.get('device')}  {modem.get('name', '')}  (daemon pid {st.get('pid')})",
+        f"device: {st.get('device')}  {modem.get('name', '')}  "
+        f"({st.get('instance', 'wwan0')}, daemon pid {st.get('pid')})",
         f"modem:  exec stage {modem.get('exec_stage')}, IPC {modem.get('ipc_state')}, "
         f"MUX {modem.get('mux_mode')}, restarts {modem.get('restarts', 0)}",
         f"port:   {port.get('path')} ({port.get('transport')}), "

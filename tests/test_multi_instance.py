@@ -274,3 +274,19 @@ def test_the_gateway_tun_is_named_after_the_instance() -> None:
     from iosm_cuse.sim.assembly import gateway_tun_name
 
     assert gateway_tun_name(0) == "iosmgw0" and gateway_tun_name(5) == "iosmgw5"
+
+
+def test_each_instance_is_announced_to_modemmanager_as_a_modem_of_its_own() -> None:
+    """ModemManager groups ports by ID_MM_PHYSDEV_UID: each instance's port and link share
+    one, and no two instances do (the guest test shows `mmcli -L` listing each)."""
+    from iosm_cuse.system import uevent
+
+    uids = set()
+    for k in range(8):
+        ports = uevent.Ports(f"wwan{k}", f"wwan{k}mbim0", 240, k, 10 + k)
+        port = uevent.port_event(ports, "add", 1, 1)
+        net = uevent.net_event(ports, "add", 2, 1)
+        assert port["ID_MM_PHYSDEV_UID"] == net["ID_MM_PHYSDEV_UID"]
+        assert port["DEVNAME"] == f"/dev/wwan{k}mbim0" and net["INTERFACE"] == f"wwan{k}"
+        uids.add(port["ID_MM_PHYSDEV_UID"])
+    assert len(uids) == 8

@@ -64,6 +64,7 @@ def test_two_modems_each_on_their_own_port_link_and_model(start_up: StartUp) -> 
     assert imei_a != imei_b  # two modems, not one seen twice
     assert (gw_a, gw_b) == ("10.99.0.1", "10.99.8.1")  # subnets of their own
     st_a, st_b = a.status(), b.status()
+    assert (st_a["instance"], st_b["instance"]) == ("wwan0", "wwan1")
     assert st_a["modem"]["pid"] != st_b["modem"]["pid"] and st_a["pid"] != st_b["pid"]
     assert (st_a["port"]["path"], st_b["port"]["path"]) == (a.port, b.port)
     sockets = sorted(p.name for p in a.run_dir.glob("*.sock"))
