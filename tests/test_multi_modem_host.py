@@ -6,6 +6,7 @@ an instance."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from daemon_up import StartUp, Up
+from daemon_up import StartUp, Up, ip
 from helpers import until
 
 pytestmark = [pytest.mark.host,
@@ -138,3 +139,23 @@ def test_eight_modems_each_answer_and_ping(start_up: StartUp) -> None:
     for k, up in enumerate(ups):
         c = link_counters(up, f"wwan{k}")
         assert 3 <= c["rx_packets"] <= 6, (k, c)
+
+
+def test_two_modems_share_a_gateway_namespace_with_tuns_of_their_own(
+        netns_name: str, start_up: StartUp) -> None:
+    """--gateway netns:NAME for both: each model's gateway TUN is named after its instance
+    (iosmgw0, iosmgw1) and holds its own subnets, so both live in one gateway namespace, where
+    the kernel answers each modem's pings."""
+    ip("netns", "add", netns_name)
+    a = start_up("--gateway", f"netns:{netns_name}")
+    b = start_up("--gateway", f"netns:{netns_name}")
+
+    def gateway_tuns() -> set[str]:
+        out = ip("-n", netns_name, "-j", "link", "show").stdout
+        return {ln["ifname"] for ln in json.loads(out) if "UP" in ln.get("flags", [])}
+
+    until(lambda: {"iosmgw0", "iosmgw1"} <= gateway_tuns(), 10, gateway_tuns)
+    check_modem(a, "wwan0")
+    check_modem(b, "wwan1")
+    addrs = ip("-n", netns_name, "-4", "-o", "addr", "show", "dev", "iosmgw1").stdout
+    assert "10.99.8.1/24" in addrs and "10.99.0.1/" not in addrs, addrs
