@@ -519,7 +519,7 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         return {"mode": self.mode, "netns": self.netns, "tun": self.tun_name
                 if self.mode != "echo" else None, "sessions": sorted(self.sessions),
-                "counters": self.counters}
+                "shapes": self.shapes(), "counters": self.counters}
 
 
 def _parse_mode(mode: str) -> tuple[str, str | None]:
