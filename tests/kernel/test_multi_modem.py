@@ -3,7 +3,7 @@
 and links wwan0 .. wwanN-1; each answers mbimcli on its own port, connects through ModemManager
 and pings over its own wwanK, and ModemManager lists every one as a modem of its own.
 
-Two and eight modems. Under TCG (~11x slower) the eight cost several minutes; the figures
+Two and eight modems. Under TCG (~11x slower) the file takes about 3 minutes; the figures
 each run measures are in the JUnit XML (record_property) and the README.
 """
 
