@@ -18,6 +18,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ PCI_DEVICES = Path("/sys/bus/pci/devices")
 PORT = Path("/dev/wwan0mbim0")
 LINK = "wwan0"
 STEP = 240  # seconds: Python is ~11x slower under TCG, and `up` starts under a busy systemd
+LISTED_WITHIN = 10.0  # the issue's promise: `mmcli -L` lists the modem, from READY=1
+REBINDS = 2  # unbind and bind again, twice: the second start is no different from the third
 INSTALLED = (Path("/etc/udev/rules.d/70-iosm-cuse.rules"),
              Path("/etc/udev/rules.d/69-iosm-cuse-test.rules"),
              Path("/etc/systemd/system/iosm-cuse@.service"))
@@ -127,17 +130,24 @@ def wait_active(unit: str) -> dict[str, str]:
     return unit_state(unit)
 
 
-def assert_serving(unit: str) -> None:
-    """Active means READY=1 came: the port and the link already exist, and the modem answers."""
+def assert_serving(unit: str) -> float:
+    """Active means READY=1 came: the port and the link already exist, and the modem answers.
+    Returns when the unit was seen active (time.monotonic())."""
     state = wait_active(unit)
+    active_at = time.monotonic()
     assert state["Type"] == "notify"
     assert PORT.is_char_device() and link_exists(LINK), f"{state}\n{journal(unit)}"
     assert f"MBIM port {PORT}" in state["StatusText"], state
     # The stock udevd applied the project's rule to the node the daemon created.
     st = PORT.stat()
     assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, grp.getgrnam("dialout").gr_gid)
-    caps = ok("mbimcli", "-d", str(PORT), "--query-device-caps")
+    # Through the proxy, `-p`: ModemManager holds the port by now or soon, and a second direct
+    # opener would share the port's one receive queue with its mbim-proxy, each stealing the
+    # other's replies (docs/mbim-port.md §1) — as on the kernel's own port. Done directly, this
+    # check left ModemManager's probe of the new port with timeouts and the modem unlisted.
+    caps = ok("mbimcli", "-p", "-d", str(PORT), "--query-device-caps")
     assert "Max sessions: '8'" in caps
+    return active_at
 
 
 def assert_stopped(unit: str) -> None:
@@ -150,10 +160,14 @@ def assert_stopped(unit: str) -> None:
           f"{PORT} and {LINK} to go with the unit")
 
 
-def assert_managed() -> None:
-    """Stock ModemManager lists the announced modem and NetworkManager brings wwan0 up on it:
-    an IPv4 address, a default route through wwan0, and the bearer's gateway answering ping."""
-    until(lambda: "/Modem/" in run("mmcli", "-L").stdout, 60, "ModemManager to list the modem")
+def assert_managed(active_at: float) -> float:
+    """Stock ModemManager lists the announced modem within LISTED_WITHIN of the unit turning
+    active, and NetworkManager brings wwan0 up on it: an IPv4 address, a default route through
+    wwan0, and the bearer's gateway answering ping. Returns the seconds to the listing."""
+    until(lambda: "/Modem/" in run("mmcli", "-L").stdout,
+          max(0.0, LISTED_WITHIN - (time.monotonic() - active_at)),
+          lambda: f"ModemManager to list the modem: {journal('ModemManager')}", poll=0.2)
+    listed_s = time.monotonic() - active_at
     if "wwan" not in run("nmcli", "-t", "-f", "NAME", "c", "show").stdout.split():
         ok("nmcli", "c", "add", "type", "gsm", "ifname", "*", "con-name", "wwan",
            "gsm.apn", "internet")
@@ -165,14 +179,16 @@ def assert_managed() -> None:
     assert routes and routes[0].get("gateway"), ok("ip", "route")
     # The gateway NetworkManager routes through is the bearer's, the model's echo gateway.
     ok("ping", "-c", "2", "-W", "5", "-I", LINK, routes[0]["gateway"])
+    return listed_s
 
 
 def assert_unmanaged() -> None:
     """The unit stopped: ModemManager drops the modem and NetworkManager the device."""
     until(lambda: "No modems were found" in run("mmcli", "-L").stdout, 30,
           "ModemManager to drop the modem")
-    until(lambda: PORT.name not in run("nmcli", "-t", "-f", "DEVICE", "device").stdout, 30,
-          "NetworkManager to drop the modem")
+    until(lambda: not {PORT.name, LINK} & set(run("nmcli", "-t", "-f", "DEVICE", "device")
+                                                   .stdout.split()), 30,
+          "NetworkManager to drop the modem and its link")
 
 
 def test_bind_starts_the_unit_unbind_stops_it_bind_brings_it_back(modem: Modem) -> None:
@@ -186,20 +202,20 @@ def test_bind_starts_the_unit_unbind_stops_it_bind_brings_it_back(modem: Modem) 
     until(lambda: modem.uio_name() is not None, STEP, "uio_pci_generic to bind the device")
     assert modem.driver() == "uio_pci_generic"
     unit = f"iosm-cuse@{modem.uio_name()}.service"
-    assert_serving(unit)
-    assert_managed()
+    listed = [assert_managed(assert_serving(unit))]
 
-    # Unbind: the UIO node goes, BindsTo= stops the unit, the daemon takes its port and link.
-    (modem.sysdev / "driver" / "unbind").write_text(modem.bdf)
-    assert_stopped(unit)
-    assert_unmanaged()
-
-    # Bind again (driver_override still names uio_pci_generic): the whole chain returns.
-    Path("/sys/bus/pci/drivers_probe").write_text(modem.bdf)
-    until(lambda: modem.uio_name() is not None, STEP, "the device to bind again")
-    unit = f"iosm-cuse@{modem.uio_name()}.service"
-    assert_serving(unit)
-    # Not asserted yet: ModemManager listing the modem again after this rebind. In the first
-    # clean-clone run it did not within 60 s (the plain guest's daemon-restart test does list
-    # it again); until that is understood, the chain after a rebind ends at the unit serving.
-    assert unit_state(unit)["NRestarts"] == "0"
+    for _ in range(REBINDS):
+        # Unbind: the UIO node goes, BindsTo= stops the unit, the daemon takes its port and
+        # link, ModemManager and NetworkManager drop them.
+        (modem.sysdev / "driver" / "unbind").write_text(modem.bdf)
+        assert_stopped(unit)
+        assert_unmanaged()
+        # Bind again (driver_override still names uio_pci_generic): the whole chain returns,
+        # NetworkManager's connection included.
+        Path("/sys/bus/pci/drivers_probe").write_text(modem.bdf)
+        until(lambda: modem.uio_name() is not None, STEP, "the device to bind again")
+        unit = f"iosm-cuse@{modem.uio_name()}.service"
+        listed.append(assert_managed(assert_serving(unit)))
+        assert unit_state(unit)["NRestarts"] == "0"
+    print(f"guest (TCG): ModemManager listed the modem {', '.join(f'{t:.1f}' for t in listed)} s "
+          "after the unit turned active (first start, then each rebind)")
