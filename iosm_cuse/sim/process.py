@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -246,6 +247,13 @@ class ModelFunctions(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
+@runtime_checkable
+class ControlledFunctions(Protocol):
+    """Functions that take live-control actions (sim/control.py): the assembled model."""
+
+    def control(self, action: str, args: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
 Factory = Callable[["DeviceModel", Mapping[str, Any]], "ModelFunctions | Cleanup | None"]
 
 
@@ -380,6 +388,8 @@ def _command(model: DeviceModel, functions: ModelFunctions, line: bytes) -> dict
     if op in ("crash", "hang", "reset"):
         getattr(model, op)()
         return {"ok": True}
+    if op == "control":
+        return _control(functions, json.loads(line))
     if op == "stats":
         return {"ok": True, "ul_transfers": model.ul_transfers,
                 "dl_transfers": model.dl_transfers, "dropped_dl": model.dropped_dl,
@@ -387,6 +397,24 @@ def _command(model: DeviceModel, functions: ModelFunctions, line: bytes) -> dict
                 "rejects": dict(model.rejects.counters), "ipc_state": int(model.ipc_state),
                 "gateway": None, "process": process_usage(), **functions.stats()}
     return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+def _control(functions: ModelFunctions, cmd: dict[str, Any]) -> dict[str, Any]:
+    """A live-control action: its result, or the errno and message refusing it."""
+    from iosm_cuse.sim.control import ActionError
+
+    action, args = cmd.get("action"), cmd.get("args", {})
+    if not isinstance(functions, ControlledFunctions):
+        return {"ok": False, "errno": errno.EOPNOTSUPP, "error": "this model takes no control"}
+    if not isinstance(action, str) or not isinstance(args, dict):
+        return {"ok": False, "errno": errno.EINVAL, "error": "bad control command"}
+    try:
+        return {"ok": True, "result": functions.control(action, args)}
+    except ActionError as exc:
+        return {"ok": False, "errno": exc.errno, "error": exc.message}
+    except Exception as exc:  # a bug in an action must not take the model down
+        log.exception("control: %s failed", action)
+        return {"ok": False, "errno": errno.EIO, "error": f"{action}: internal error: {exc}"}
 
 
 async def serve_file(path: Path, functions: str | None, mux: str = "lite",
