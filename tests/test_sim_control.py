@@ -111,6 +111,16 @@ def test_register_changes_and_their_indications() -> None:
         RegisterState.HOME, "310260", "Home Two")
 
 
+def test_manual_mode_without_a_network_is_deregistered_not_denied() -> None:
+    m = Model(ModemConfig(register_automatic=False))
+    assert m.mbim is not None
+    reg = m.mbim.modem.register_values()
+    assert (reg["RegisterState"], reg["NwError"]) == (RegisterState.DEREGISTERED, 0)
+    apply(m, "register", {"state": "denied", "cause": 7})
+    ((_, reg),) = m.indications()
+    assert (reg["RegisterState"], reg["NwError"]) == (RegisterState.DENIED, 7)
+
+
 def test_network_loss_takes_sessions_down_first() -> None:
     m = Model()
     assert m.mbim is not None

@@ -291,12 +291,14 @@ class ModemState:
         if provider is not None:
             home = self.network is Network.HOME and provider == self.network_provider.id
             state = RegisterState.HOME if home else RegisterState.ROAMING
-        elif not (self.radio_active and self.sim_ready) or self.network is Network.OFF:
+        elif not (self.radio_active and self.sim_ready):
             state = RegisterState.DEREGISTERED
         elif self.network is Network.SEARCHING:
             state = RegisterState.SEARCHING
-        else:
+        elif self.network is Network.DENIED:
             state, nw_error = RegisterState.DENIED, self.reject_cause
+        else:  # the network is off, or manual registration named no network yet
+            state = RegisterState.DEREGISTERED
         return {
             "NwError": nw_error, "RegisterState": state, "RegisterMode": self.register_mode,
             "AvailableDataClasses": self.config.data_class_mask if provider else 0,
