@@ -101,6 +101,8 @@ def test_register_changes_and_their_indications() -> None:
     ((name, reg),) = m.indications()
     assert (name, reg["RegisterState"], reg["NwError"]) == (
         "REGISTER_STATE", RegisterState.DENIED, 11)
+    # ModemManager applies the state only to the domains these name
+    assert reg["AvailableDataClasses"] == m.config.data_class_mask
     apply(m, "register", {"state": "roaming"})
     ((_, reg),) = m.indications()
     assert (reg["RegisterState"], reg["ProviderId"], reg["ProviderName"]) == (

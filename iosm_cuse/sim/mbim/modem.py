@@ -301,7 +301,10 @@ class ModemState:
             state = RegisterState.DEREGISTERED
         return {
             "NwError": nw_error, "RegisterState": state, "RegisterMode": self.register_mode,
-            "AvailableDataClasses": self.config.data_class_mask if provider else 0,
+            # A network being searched or refusing still has its radio technologies: ModemManager
+            # applies the state only to the domains these name (docs/control.md §2)
+            "AvailableDataClasses": self.config.data_class_mask
+            if provider or state in (RegisterState.SEARCHING, RegisterState.DENIED) else 0,
             "CurrentCellularClass": CellularClass.GSM,
             "ProviderId": provider or "", "ProviderName": self.provider_name(provider or ""),
             "RoamingText": "", "RegistrationFlag": 0,
