@@ -31,8 +31,10 @@ from iosm_cuse.mbim.message import (
     CommandDone,
     IndicateStatus,
     Message,
+    MessageError,
     Open,
     decode_message,
+    decode_transfer,
     encode_message,
     peek_header,
 )
@@ -184,10 +186,7 @@ class MbimClient:
                 if got == tid:
                     return decode_message(data)
                 if got == 0:
-                    self.indications += 1
-                    ind = decode_message(data)
-                    if isinstance(ind, IndicateStatus):
-                        self.received.append(ind)
+                    self._indicated(data)
             left = deadline - time.monotonic()
             assert left > 0, f"no answer to transaction {tid} within {self.timeout} s"
             if poller.poll(left * 1000):
@@ -215,8 +214,13 @@ class MbimClient:
             data = bytes(self._buf[:length])
             del self._buf[:length]
             assert got == 0, f"an answer to transaction {got} nobody waits for"
-            self.indications += 1
-            ind = decode_message(data)
+            self._indicated(data)
+
+    def _indicated(self, data: bytes) -> None:
+        """Count an indication; keep it (whole ones: a fragment is only counted)."""
+        self.indications += 1
+        with contextlib.suppress(MessageError):
+            ind = decode_transfer(data)
             if isinstance(ind, IndicateStatus):
                 self.received.append(ind)
 
