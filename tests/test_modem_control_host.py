@@ -234,6 +234,12 @@ def test_signal_indicates_signal_state(up: Up, port: Port) -> None:
     sig = only(port.indications(), "SIGNAL_STATE")
     assert (sig["Rssi"], sig["ErrorRate"]) == (7, 2)
     assert port.modem("state")["state"]["signal"] == {"rssi": 7, "ber": 2}
+    for where in (("--instance", "0"), ("--socket", str(up.run_dir / "wwan0.sock"))):
+        res = up.cli("modem", "state", "--json", *where)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["state"]["signal"]["rssi"] == 7
+    text = up.cli("modem", "state").stdout
+    assert "signal: rssi 7, ber 2" in text and "network: home (register state home" in text
     lte = up.cli("modem", "signal", "--rssi", "9", "--rsrp", "-100", "--rsrq", "-10",
                  "--snr", "12")
     if {"rsrp", "rsrq", "snr"} <= set(inspect.signature(ModemState.set_signal).parameters):
