@@ -7,10 +7,12 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from iosm_cuse import __version__, control
 
@@ -52,9 +54,11 @@ main.add_command(watch_command)
               show_default=True,
               help="auto: announce the MBIM port and the data link to ModemManager whenever "
                    "it is on the system bus (needs root and `install-udev`'s rules); off: never.")
+@click.option("--scenario", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Play this scenario (a TOML timeline of `modem` actions) once ready.")
 @click.option("-v", "--verbose", is_flag=True)
 def up(device: str, transport: str, config: Path | None, mux: str | None, gateway: str,
-       port_name: str | None, modemmanager: str, verbose: bool) -> None:
+       port_name: str | None, modemmanager: str, scenario: Path | None, verbose: bool) -> None:
     """Start the driver: MBIM port, data link wwan<N> (session 0), control socket."""
     from iosm_cuse.daemon import run_up
     from iosm_cuse.options import UpOptions
@@ -62,8 +66,17 @@ def up(device: str, transport: str, config: Path | None, mux: str | None, gatewa
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="iosm-cuse: %(message)s")
     opts = UpOptions(device=device, transport=transport, config=config, mux=mux,
-                     gateway=gateway, port_name=port_name, modemmanager=modemmanager)
+                     gateway=gateway, port_name=port_name, modemmanager=modemmanager,
+                     scenario=scenario)
     sys.exit(run_up(opts))
+
+
+def _choices(enum_name: str) -> list[str]:
+    """The values of a live-control enum (sim/control.py), for click.Choice."""
+    from iosm_cuse.sim import control as model_control
+
+    values: list[str] = [m.value for m in getattr(model_control, enum_name)]
+    return values
 
 
 _socket_option = click.option(
@@ -140,7 +153,7 @@ link.add_command(link_show, "list")
 link.add_command(link_show, "lst")
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--shm", type=click.Path(dir_okay=False, path_type=Path),
               help="Shared file to serve (the ivshmem backing file), created if missing "
                    "[default: /dev/shm/iosm-cuse-modem].")
@@ -159,10 +172,20 @@ link.add_command(link_show, "lst")
 @click.option("--pci-id", default="8086:7560", show_default=True,
               type=click.Choice(["8086:7560", "8086:7360"]), help="PCI id. With --virtpci.")
 @click.option("-v", "--verbose", is_flag=True)
-def modem(shm: Path | None, size: int, config: Path | None, mux: str | None, gateway: str,
-          virtpci: Path | None, caps: str | None, pci_id: str, verbose: bool) -> None:
+@click.pass_context
+def modem(ctx: click.Context, shm: Path | None, size: int, config: Path | None,
+          mux: str | None, gateway: str, virtpci: Path | None, caps: str | None, pci_id: str,
+          verbose: bool) -> None:
     """Run the modem model alone, for a driver in another process or a VM (ivshmem), or as a
-    PCI function of a UML kernel (--virtpci)."""
+    PCI function of a UML kernel (--virtpci); or, with a command, control the model of a
+    running `iosm-cuse up` (docs/control.md)."""
+    if ctx.invoked_subcommand is not None:
+        given = [f"--{p.name.replace('_', '-')}" for p in ctx.command.params
+                 if ctx.get_parameter_source(p.name or "") is not ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: options of running the model, not of "
+                                   f"`modem {ctx.invoked_subcommand}`")
+        return
     from iosm_cuse.options import UpOptions
     from iosm_cuse.sim.process import run_modem, run_modem_virtpci
 
@@ -183,6 +206,245 @@ def modem(shm: Path | None, size: int, config: Path | None, mux: str | None, gat
         raise click.BadParameter("beyond 32 bits", param_hint="--caps")
     vendor, device = (int(x, 16) for x in pci_id.split(":"))
     sys.exit(run_modem_virtpci(options, virtpci, capabilities, (vendor, device)))
+
+
+# ---- live control of a running model (sim/control.py declares the actions) -------------------
+
+
+def _control_options(f: Callable[..., None]) -> Callable[..., None]:
+    """--json, --instance and --socket, on every `modem` control command."""
+    f = click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")(f)
+    f = click.option("--instance", type=click.IntRange(0, 999), metavar="N",
+                     help="The daemon of wwanN (default: the only one running).")(f)
+    return _socket_option(f)
+
+
+def _modem_call(sock: Path | None, instance: int | None, as_json: bool, action: str,
+                args: dict[str, Any] | None = None) -> dict[str, Any]:
+    res = _call(sock, None if instance is None else f"wwan{instance}",
+                control.MODEM_PREFIX + action, args)
+    if as_json:
+        click.echo(json.dumps(res))
+    return res
+
+
+def _print_sent(res: dict[str, Any]) -> None:
+    sent = res.get("indications") or []
+    click.echo(f"{res.get('action')}: " + (f"indicated {', '.join(sent)}" if sent
+                                           else "no change to indicate"))
+
+
+def _change(action: str, **fixed: Any
+            ) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., None]]:
+    """A control command whose arguments are its click parameters, printed as what it sent."""
+    def wrap(f: Callable[..., dict[str, Any]]) -> Callable[..., None]:
+        def run(sock: Path | None, instance: int | None, as_json: bool, **params: Any) -> None:
+            args = {**fixed, **f(**params)}
+            res = _modem_call(sock, instance, as_json, action, args)
+            if not as_json:
+                _print_sent(res)
+        run.__name__ = f.__name__
+        run.__doc__ = f.__doc__
+        return _control_options(run)
+    return wrap
+
+
+@modem.command("register")
+@click.argument("state", type=click.Choice(_choices("Network")))
+@click.option("--operator", metavar="MCCMNC", help="The network's MCC and MNC (5 or 6 digits).")
+@click.option("--name", metavar="TEXT", help="The network's name.")
+@click.option("--cause", type=int, metavar="N",
+              help="With denied: the 3GPP reject cause in NwError (default 11).")
+@_change("register")
+def modem_register(state: str, operator: str | None, name: str | None, cause: int | None
+                   ) -> dict[str, Any]:
+    """The network: home|roaming|searching|denied|off (REGISTER_STATE and what follows)."""
+    return {"state": state, "operator": operator, "name": name, "cause": cause}
+
+
+@modem.command("signal")
+@click.option("--rssi", type=int, required=True, metavar="N", help="0..31, 99 unknown.")
+@click.option("--ber", type=int, metavar="N", help="Bit error rate 0..7, 99 unknown.")
+@click.option("--rsrp", type=int, metavar="DBM")
+@click.option("--rsrq", type=int, metavar="DB")
+@click.option("--snr", type=int, metavar="DB")
+@_change("signal")
+def modem_signal(rssi: int, ber: int | None, rsrp: int | None, rsrq: int | None,
+                 snr: int | None) -> dict[str, Any]:
+    """Radio conditions (SIGNAL_STATE)."""
+    return {"rssi": rssi, "ber": ber, "rsrp": rsrp, "rsrq": rsrq, "snr": snr}
+
+
+@modem.command("sim")
+@click.argument("state", type=click.Choice(_choices("SimCard")))
+@_change("sim")
+def modem_sim(state: str) -> dict[str, Any]:
+    """The SIM: ready|absent|pin|puk (SUBSCRIBER_READY_STATUS and what follows)."""
+    return {"state": state}
+
+
+@modem.command("detach")
+@_change("detach")
+def modem_detach() -> dict[str, Any]:
+    """The network detaches packet service; every session goes down."""
+    return {}
+
+
+@modem.command("deactivate")
+@click.argument("session", type=int)
+@click.option("--cause", type=int, metavar="N",
+              help="3GPP session management cause in NwError (default 36, regular).")
+@_change("deactivate")
+def modem_deactivate(session: int, cause: int | None) -> dict[str, Any]:
+    """The network takes session SESSION down (CONNECT deactivated)."""
+    return {"session": session, "cause": cause}
+
+
+@modem.command("radio")
+@click.argument("state", type=click.Choice(_choices("Switch")))
+@_change("radio")
+def modem_radio(state: str) -> dict[str, Any]:
+    """The hardware radio switch (RADIO_STATE and what follows)."""
+    return {"state": state}
+
+
+@modem.command("fcc")
+@click.argument("state", type=click.Choice(_choices("FccLock")))
+@_change("fcc")
+def modem_fcc(state: str) -> dict[str, Any]:
+    """FCC lock: lock keeps the software radio OFF whatever the host sets; unlock lets it on."""
+    return {"state": state}
+
+
+@modem.group("sms")
+def modem_sms() -> None:
+    """SMS: deliver one to the modem, or list what hosts sent."""
+
+
+@modem_sms.command("deliver")
+@click.option("--from", "sender", required=True, metavar="NUMBER")
+@click.argument("text")
+@_change("sms.deliver")
+def modem_sms_deliver(sender: str, text: str) -> dict[str, Any]:
+    """An SMS from NUMBER arrives."""
+    return {"sender": sender, "text": text}
+
+
+@modem_sms.command("outbox")
+@_control_options
+def modem_sms_outbox(sock: Path | None, instance: int | None, as_json: bool) -> None:
+    """What hosts sent."""
+    res = _modem_call(sock, instance, as_json, "sms.outbox")
+    if not as_json:
+        for msg in res.get("messages", []):
+            click.echo(f"to {msg.get('number', '?')}: {msg.get('text', '')}")
+
+
+@modem.group("ussd")
+def modem_ussd() -> None:
+    """USSD from the network."""
+
+
+@modem_ussd.command("notify")
+@click.argument("text")
+@_change("ussd.notify")
+def modem_ussd_notify(text: str) -> dict[str, Any]:
+    """A network-initiated USSD message."""
+    return {"text": text}
+
+
+@modem.command("crash")
+@click.option("--stage", type=click.Choice(_choices("CrashStage")), default="crash",
+              show_default=True)
+@_change("crash")
+def modem_crash(stage: str) -> dict[str, Any]:
+    """The modem crashes (the driver restarts it)."""
+    return {"stage": stage}
+
+
+@modem.command("shape")
+@click.argument("session", type=int)
+@click.option("--delay", "delay_ms", type=float, metavar="MS")
+@click.option("--loss", "loss_percent", type=float, metavar="PERCENT")
+@click.option("--rate", "rate_mbit", type=float, metavar="MBIT")
+@click.option("--clear", is_flag=True, help="Back to an unshaped session.")
+@_control_options
+def modem_shape(sock: Path | None, instance: int | None, as_json: bool, session: int,
+                delay_ms: float | None, loss_percent: float | None, rate_mbit: float | None,
+                clear: bool) -> None:
+    """Delay, loss and a rate cap on SESSION's traffic, in the model's gateway."""
+    res = _modem_call(sock, instance, as_json, "shape", {
+        "session": session, "delay_ms": delay_ms, "loss_percent": loss_percent,
+        "rate_mbit": rate_mbit, "clear": clear or None})
+    if not as_json:
+        for sid, shape in (res.get("shapes") or {}).items():
+            click.echo(f"session {sid}: " + " ".join(f"{k} {v}" for k, v in shape.items()))
+
+
+@modem.command("state")
+@_control_options
+def modem_state(sock: Path | None, instance: int | None, as_json: bool) -> None:
+    """Everything live control sets, as it stands now."""
+    res = _modem_call(sock, instance, as_json, "state")
+    if not as_json:
+        click.echo(format_modem_state(res))
+
+
+def format_modem_state(res: dict[str, Any]) -> str:
+    st = res.get("state", {})
+    prov, radio, sig = st.get("provider", {}), st.get("radio", {}), st.get("signal", {})
+    lines = [
+        f"network: {st.get('network')} (register state {st.get('register_state')}"
+        + (f", {prov.get('id')} {prov.get('name')!r}" if prov.get("id") else "")
+        + (f", reject cause {st.get('reject_cause')}" if st.get("reject_cause") else "") + ")",
+        f"radio: hw {radio.get('hw')}, sw {radio.get('sw')}"
+        + (", FCC locked" if radio.get("fcc_locked") else ""),
+        f"sim: {st.get('sim')} (PIN retries {st.get('pin_retries')}, "
+        f"PUK retries {st.get('puk_retries')})",
+        f"signal: rssi {sig.get('rssi')}, ber {sig.get('ber')}",
+        f"packet service: {st.get('packet_service')}",
+    ]
+    for sid, s in (st.get("sessions") or {}).items():
+        lines.append(f"session {sid}: {s.get('apn')} {s.get('ip_type')} "
+                     f"{s.get('ipv4') or ''} {s.get('ipv6') or ''}".rstrip())
+    for sid, shape in (res.get("shapes") or {}).items():
+        lines.append(f"shape {sid}: " + " ".join(f"{k} {v}" for k, v in shape.items()))
+    return "\n".join(lines)
+
+
+@modem.command("play")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_control_options
+def modem_play(sock: Path | None, instance: int | None, as_json: bool, file: Path) -> None:
+    """Play a scenario FILE (a TOML timeline of these actions) against the running model."""
+    import asyncio
+
+    from iosm_cuse.scenario import ScenarioError, Step, parse, play
+
+    try:
+        scenario = parse(file.read_text(), str(file))
+    except (ScenarioError, UnicodeDecodeError) as exc:
+        click.echo(f"iosm-cuse: {exc}", err=True)
+        sys.exit(1)
+    path = _socket_for(sock, None if instance is None else f"wwan{instance}")
+
+    async def send(action: str, args: dict[str, Any]) -> dict[str, Any]:
+        return control.call(path, control.MODEM_PREFIX + action, args)
+
+    def report(step: Step, res: dict[str, Any] | None, exc: Exception | None) -> None:
+        if as_json:
+            line: dict[str, Any] = {"at": step.at, "action": step.action}
+            line.update({"result": res} if exc is None else {"error": str(exc)})
+            click.echo(json.dumps(line))
+        elif res is not None:
+            sent = ", ".join(res.get("indications") or []) or "no change to indicate"
+            click.echo(f"{step.at:8.2f} s  {step.action}: {sent}")
+
+    try:
+        asyncio.run(play(scenario, send, report))
+    except control.ControlError as exc:
+        click.echo(f"iosm-cuse: {exc.strerror}: {exc.message}", err=True)
+        sys.exit(1 if exc.errno in (errno.ECONNREFUSED, errno.EACCES) else 2)
 
 
 _LINK_NAME = re.compile(r"^(wwan[0-9]{1,3})(?:-[0-9]+)?$")

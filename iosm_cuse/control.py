@@ -24,7 +24,10 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
+
+from iosm_cuse.sim.control import ACTIONS
+from iosm_cuse.wire.args import Arg, ArgError, check_args, is_int
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +49,7 @@ def socket_path(instance: str) -> Path:
     return run_dir() / f"{instance}.sock"
 
 
-@dataclass(frozen=True)
-class Arg:
-    """One argument of an operation: its JSON type and whether it may be left out."""
-
-    name: str
-    kind: type
-    required: bool = True
-
+MODEM_PREFIX = "modem."
 
 # The protocol, declared once: operation -> its arguments.
 OPS: dict[str, tuple[Arg, ...]] = {
@@ -66,6 +62,9 @@ OPS: dict[str, tuple[Arg, ...]] = {
         Arg("mtu", int, required=False),
     ),
     "link.del": (Arg("dev", str, required=False), Arg("linkid", int, required=False)),
+    # Live control of the modem model (docs/control.md): `modem.<action>`, its arguments as
+    # the model declares them; the daemon forwards a checked request to the model process.
+    **{f"{MODEM_PREFIX}{action}": spec for action, spec in ACTIONS.items()},
 }
 
 
@@ -153,28 +152,13 @@ def decode_response(line: bytes, expect_id: int) -> JsonDict:
 
 
 def _check_args(op: str, spec: tuple[Arg, ...], args: JsonDict) -> JsonDict:
-    known = {a.name for a in spec}
-    extra = sorted(set(args) - known)
-    if extra:
-        raise ControlError(errno.EINVAL, f"{op}: unknown argument {extra[0]!r}")
-    out: JsonDict = {}
-    for a in spec:
-        value = args.get(a.name)
-        if value is None:
-            if a.required:
-                raise ControlError(errno.EINVAL, f"{op}: missing argument {a.name!r}")
-            out[a.name] = None
-            continue
-        ok = _is_int(value) if a.kind is int else isinstance(value, a.kind)
-        if not ok:
-            raise ControlError(errno.EINVAL, f"{op}: {a.name!r} must be {a.kind.__name__}")
-        out[a.name] = value
-    return out
+    try:
+        return check_args(op, spec, args)
+    except ArgError as exc:
+        raise ControlError(exc.errno, exc.message) from None
 
 
-def _is_int(value: object) -> TypeGuard[int]:
-    # bool is an int in Python but not in the protocol.
-    return isinstance(value, int) and not isinstance(value, bool)
+_is_int = is_int
 
 
 def _load(line: bytes) -> JsonDict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ from iosm_cuse.procstat import process_usage
 from iosm_cuse.rundir import claim_instance, pty_link_path
 from iosm_cuse.sd_notify import Notifier
 from iosm_cuse.status import exec_stage_name, port_status
+from iosm_cuse.wire.args import ArgError
 from iosm_cuse.wire.channels import MBIM_CHANNEL
 
 # The layers are imported while the model process boots (see Daemon.start), not with this module.
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from iosm_cuse.hw.engine import EngineState, IpcEngine
     from iosm_cuse.hw.mux.host import MuxHost
     from iosm_cuse.link.manager import LinkManager
+    from iosm_cuse.scenario import Scenario, Step
     from iosm_cuse.system.announce import Announcer
 
 log = logging.getLogger("iosm_cuse.daemon")
@@ -77,6 +80,7 @@ class Daemon:
         self.failure: str | None = None  # why the daemon stops by itself (exit status 1)
         self._stop = asyncio.Event()
         self._recovering: asyncio.Task[None] | None = None
+        self._playing: asyncio.Task[None] | None = None  # up --scenario
         # Under iosm-cuse@.service (Type=notify) systemd waits for READY=1 (docs/systemd.md §1).
         self.notify = Notifier.from_environ()
 
@@ -129,6 +133,8 @@ class Daemon:
         openers given a few seconds to close, then closed), links, engine, model."""
         if self._recovering is not None:
             self._recovering.cancel()
+        if self._playing is not None:
+            self._playing.cancel()
         steps: list[tuple[str, Callable[[], Awaitable[None]] | None]] = [
             ("control socket", self.control.close if self.control is not None else None),
             ("announcements", self.announcer.stop if self.announcer is not None else None),
@@ -290,6 +296,35 @@ class Daemon:
         finally:
             self._recovering = None
 
+    # -- up --scenario
+
+    def play_scenario(self, scenario: Scenario) -> None:
+        """Play `scenario` in the background through the control socket's own handler; each
+        step's outcome is one log line."""
+        from iosm_cuse.scenario import play
+        from iosm_cuse.sim.control import check
+
+        async def send(action: str, args: JsonDict) -> JsonDict:
+            try:
+                checked = check(action, args)
+            except ArgError as exc:
+                raise ControlError(exc.errno, exc.message) from None
+            return await self.handle(control.MODEM_PREFIX + action, checked)
+
+        def report(step: Step, result: JsonDict | None, exc: Exception | None) -> None:
+            if exc is not None:
+                log.warning("scenario: %.2f s %s: %s", step.at, step.action, exc)
+            else:
+                sent = ", ".join((result or {}).get("indications", [])) or "no indication"
+                log.info("scenario: %.2f s %s: %s", step.at, step.action, sent)
+
+        async def run() -> None:
+            failed = await play(scenario, send, report, stop_on_error=False)
+            log.info("scenario %s done: %d steps, %d failed", scenario.name or "",
+                     len(scenario.steps), failed)
+
+        self._playing = asyncio.get_running_loop().create_task(run())
+
     # -- control socket
 
     async def handle(self, op: str, args: JsonDict) -> JsonDict:
@@ -298,6 +333,9 @@ class Daemon:
             st = self.status()
             st["modem"]["process"] = await _model_usage(self.device)
             return st
+        if op.startswith(control.MODEM_PREFIX):
+            return await _model_control(self.device, op.removeprefix(control.MODEM_PREFIX),
+                                        args)
         from iosm_cuse.link.args import LinkError
 
         try:
@@ -351,6 +389,30 @@ async def _model_usage(device: ModemDevice | None) -> JsonDict | None:
     return await device.process_usage(MODEL_USAGE_TIMEOUT)
 
 
+# A live-control action is quick; a model that takes longer is restarting or wedged.
+MODEL_CONTROL_TIMEOUT = 5.0
+
+
+async def _model_control(device: ModemDevice | None, action: str, args: JsonDict) -> JsonDict:
+    """Forward a checked `modem.<action>` to the model process (sim/control.py applies it)."""
+    from iosm_cuse.sim.process import ModelError, ModelProcess
+
+    if not isinstance(device, ModelProcess):
+        raise ControlError(errno.EOPNOTSUPP,
+                           "live control needs the built-in model (up --device sim)")
+    try:
+        reply = await device.command("control", timeout=MODEL_CONTROL_TIMEOUT, action=action,
+                                     args=args)
+    except ModelError as exc:
+        raise ControlError(errno.EAGAIN, f"modem {action}: {exc} (restarting?)") from None
+    result = reply.get("result")
+    if reply.get("ok") is True and isinstance(result, dict):
+        return result
+    err, msg = reply.get("errno"), reply.get("error")
+    raise ControlError(err if isinstance(err, int) else errno.EIO,
+                       msg if isinstance(msg, str) else f"modem {action}: failed")
+
+
 def _since_process_start() -> float:
     """Seconds since this process was started, interpreter start-up included (/proc, 10 ms
     resolution); since this module was imported when /proc is unreadable."""
@@ -382,19 +444,34 @@ def _model_process_detail(device: ModemDevice | None, name: str) -> object:
 def run_up(opts: UpOptions) -> int:
     """`iosm-cuse up`: returns the exit status."""
     try:
+        scenario = _load_scenario(opts.scenario)
         spec = parse_device(opts.device)
         instance, port_name, locks = claim_instance(spec, opts.port_name)
     except UpError as exc:
         print(f"iosm-cuse: {exc}", file=sys.stderr)
         return 1
     try:
-        return asyncio.run(_serve(Daemon(opts, spec, instance, port_name)))
+        return asyncio.run(_serve(Daemon(opts, spec, instance, port_name), scenario))
     finally:
         for lock in reversed(locks):
             lock.release()
 
 
-async def _serve(daemon: Daemon) -> int:
+def _load_scenario(path: Path | None) -> Scenario | None:
+    """--scenario checked before anything starts: a bad file is exit 1 with its reason."""
+    if path is None:
+        return None
+    from iosm_cuse.scenario import ScenarioError, parse
+
+    try:
+        return parse(path.read_text(), str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UpError(f"--scenario {path}: {exc}") from exc
+    except ScenarioError as exc:
+        raise UpError(f"--scenario {exc}") from exc
+
+
+async def _serve(daemon: Daemon, scenario: Scenario | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, daemon.request_stop, signal.Signals(sig).name)
@@ -410,6 +487,8 @@ async def _serve(daemon: Daemon) -> int:
         print(line, flush=True)
         # The port and the data link exist now: the unit becomes active (docs/systemd.md §1).
         daemon.notify.ready(line.removeprefix("iosm-cuse: "))
+        if scenario is not None:
+            daemon.play_scenario(scenario)
         await daemon.serve_forever()
         return 0 if daemon.failure is None else 1
     finally:

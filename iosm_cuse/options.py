@@ -31,6 +31,7 @@ class UpOptions:
     port_name: str | None = None  # None: wwanNmbim0 with the first free N
     # auto: announce the ports to ModemManager whenever it is on the system bus; off: never
     modemmanager: str = "auto"
+    scenario: Path | None = None  # a scenario (iosm_cuse/scenario.py) played once ready
 
     def model_options(self, instance: str = "wwan0") -> ModelOptions:
         """What the built-in model is assembled from (sim/assembly.py), as the modem of wwan

@@ -29,9 +29,12 @@ from iosm_cuse.mbim.message import (
     HEADER_SIZE,
     Command,
     CommandDone,
+    IndicateStatus,
     Message,
+    MessageError,
     Open,
     decode_message,
+    decode_transfer,
     encode_message,
     peek_header,
 )
@@ -156,6 +159,7 @@ class MbimClient:
         self.timeout = timeout
         self.tid = 0
         self.indications = 0
+        self.received: list[IndicateStatus] = []  # every indication, in arrival order
         self._buf = bytearray()
 
     def send(self, msg: Message) -> None:
@@ -182,11 +186,43 @@ class MbimClient:
                 if got == tid:
                     return decode_message(data)
                 if got == 0:
-                    self.indications += 1
+                    self._indicated(data)
             left = deadline - time.monotonic()
             assert left > 0, f"no answer to transaction {tid} within {self.timeout} s"
             if poller.poll(left * 1000):
                 self._buf += os.read(self.fd, 65536)
+
+    def collect(self, quiet: float = 0.5) -> list[IndicateStatus]:
+        """Read until the port is silent for `quiet` s; the indications received since the last
+        call, in order (taken out of `received`)."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while poller.poll(quiet * 1000):
+            self._buf += os.read(self.fd, 65536)
+            with contextlib.suppress(AssertionError):
+                self._parse_buffered()
+        self._parse_buffered()
+        out, self.received = self.received, []
+        return out
+
+    def _parse_buffered(self) -> None:
+        while len(self._buf) >= HEADER_SIZE:
+            _, length, got = peek_header(bytes(self._buf[:HEADER_SIZE]))
+            assert length >= HEADER_SIZE, f"garbage from the port: {bytes(self._buf[:32])!r}"
+            if len(self._buf) < length:
+                return
+            data = bytes(self._buf[:length])
+            del self._buf[:length]
+            assert got == 0, f"an answer to transaction {got} nobody waits for"
+            self._indicated(data)
+
+    def _indicated(self, data: bytes) -> None:
+        """Count an indication; keep it (whole ones: a fragment is only counted)."""
+        self.indications += 1
+        with contextlib.suppress(MessageError):
+            ind = decode_transfer(data)
+            if isinstance(ind, IndicateStatus):
+                self.received.append(ind)
 
     def transact(self, msg: Message) -> Message:
         self.send(msg)

@@ -26,6 +26,7 @@ from iosm_cuse.wire.ipc import CAP_UL_FLOW_CREDIT
 # runs in the model process is imported where it is built.
 if TYPE_CHECKING:
     from iosm_cuse.sim.config import ModemConfig
+    from iosm_cuse.sim.control import CrashStage
     from iosm_cuse.sim.device import ChannelFunction, DeviceModel
     from iosm_cuse.sim.gateway import Gateway
     from iosm_cuse.sim.mbim import MbimFunction, PacketStatistics
@@ -86,12 +87,26 @@ class Assembly:
     """The assembled functions of one model; the model process holds it until it stops and then
     awaits `close` (which removes the gateway's TUN and a namespace the gateway created)."""
 
-    def __init__(self, gateway: Gateway, mux: MuxDevice, mbim: MbimFunction | None,
-                 starting: asyncio.Task[None]) -> None:
+    def __init__(self, model: DeviceModel, gateway: Gateway, mux: MuxDevice,
+                 mbim: MbimFunction | None, starting: asyncio.Task[None]) -> None:
+        self.model = model
         self.gateway = gateway
         self.mux = mux
         self.mbim = mbim
         self._starting = starting
+
+    def control(self, action: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """One live-control action (sim/control.py): the model process's `control` command."""
+        from iosm_cuse.sim import control
+
+        return control.apply(self, action, args)
+
+    def crash(self, stage: CrashStage) -> None:
+        from iosm_cuse.sim.control import CrashStage
+        from iosm_cuse.wire.ipc import ExecStage
+
+        self.model.crash(ExecStage.CD_READY if stage is CrashStage.CD_READY
+                         else ExecStage.CRASH)
 
     def stats(self) -> dict[str, Any]:
         """What the model process's `stats` command adds."""
@@ -135,7 +150,7 @@ def build(model: DeviceModel, options: ModelOptions) -> Assembly:
     model.attach(MUX_CHANNEL, mux)
     starting = asyncio.get_running_loop().create_task(gateway.start())
     starting.add_done_callback(_log_start_failure)
-    return Assembly(gateway, mux, mbim, starting)
+    return Assembly(model, gateway, mux, mbim, starting)
 
 
 def gateway_tun_name(instance: int) -> str:

@@ -100,6 +100,9 @@ class ModemConfig:
     puk_retries: int = 10
     # radio and network
     radio_on: bool = True
+    # An FCC-locked radio (laptops with 8086:7560 before their unlock tool runs): RADIO_STATE
+    # set ON is answered with the software radio still OFF until `iosm-cuse modem fcc unlock`
+    fcc_locked: bool = False
     home_provider: Provider = field(default_factory=lambda: Provider("00101", "iosm-sim"))
     visible_providers: list[Provider] = field(
         default_factory=lambda: [Provider("00101", "iosm-sim"), Provider("00102", "iosm-other")])

@@ -176,13 +176,13 @@ class DeviceModel:
 
     # ---- failure injection (recovery tests, `iosm-cuse` debugging)
 
-    def crash(self) -> None:
-        """In-band crash: exec stage CRASH (scratchpad and device_info), interrupt, silence."""
+    def crash(self, stage: ExecStage = ExecStage.CRASH) -> None:
+        """In-band crash: exec stage CRASH (or CD_READY, a core dump ready) in the scratchpad
+        and device_info, interrupt, silence."""
         self.crashed = True
-        self.bus.write32(BAR2, SCRATCHPAD["exec_stage"].offset, ExecStage.CRASH)
+        self.bus.write32(BAR2, SCRATCHPAD["exec_stage"].offset, stage)
         if self._shared is not None:
-            self._wr32(self._shared.device_info + DEVICE_INFO["exec_stage"].offset,
-                       ExecStage.CRASH)
+            self._wr32(self._shared.device_info + DEVICE_INFO["exec_stage"].offset, stage)
         self.bus.notify()
 
     def hang(self) -> None:

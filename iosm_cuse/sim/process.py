@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -253,6 +254,13 @@ class ModelFunctions(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
+@runtime_checkable
+class ControlledFunctions(Protocol):
+    """Functions that take live-control actions (sim/control.py): the assembled model."""
+
+    def control(self, action: str, args: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
 Factory = Callable[["DeviceModel", Mapping[str, Any]], "ModelFunctions | Cleanup | None"]
 
 
@@ -387,8 +395,8 @@ def _command(model: DeviceModel, functions: ModelFunctions, line: bytes) -> dict
     if op in ("crash", "hang", "reset"):
         getattr(model, op)()
         return {"ok": True}
-    if op == "shape":
-        return _shape(functions, json.loads(line))
+    if op == "control":
+        return _control(functions, json.loads(line))
     if op == "stats":
         return {"ok": True, "ul_transfers": model.ul_transfers,
                 "dl_transfers": model.dl_transfers, "dropped_dl": model.dropped_dl,
@@ -398,34 +406,22 @@ def _command(model: DeviceModel, functions: ModelFunctions, line: bytes) -> dict
     return {"ok": False, "error": f"unknown op {op!r}"}
 
 
-SHAPE_ARGS = {"op", "id", "session", "delay_ms", "loss_percent", "rate_mbit", "clear"}
+def _control(functions: ModelFunctions, cmd: dict[str, Any]) -> dict[str, Any]:
+    """A live-control action: its result, or the errno and message refusing it."""
+    from iosm_cuse.sim.control import ActionError
 
-
-def _shape(functions: ModelFunctions, cmd: dict[str, Any]) -> dict[str, Any]:
-    """The `shape` command: set or clear a session's shaping, answer every session's."""
-    from iosm_cuse.sim.assembly import Assembly
-
-    if not isinstance(functions, Assembly):
-        return {"ok": False, "error": "this model has no packet gateway"}
-    gateway = functions.gateway
-    unknown = sorted(set(cmd) - SHAPE_ARGS)
-    if unknown:
-        return {"ok": False, "error": f"shape: unknown argument {unknown[0]!r}"}
-    if not isinstance(cmd.get("clear", False), bool):
-        return {"ok": False, "error": "shape: 'clear' must be true or false"}
+    action, args = cmd.get("action"), cmd.get("args", {})
+    if not isinstance(functions, ControlledFunctions):
+        return {"ok": False, "errno": errno.EOPNOTSUPP, "error": "this model takes no control"}
+    if not isinstance(action, str) or not isinstance(args, dict):
+        return {"ok": False, "errno": errno.EINVAL, "error": "bad control command"}
     try:
-        if "session" in cmd:
-            session = cmd["session"]
-            if cmd.get("clear") is True:
-                gateway.clear_shape(session)
-            else:
-                gateway.set_shape(session, delay_ms=cmd.get("delay_ms", 0.0),
-                                  loss_percent=cmd.get("loss_percent", 0.0),
-                                  rate_mbit=cmd.get("rate_mbit"))
-    except ValueError as exc:
-        return {"ok": False, "error": f"shape: {exc}"}
-    return {"ok": True, "shapes": {str(k): v for k, v in gateway.shapes().items()},
-            "shaped": {str(k): v for k, v in gateway.shape_counters().items()}}
+        return {"ok": True, "result": functions.control(action, args)}
+    except ActionError as exc:
+        return {"ok": False, "errno": exc.errno, "error": exc.message}
+    except Exception as exc:  # a bug in an action must not take the model down
+        log.exception("control: %s failed", action)
+        return {"ok": False, "errno": errno.EIO, "error": f"{action}: internal error: {exc}"}
 
 
 async def serve_file(path: Path, functions: str | None, mux: str = "lite",

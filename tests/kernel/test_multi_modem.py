@@ -18,19 +18,13 @@ from pathlib import Path
 import guest_up
 import pytest
 from helpers import until
-from mm_services import Services, have_modemmanager, keyvalues, modems, run, running_services
+from mm_guest import Services, have_modemmanager, keyvalues, modems, run
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(not have_modemmanager(),
                                  reason="modemmanager is not installed (./dev TEST_PACKAGES)")]
 
 LISTED_PER_MODEM = 30.0  # s ModemManager may take per modem to list them all, under TCG
-
-
-@pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
-    with running_services(tmp_path_factory.mktemp("services")) as svc:
-        yield svc
 
 
 @pytest.fixture

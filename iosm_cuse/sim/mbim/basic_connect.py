@@ -124,7 +124,7 @@ def preferred_providers(fn: FunctionContext, ct: int, req: Values) -> Answer:
 @HANDLERS.handles(B.VISIBLE_PROVIDERS)
 def visible_providers(fn: FunctionContext, ct: int, req: Values) -> Answer:
     modem = fn.modem
-    if not modem.radio_on:
+    if not modem.radio_active:
         return Answer(Status.RADIO_POWER_OFF)
     home = modem.config.home_provider.id
     providers = []

@@ -38,7 +38,8 @@ from iosm_cuse.mbim.cids import (
 from iosm_cuse.mbim.constants import Status
 from iosm_cuse.mbim.infobuf import encode
 from iosm_cuse.mbim.uuids import ContextType, Service
-from iosm_cuse.sim.config import ModemConfig, SessionIp
+from iosm_cuse.sim.config import ModemConfig, Provider, SessionIp
+from iosm_cuse.sim.control import Network, SimCard
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,12 @@ NW_IPV6_ONLY_ALLOWED = 51
 # (docs/modemmanager.md §4)
 NW_REGULAR_DEACTIVATION = 36
 NOT_REGISTERED_SIGNAL = 99         # MBIM's "unknown" Rssi and ErrorRate
+# 3GPP TS 24.008 reject cause #11, "PLMN not allowed": the NwError of a
+# REGISTER_STATE reporting the network's refusal when the control names no other cause
+NW_PLMN_NOT_ALLOWED = 11
+# The network a `register roaming` without --operator roams on when the configuration lists
+# no visible network besides home
+DEFAULT_ROAMING_PROVIDER = Provider("00102", "iosm-roaming")
 
 
 @dataclass(frozen=True)
@@ -140,7 +147,16 @@ class ModemState:
         # Where PACKET_STATISTICS reads its counters (e.g. the packet gateway's); when None,
         # the counters fed through add_traffic().
         self.statistics_source: Callable[[], PacketStatistics] | None = None
-        self.radio_on = c.radio_on
+        # The host's software radio switch; an FCC-locked modem keeps it OFF until unlocked.
+        self.fcc_locked = c.fcc_locked
+        self.radio_on = c.radio_on and not c.fcc_locked
+        self.hw_radio_on = True            # the hardware (rfkill) switch, live control only
+        self.sim_present = c.sim_present
+        # What the network does, as live control sets it (sim/control.py): the network the
+        # modem registers on automatically, or why it cannot.
+        self.network = Network.HOME
+        self.network_provider = c.home_provider
+        self.reject_cause = 0              # NwError of a DENIED registration
         self.pin = c.pin
         self.pin_enabled = c.pin_required
         self.pin_locked = c.pin_required
@@ -163,7 +179,7 @@ class ModemState:
 
     @property
     def ready_state(self) -> ReadyState:
-        if not self.config.sim_present:
+        if not self.sim_present:
             return ReadyState.SIM_NOT_INSERTED
         if self.sim_blocked:
             return ReadyState.BAD_SIM
@@ -176,12 +192,19 @@ class ModemState:
         return self.ready_state is ReadyState.INITIALIZED
 
     @property
+    def radio_active(self) -> bool:
+        """Both radio switches on: the modem can hear a network."""
+        return self.radio_on and self.hw_radio_on
+
+    @property
     def registered_provider(self) -> str | None:
         """MCCMNC of the network the modem is registered on, None when not registered."""
-        if not (self.radio_on and self.sim_ready):
+        if not (self.radio_active and self.sim_ready):
+            return None
+        if self.network not in (Network.HOME, Network.ROAMING):
             return None
         if self.register_mode is RegisterMode.AUTOMATIC:
-            return self.config.home_provider.id
+            return self.network_provider.id
         return self.manual_provider
 
     def sim_refusal(self) -> Status | None:
@@ -197,7 +220,7 @@ class ModemState:
 
     def pin_refusal(self) -> Status | None:
         """Why PIN operations cannot run (no SIM, or a blocked one), None if they can."""
-        if not self.config.sim_present:
+        if not self.sim_present:
             return Status.SIM_NOT_INSERTED
         if self.sim_blocked:
             return Status.BAD_SIM
@@ -205,7 +228,7 @@ class ModemState:
 
     def radio_refusal(self) -> Status | None:
         """Why the modem cannot talk to a network (SIM, radio), None if it can."""
-        return self.sim_refusal() or (Status.RADIO_POWER_OFF if not self.radio_on else None)
+        return self.sim_refusal() or (Status.RADIO_POWER_OFF if not self.radio_active else None)
 
     def attach_refusal(self) -> Status | None:
         """Why packet service cannot attach (SIM, radio, registration), None if it can."""
@@ -218,7 +241,8 @@ class ModemState:
             Status.PACKET_SERVICE_DETACHED if not self.attached else None)
 
     def provider_name(self, provider_id: str) -> str:
-        for p in [self.config.home_provider, *self.config.visible_providers]:
+        for p in [self.network_provider, self.config.home_provider,
+                  *self.config.visible_providers]:
             if p.id == provider_id:
                 return p.name
         return ""
@@ -230,13 +254,13 @@ class ModemState:
         return {
             "ReadyState": self.ready_state,
             "SubscriberId": self.config.imsi if ready else "",
-            "SimIccId": self.config.iccid if self.config.sim_present else "",
+            "SimIccId": self.config.iccid if self.sim_present else "",
             "ReadyInfo": 0,
             "TelephoneNumbers": list(self.config.own_numbers) if ready else [],
         }
 
     def radio_values(self) -> Values:
-        return {"HwRadioState": RadioState.ON,
+        return {"HwRadioState": RadioState.ON if self.hw_radio_on else RadioState.OFF,
                 "SwRadioState": RadioState.ON if self.radio_on else RadioState.OFF}
 
     def pin_values(self) -> Values:
@@ -263,14 +287,24 @@ class ModemState:
 
     def register_values(self) -> Values:
         provider = self.registered_provider
-        home = self.config.home_provider.id
-        if provider is None:
+        nw_error = 0
+        if provider is not None:
+            home = self.network is Network.HOME and provider == self.network_provider.id
+            state = RegisterState.HOME if home else RegisterState.ROAMING
+        elif not (self.radio_active and self.sim_ready):
             state = RegisterState.DEREGISTERED
-        else:
-            state = RegisterState.HOME if provider == home else RegisterState.ROAMING
+        elif self.network is Network.SEARCHING:
+            state = RegisterState.SEARCHING
+        elif self.network is Network.DENIED:
+            state, nw_error = RegisterState.DENIED, self.reject_cause
+        else:  # the network is off, or manual registration named no network yet
+            state = RegisterState.DEREGISTERED
         return {
-            "NwError": 0, "RegisterState": state, "RegisterMode": self.register_mode,
-            "AvailableDataClasses": self.config.data_class_mask if provider else 0,
+            "NwError": nw_error, "RegisterState": state, "RegisterMode": self.register_mode,
+            # A network being searched or refusing still has its radio technologies: ModemManager
+            # applies the state only to the domains these name (docs/control.md §2)
+            "AvailableDataClasses": self.config.data_class_mask
+            if provider or state in (RegisterState.SEARCHING, RegisterState.DENIED) else 0,
             "CurrentCellularClass": CellularClass.GSM,
             "ProviderId": provider or "", "ProviderName": self.provider_name(provider or ""),
             "RoamingText": "", "RegistrationFlag": 0,
@@ -309,7 +343,10 @@ class ModemState:
     # ---------------------------------------------------------------------------- changes
 
     def set_radio(self, on: bool) -> list[Indication]:
-        """Switch the radio (software switch); turning it off deregisters and detaches."""
+        """Switch the radio (software switch); turning it off deregisters and detaches. An
+        FCC-locked modem leaves it OFF: the host's RADIO_STATE set ON is answered OFF."""
+        if on and self.fcc_locked:
+            return []
         if on == self.radio_on:
             return []
         out = self._network_change(lambda: setattr(self, "radio_on", on))
@@ -380,13 +417,15 @@ class ModemState:
         self._announce(session_id, state)
         return Change(indications=(self._connect_indication(session_id),))
 
-    def deactivate(self, session_id: int) -> list[Indication]:
-        """Take a session down; one that is not up stays so, quietly."""
+    def deactivate(self, session_id: int, cause: int = NW_REGULAR_DEACTIVATION
+                   ) -> list[Indication]:
+        """Take a session down (the host's request, or the network's with its 3GPP session
+        management `cause`); one that is not up stays so, quietly."""
         if session_id not in self.sessions:
             return []
         del self.sessions[session_id]
         self._announce(session_id, None)
-        return [self._connect_indication(session_id, NW_REGULAR_DEACTIVATION)]
+        return [self._connect_indication(session_id, cause)]
 
     def set_signal(self, rssi: int, error_rate: int | None = None) -> list[Indication]:
         """The radio conditions changed."""
@@ -394,6 +433,74 @@ class ModemState:
         if error_rate is not None:
             self.error_rate = error_rate
         return [_basic_connect(BasicConnect.SIGNAL_STATE, self.signal_values())]
+
+    # ------------------------------------------- what the network does (live control)
+
+    def set_network(self, network: Network, provider: Provider | None = None,
+                    cause: int | None = None) -> list[Indication]:
+        """The network changed: home or roaming on `provider` (default: the home network, or
+        the first visible other one), searching, denied (with 3GPP reject `cause`) or gone."""
+        if provider is None:
+            provider = self.roaming_provider() if network is Network.ROAMING \
+                else self.config.home_provider
+
+        def change() -> None:
+            self.network, self.network_provider = network, provider
+            self.reject_cause = (NW_PLMN_NOT_ALLOWED if cause is None else cause) \
+                if network is Network.DENIED else 0
+        return self._network_change(change)
+
+    def roaming_provider(self) -> Provider:
+        home = self.config.home_provider.id
+        others = [p for p in self.config.visible_providers if p.id != home]
+        return others[0] if others else DEFAULT_ROAMING_PROVIDER
+
+    def set_sim(self, card: SimCard) -> list[Indication]:
+        """The SIM was inserted ready, removed, or (re)inserted asking for its PIN or PUK."""
+        before = self.ready_values_snapshot()
+
+        def change() -> None:
+            c = self.config
+            self.sim_present = card is not SimCard.ABSENT
+            self.sim_blocked = False
+            self.puk_locked = card is SimCard.PUK
+            self.pin_locked = card in (SimCard.PIN, SimCard.PUK)
+            if card is SimCard.PIN:
+                self.pin_enabled = True
+            self.pin_retries = 0 if card is SimCard.PUK else c.pin_retries
+            self.puk_retries = c.puk_retries
+        out = self._network_change(change)
+        if self.ready_values_snapshot() != before:
+            out.insert(0, _basic_connect(BasicConnect.SUBSCRIBER_READY_STATUS,
+                                         self.ready_status_values()))
+        return out
+
+    def ready_values_snapshot(self) -> tuple[object, ...]:
+        return (self.ready_state, self.pin_locked, self.puk_locked, self.sim_present)
+
+    def sim_card(self) -> str:
+        """The SIM as `modem sim` names it (or "blocked", which it cannot set)."""
+        if not self.sim_present:
+            return SimCard.ABSENT.value
+        if self.sim_blocked:
+            return "blocked"
+        if self.puk_locked:
+            return SimCard.PUK.value
+        return SimCard.PIN.value if self.pin_locked else SimCard.READY.value
+
+    def set_hw_radio(self, on: bool) -> list[Indication]:
+        """The hardware radio switch; off deregisters and detaches as the software one does."""
+        if on == self.hw_radio_on:
+            return []
+        out = self._network_change(lambda: setattr(self, "hw_radio_on", on))
+        out.append(_basic_connect(BasicConnect.RADIO_STATE, self.radio_values()))
+        return out
+
+    def set_fcc_lock(self, locked: bool) -> list[Indication]:
+        """Lock: the software radio goes OFF and stays so; unlock: a host may turn it on
+        again (it does not come on by itself)."""
+        self.fcc_locked = locked
+        return self.set_radio(False) if locked else []
 
     def set_signal_reporting(self, interval: int, rssi_threshold: int,
                              error_rate_threshold: int) -> None:
@@ -416,7 +523,7 @@ class ModemState:
 
     def _network_change(self, change: Callable[[], None]) -> list[Indication]:
         """Apply a change; what it did to registration, attach and sessions, as indications."""
-        before = (self.registered_provider, self.attached)
+        before = (self.register_values(), self.attached)
         change()
         out: list[Indication] = []
         if self.registered_provider is None:
@@ -424,7 +531,7 @@ class ModemState:
         if not self.attached:
             for sid in sorted(self.sessions):
                 out += self.deactivate(sid)
-        if self.registered_provider != before[0]:
+        if self.register_values() != before[0]:
             out.append(_basic_connect(BasicConnect.REGISTER_STATE, self.register_values()))
         if self.attached != before[1]:
             out.append(_basic_connect(BasicConnect.PACKET_SERVICE, self.packet_values()))
