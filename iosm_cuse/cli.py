@@ -214,15 +214,12 @@ def modem(ctx: click.Context, shm: Path | None, size: int, config: Path | None,
 def _control_options(f: Callable[..., None]) -> Callable[..., None]:
     """--json, --instance and --socket, on every `modem` control command."""
     f = click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")(f)
-    f = click.option("--instance", type=click.IntRange(0, 999), metavar="N",
-                     help="The daemon of wwanN (default: the only one running).")(f)
-    return _socket_option(f)
+    return _socket_option(instance_option(f))
 
 
 def _modem_call(sock: Path | None, instance: int | None, as_json: bool, action: str,
                 args: dict[str, Any] | None = None) -> dict[str, Any]:
-    res = _call(sock, None if instance is None else f"wwan{instance}",
-                control.MODEM_PREFIX + action, args)
+    res = _call(sock, _named(instance), control.MODEM_PREFIX + action, args)
     if as_json:
         click.echo(json.dumps(res))
     return res
@@ -426,7 +423,7 @@ def modem_play(sock: Path | None, instance: int | None, as_json: bool, file: Pat
     except (ScenarioError, UnicodeDecodeError) as exc:
         click.echo(f"iosm-cuse: {exc}", err=True)
         sys.exit(1)
-    path = _socket_for(sock, None if instance is None else f"wwan{instance}")
+    path = _socket_for(sock, _named(instance))
 
     async def send(action: str, args: dict[str, Any]) -> dict[str, Any]:
         return control.call(path, control.MODEM_PREFIX + action, args)
