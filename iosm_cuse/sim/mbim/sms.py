@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from iosm_cuse.mbim.cids import SmsFlag, SmsFormat, SmsStatus, SmsStatusFlag, SmsStorageState
@@ -76,7 +76,7 @@ class SmsStore:
     def deliver(self, sender: str, text: str) -> StoredSms:
         """Store an SMS-DELIVER from ``sender``; ValueError for a bad sender or text (too
         long for one SMS), SmsError("full") when every index is taken."""
-        when = datetime.fromtimestamp(self.wallclock(), timezone.utc)
+        when = datetime.fromtimestamp(self.wallclock(), UTC)
         pdu = encode_deliver(sender, text, when, self.smsc)
         index = self._free_index()
         msg = StoredSms(index, SmsStatus.NEW, pdu)
