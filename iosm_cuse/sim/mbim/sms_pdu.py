@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-# TS 23.038 §6.2.1, the GSM 7-bit default alphabet (index = septet value).
+# TS 23.038 section 6.2.1, the GSM 7-bit default alphabet (index = septet value).
 GSM7_BASIC = (
     "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞ\x1bÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
     "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
@@ -73,7 +73,7 @@ def gsm7_septets(text: str) -> list[int] | None:
 
 def gsm7_text(septets: list[int]) -> str:
     """Septets back to text; an escape before a code the extension table lacks reads as a
-    space (TS 23.038 §6.2.1.1), a trailing escape is dropped."""
+    space (TS 23.038 section 6.2.1.1), a trailing escape is dropped."""
     out = []
     i = 0
     while i < len(septets):
@@ -245,7 +245,8 @@ def _user_data(text: str) -> tuple[int, int, bytes]:
 
 
 def _alphabet(dcs: int) -> str:
-    """TS 23.038 §4: "gsm7", "8bit" or "ucs2"; PduError for groups the model does not read."""
+    """TS 23.038 section 4: "gsm7", "8bit" or "ucs2"; PduError for groups the model does not
+    read."""
     group = dcs >> 4
     if group <= 0x7:                  # general data coding (compressed text refused)
         if dcs & 0x20:
@@ -341,7 +342,7 @@ def decode_pdu(data: bytes) -> Pdu:
 
 # ------------------------------------------------------------------------------------ USSD
 
-USSD_DCS_GSM7 = 0x0F           # TS 23.038 §5: GSM 7-bit, language unspecified
+USSD_DCS_GSM7 = 0x0F           # TS 23.038 section 5: GSM 7-bit, language unspecified
 USSD_DCS_UCS2 = 0x48
 
 
@@ -350,7 +351,7 @@ def encode_ussd(text: str) -> tuple[int, bytes]:
     (ValueError beyond)."""
     septets = gsm7_septets(text)
     if septets is not None:
-        if len(septets) % 8 == 7:      # 7 spare bits would read as '@': pad with CR (§6.1.2.3.1)
+        if len(septets) % 8 == 7:      # 7 spare bits would read '@': CR (TS 23.038 6.1.2.3.1)
             septets.append(0x0D)
         payload = pack_septets(septets)
         dcs = USSD_DCS_GSM7
@@ -363,7 +364,7 @@ def encode_ussd(text: str) -> tuple[int, bytes]:
 
 
 def decode_ussd(dcs: int, payload: bytes) -> str:
-    """A USSD string in the cell broadcast data coding scheme (TS 23.038 §5); PduError for a
+    """A USSD string in the cell broadcast data coding scheme (TS 23.038 section 5); PduError for a
     scheme the model does not read."""
     group = dcs >> 4
     if group in (0x0, 0x2, 0x3) or (group == 0x1 and dcs == 0x10):
