@@ -1,0 +1,152 @@
+"""Issue 13 point 3 in the Debian-kernel guest: stock ModemManager (1.20) uses the services
+the model offers beyond Basic Connect (docs/modemmanager.md §7): messaging (stored, delivered
+and sent SMS), USSD, extended signal from ATDS SIGNAL, and reset through Intel MODEM_REBOOT.
+
+One daemon for the module (a TCG guest is slow), with a modem config that stores an SMS at
+power-on and sets LTE signal values; the tests run in file order, the reset last.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import guest_up
+import mm_guest
+import pytest
+from helpers import until
+from mm_guest import Services, keyvalues, modems, run, wait_listed
+
+pytestmark = [pytest.mark.kernel,
+              pytest.mark.skipif(not mm_guest.installed(),
+                                 reason="modemmanager is not installed (./dev TEST_PACKAGES)")]
+
+CONFIG = {
+    "stored_sms": [{"from": "+4915550001", "text": "Stored at power-on"}],
+    "rsrp": -87, "rsrq": -9, "snr": 17,
+    "ussd_replies": {"*100#": "Your balance is 42.00 EUR"},
+}
+
+
+@dataclass
+class Modem:
+    proc: subprocess.Popen[str]
+    path: str
+    services: Services
+
+    @property
+    def index(self) -> str:
+        return self.path.rsplit("/", 1)[1]
+
+    def mmcli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run("mmcli", "-m", self.index, *args, check=check)
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    with mm_guest.modem_manager(tmp_path_factory.mktemp("mm-services")) as svc:
+        yield svc
+
+
+@pytest.fixture(scope="module")
+def modem(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Modem]:
+    config = tmp_path_factory.mktemp("modem-config") / "modem.json"
+    config.write_text(json.dumps(CONFIG))
+    proc = mm_guest.start_daemon("--config", str(config))
+    try:
+        m = Modem(proc, wait_listed(mm_guest.LISTED_WITHIN, services), services)
+        m.mmcli("--enable", check=True)
+        until(lambda: keyvalues("-m", m.index).get("modem.generic.state") in (
+            "registered", "connected"), 120,
+            lambda: f"modem not registered: {keyvalues('-m', m.index)}", poll=1)
+        yield m
+    finally:
+        guest_up.stop(proc)
+
+
+def sms_texts(m: Modem) -> dict[str, str]:
+    """SMS object path -> its text, for every SMS ModemManager lists."""
+    out = m.mmcli("--messaging-list-sms").stdout
+    paths = re.findall(r"/org/freedesktop/ModemManager1/SMS/\d+", out)
+    return {p: keyvalues("-s", p.rsplit("/", 1)[1]).get("sms.content.text", "") for p in paths}
+
+
+def control_cli(*args: str) -> subprocess.CompletedProcess[str] | None:
+    """`iosm-cuse modem ...` of the live control (issue 13 point 1), None where this build has
+    no such command."""
+    if run(guest_up.IOSM_CUSE, "modem", "sms", "--help").returncode != 0:
+        return None
+    return run(guest_up.IOSM_CUSE, "modem", *args)
+
+
+def test_stored_sms_is_listed_with_its_text(modem: Modem) -> None:
+    texts: dict[str, str] = {}
+
+    def listed() -> bool:
+        texts.update(sms_texts(modem))
+        return "Stored at power-on" in texts.values()
+
+    until(listed, 60, lambda: f"SMS listed: {texts}; {modem.services.log('ModemManager')}",
+          poll=1)
+    sms = next(p for p, t in texts.items() if t == "Stored at power-on")
+    assert keyvalues("-s", sms.rsplit("/", 1)[1])["sms.content.number"] == "+4915550001"
+
+
+def test_ussd_initiate_gets_the_networks_answer(modem: Modem) -> None:
+    res = modem.mmcli("--3gpp-ussd-initiate=*100#")
+    assert "Your balance is 42.00 EUR" in res.stdout, res.stdout + res.stderr
+
+
+def test_signal_setup_then_get_shows_the_lte_values(modem: Modem) -> None:
+    modem.mmcli("--signal-setup=5")
+    got: dict[str, str] = {}
+
+    def values() -> bool:
+        got.update(keyvalues("-m", modem.index, "--signal-get"))
+        return got.get("modem.signal.lte.rsrp", "--").startswith("-87")
+
+    until(values, 60, lambda: f"signal: {got}", poll=1)
+    assert got["modem.signal.lte.rsrq"].startswith("-9") and got[
+        "modem.signal.lte.snr"].startswith("17"), got
+
+
+def test_created_sms_is_sent(modem: Modem) -> None:
+    res = modem.mmcli("--messaging-create-sms=number=+4930123456,text='hello from mm'")
+    found = re.search(r"/org/freedesktop/ModemManager1/SMS/(\d+)", res.stdout)
+    assert found, res.stdout + res.stderr
+    run("mmcli", "-s", found.group(1), "--send", check=True)
+    # MM marks it sent only on the model's SEND answer (a readable SMS-SUBMIT)
+    assert keyvalues("-s", found.group(1))["sms.properties.state"] == "sent"
+    outbox = control_cli("sms", "outbox", "--json")
+    if outbox is None:
+        pytest.skip("no `iosm-cuse modem sms outbox` in this build: sent state checked only")
+    assert outbox.returncode == 0, outbox.stderr
+    sent = json.loads(outbox.stdout)
+    assert {"to": "+4930123456", "text": "hello from mm"}.items() <= sent[-1].items(), sent
+
+
+def test_delivered_sms_appears_with_its_text(modem: Modem) -> None:
+    res = control_cli("sms", "deliver", "--from", "+4915550002", "Delivered just now")
+    if res is None:
+        pytest.skip("no `iosm-cuse modem sms deliver` in this build (the live control)")
+    assert res.returncode == 0, res.stderr
+    texts: dict[str, str] = {}
+
+    def listed() -> bool:
+        texts.update(sms_texts(modem))
+        return "Delivered just now" in texts.values()
+
+    until(listed, 60, lambda: f"SMS listed: {texts}", poll=1)
+
+
+def test_reset_drops_the_modem_and_it_comes_back(modem: Modem) -> None:
+    modem.mmcli("-r")
+    until(lambda: modem.path not in modems(), 60,
+          lambda: f"modem still listed after reset: {modems()}", poll=0.5)
+    again = wait_listed(60, modem.services, old=modem.path)
+    assert again != modem.path
+    assert Path(mm_guest.PORT).exists()
