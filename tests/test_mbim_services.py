@@ -451,3 +451,34 @@ def test_modem_reboot_answers_then_resets_state_and_asks_the_device(host: Host) 
     assert modem.sessions == {} and not modem.attached and events[-1] == (0, None)
     assert (modem.signal_interval, modem.rssi_threshold) == (0, 0)
     assert len(modem.sms.messages) == 1        # the store survives, as a SIM's would
+
+
+def test_held_back_signal_goes_out_on_the_adapters_timer() -> None:
+    """Through the asyncio adapter: a move within the interval is sent when it ends, also when
+    the change came through ModemState directly (as the live control makes it)."""
+    import asyncio
+
+    from iosm_cuse.sim.mbim import MbimChannelFunction
+
+    async def main() -> list[int]:
+        fn = MbimFunction()
+        sent: list[bytes] = []
+        ch = MbimChannelFunction(fn)
+        ch.opened(sent.append)
+        ch.receive(encode_message(Open(1, 4096)))
+        info = infobuf.encode(cids.SIGNAL_STATE_SET, {
+            "SignalStrengthInterval": 1, "RssiThreshold": 1, "ErrorRateThreshold": 0})
+        ch.receive(encode_message(Command(2, Service.BASIC_CONNECT.value, B.SIGNAL_STATE, S,
+                                          info)))
+        fn.indicate(fn.modem.set_signal(10))     # reported at once
+        fn.indicate(fn.modem.set_signal(12))     # held back for up to 1 s
+        await asyncio.sleep(1.3)
+        out = []
+        for t in sent:
+            msg = decode_message(t)
+            if isinstance(msg, IndicateStatus) and msg.cid == B.SIGNAL_STATE:
+                out.append(infobuf.decode(cids.SIGNAL_STATE, msg.info)["Rssi"])
+        ch.closed()
+        return out
+
+    assert asyncio.run(main()) == [10, 12]

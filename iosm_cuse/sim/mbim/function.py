@@ -239,7 +239,11 @@ class MbimFunction:
             self._indications.extend(fragment(encode_message(msg), self.max_transfer))
             del self._indications[:-MAX_QUEUED_INDICATIONS]
             queued = True
-        if queued and not self._in_receive and self.wakeup is not None:
+        # Woken also when nothing was queued but an indication waits for its interval: the
+        # adapter then arms its timer (a change made through ModemState directly, e.g. by
+        # the live control, goes through here too).
+        held = self.modem.next_timer() is not None
+        if (queued or held) and not self._in_receive and self.wakeup is not None:
             self.wakeup()
 
     def subscribe(self, events: dict[UUID, frozenset[int]]) -> None:
@@ -268,8 +272,6 @@ class MbimFunction:
         """The radio conditions changed: update, and indicate SIGNAL_STATE as the host asked
         (ModemState.set_signal); a held-back indication arms the adapter's timer."""
         self.indicate(self.modem.set_signal(rssi, error_rate, rsrp=rsrp, rsrq=rsrq, snr=snr))
-        if self.modem.next_timer() is not None and self.wakeup is not None:
-            self.wakeup()
 
     def deliver_sms(self, sender: str, text: str) -> None:
         """An SMS arrives (ModemState.deliver_sms), indicated to a subscribed host."""
