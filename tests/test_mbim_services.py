@@ -482,3 +482,14 @@ def test_held_back_signal_goes_out_on_the_adapters_timer() -> None:
         return out
 
     assert asyncio.run(main()) == [10, 12]
+
+
+@pytest.mark.parametrize("bad", [
+    {"rsrp": -30}, {"rsrq": "x"}, {"snr": 31}, {"sms_max_messages": 0},
+    {"stored_sms": [{"from": "+1"}]}, {"stored_sms": [{"from": "nobody", "text": "x"}]},
+    {"stored_sms": [{"from": "+1", "text": "x" * 200}]}, {"ussd_replies": {"*1#": 5}},
+])
+def test_config_refuses_bad_service_values(bad: dict[str, Any]) -> None:
+    from iosm_cuse.sim.config import ConfigError
+    with pytest.raises(ConfigError):
+        ModemConfig.from_dict(bad)

@@ -6,6 +6,12 @@ that mbimcli and mbim-network flows work out of the box. Load overrides from TOM
     model = "XMM7560 (simulated)"
     pin_required = true            # start PIN-locked
     apns = ["internet"]            # default: any APN is accepted
+    rsrp = -87                     # LTE signal for ATDS SIGNAL (dBm; rsrq, snr in dB)
+    [ussd_replies]                 # the network's answer per USSD code
+    "*100#" = "Your balance is 42.00 EUR"
+    [[stored_sms]]                 # in the SMS store at power-on
+    from = "+4915550001"
+    text = "Welcome"
     [[visible_providers]]
     id = "00102"
     name = "other"
@@ -22,6 +28,7 @@ import dataclasses
 import json
 import tomllib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
 from typing import Any
@@ -173,6 +180,13 @@ class ModemConfig:
                 isinstance(m, dict) and set(m) == {"from", "text"}
                 and all(isinstance(v, str) for v in m.values()) for m in self.stored_sms):
             raise ConfigError("stored_sms: at most sms_max_messages tables of from and text")
+        # (imported here: the sim.mbim package imports this module)
+        from iosm_cuse.sim.mbim.sms_pdu import encode_deliver
+        for m in self.stored_sms:
+            try:
+                encode_deliver(m["from"], m["text"], datetime.now(UTC))
+            except ValueError as e:
+                raise ConfigError(f"stored_sms: {e}") from None
         if not all(isinstance(k, str) and isinstance(v, str)
                    for k, v in self.ussd_replies.items()):
             raise ConfigError("ussd_replies: a table of strings")
