@@ -78,7 +78,8 @@ def sms_texts(m: Modem) -> dict[str, str]:
 def control_cli(*args: str) -> subprocess.CompletedProcess[str] | None:
     """`iosm-cuse modem ...` of the live control (issue 13 point 1), None where this build has
     no such command."""
-    if run(guest_up.IOSM_CUSE, "modem", "sms", "--help").returncode != 0:
+    usage = run(guest_up.IOSM_CUSE, "modem", "sms", "--help")
+    if usage.returncode != 0 or "deliver" not in usage.stdout:
         return None
     return run(guest_up.IOSM_CUSE, "modem", *args)
 
