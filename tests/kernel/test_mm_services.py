@@ -115,19 +115,29 @@ def test_signal_setup_then_get_shows_the_lte_values(modem: Modem) -> None:
         "modem.signal.lte.snr"].startswith("17"), got
 
 
-def test_created_sms_is_sent(modem: Modem) -> None:
-    res = modem.mmcli("--messaging-create-sms=number=+4930123456,text='hello from mm'")
+def send_sms(modem: Modem, number: str, text: str) -> str:
+    """`--messaging-create-sms` then `mmcli -s N --send`; the SMS's index."""
+    res = modem.mmcli(f"--messaging-create-sms=number={number},text='{text}'")
     found = re.search(r"/org/freedesktop/ModemManager1/SMS/(\d+)", res.stdout)
     assert found, res.stdout + res.stderr
     run("mmcli", "-s", found.group(1), "--send", check=True)
-    # MM marks it sent only on the model's SEND answer (a readable SMS-SUBMIT)
-    assert keyvalues("-s", found.group(1))["sms.properties.state"] == "sent"
+    return found.group(1)
+
+
+def test_created_sms_is_sent(modem: Modem) -> None:
+    sms = send_sms(modem, "+4930123456", "hello from mm")
+    # MM marks it sent only on the model's SEND answer, given to a readable SMS-SUBMIT
+    assert keyvalues("-s", sms)["sms.properties.state"] == "sent"
+
+
+def test_sent_sms_reaches_the_outbox(modem: Modem) -> None:
+    if control_cli("sms", "outbox", "--json") is None:
+        pytest.skip("no `iosm-cuse modem sms outbox` in this build (the live control)")
+    send_sms(modem, "+4930654321", "for the outbox")
     outbox = control_cli("sms", "outbox", "--json")
-    if outbox is None:
-        pytest.skip("no `iosm-cuse modem sms outbox` in this build: sent state checked only")
-    assert outbox.returncode == 0, outbox.stderr
+    assert outbox is not None and outbox.returncode == 0, outbox
     sent = json.loads(outbox.stdout)
-    assert {"to": "+4930123456", "text": "hello from mm"}.items() <= sent[-1].items(), sent
+    assert {"to": "+4930654321", "text": "for the outbox"}.items() <= sent[-1].items(), sent
 
 
 def test_delivered_sms_appears_with_its_text(modem: Modem) -> None:
