@@ -1,17 +1,13 @@
-"""Stock ModemManager in the Debian-kernel guest, for kernel-tier tests that drive it: the
-system bus, polkit, udevd with the project's rules, and ModemManager started by hand (the
-guest has no systemd) and always stopped; `mmcli` helpers. Not a test module: a test module
-makes its own module-scoped fixture from `modem_manager()` (tests/kernel/test_mm_services.py).
-"""
+"""ModemManager in the kernel-tier guest, for the test modules that drive it
+(test_modemmanager.py, test_mm_control.py): its services started by hand (the `services`
+fixture in conftest.py is built on `Services`), `mmcli` helpers, and `iosm-cuse up` as the modem
+ModemManager lists. Not a test module."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +16,11 @@ from helpers import until
 
 UDEV = Path(__file__).resolve().parents[2] / "udev"
 PORT = "/dev/wwan0mbim0"
-LISTED_WITHIN = 10.0
-SLOW = 180  # TCG: what ModemManager does takes a while
+LISTED_WITHIN = 10.0  # the issue's promise, from the ready line to `mmcli -L`
+DROPPED_AFTER_TERM = 5.0
+DROPPED_AFTER_KILL = 10.0
+GW4, ADDR4, GW6 = "10.99.0.1", "10.99.0.2", "fd99:0::1"
+SLOW = 180  # TCG: a connect through MM and NM takes a while
 
 
 def run(*argv: str, timeout: float = SLOW, check: bool = False
@@ -32,12 +31,18 @@ def run(*argv: str, timeout: float = SLOW, check: bool = False
     return res
 
 
+def stop_process(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def sbin(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
-
-
-def installed() -> bool:
-    return shutil.which("ModemManager") is not None or Path("/usr/sbin/ModemManager").exists()
 
 
 @dataclass
@@ -52,20 +57,20 @@ class Services:
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc)
 
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
-def _bus_ready() -> bool:
+def mount_tmpfs(path: str, mounted: list[str]) -> None:
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", path], check=True)
+    mounted.append(path)
+
+
+def bus_ready() -> bool:
     return run("dbus-send", "--system", "--print-reply", "--dest=org.freedesktop.DBus",
                "/org/freedesktop/DBus", "org.freedesktop.DBus.ListNames", timeout=30
                ).returncode == 0
@@ -78,59 +83,23 @@ def mm_on_bus() -> bool:
                    "boolean true")
 
 
-@contextmanager
-def modem_manager(log_dir: Path, *mm_args: str) -> Iterator[Services]:
-    """dbus-daemon --system, polkitd, systemd-udevd with our rules, ModemManager; all stopped
-    and what they left in /run removed afterwards."""
-    for module in ("cuse", "tun"):
-        subprocess.run(["modprobe", "-q", module], check=False)
-    svc = Services(log_dir, {})
-    rules = Path("/run/udev/rules.d")
-    udev_run_existed = Path("/run/udev").exists()
-    try:
-        os.makedirs("/run/dbus", exist_ok=True)
-        Path("/run/dbus/system_bus_socket").unlink(missing_ok=True)
-        svc.start("dbus", "dbus-daemon", "--system", "--nofork", "--nopidfile")
-        until(_bus_ready, 60, lambda: f"system bus: {svc.log('dbus')}", poll=0.5)
-        polkitd = Path("/usr/lib/polkit-1/polkitd")
-        if polkitd.exists():
-            svc.start("polkitd", str(polkitd), "--no-debug")
-        rules.mkdir(parents=True, exist_ok=True)
-        shutil.copy(UDEV / "70-iosm-cuse.rules", rules / "70-iosm-cuse.rules")
-        svc.start("udevd", sbin("systemd-udevd") if shutil.which("systemd-udevd")
-                  else "/lib/systemd/systemd-udevd")
-        until(lambda: Path("/run/udev/control").exists(), 60,
-              lambda: f"udevd: {svc.log('udevd')}", poll=0.2)
-        svc.start("ModemManager", sbin("ModemManager"), *mm_args)
-        until(mm_on_bus, 120, lambda: f"ModemManager: {svc.log('ModemManager')}", poll=0.5)
-        yield svc
-    finally:
-        for name in reversed(list(svc.procs)):
-            svc.stop(name)
-        (rules / "70-iosm-cuse.rules").unlink(missing_ok=True)
-        if udev_run_existed:
-            Path("/run/udev/control").unlink(missing_ok=True)
-        else:
-            shutil.rmtree("/run/udev", ignore_errors=True)
-
-
 def modems() -> list[str]:
     """The modem object paths `mmcli -L` lists."""
     out = run("mmcli", "-L", timeout=60).stdout
     return re.findall(r"/org/freedesktop/ModemManager1/Modem/\d+", out)
 
 
-def wait_listed(within: float, services: Services, old: str | None = None) -> str:
-    """The one modem listed (other than `old`)."""
+def wait_listed(within: float, services: Services, old: str | None = None) -> tuple[str, float]:
+    """The one modem listed (other than `old`), and how long it took."""
     found: list[str] = []
 
     def listed() -> bool:
         found[:] = [m for m in modems() if m != old]
         return len(found) == 1
 
-    until(listed, within, lambda: f"mmcli -L: {found}; ModemManager: "
-          f"{services.log('ModemManager')}", poll=0.2)
-    return found[0]
+    took = until(listed, within, lambda: f"mmcli -L: {found}; ModemManager: "
+                 f"{services.log('ModemManager')}", poll=0.2)
+    return found[0], took
 
 
 def keyvalues(*argv: str) -> dict[str, str]:
@@ -139,7 +108,20 @@ def keyvalues(*argv: str) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def start_daemon(*extra: str) -> subprocess.Popen[str]:
-    """`iosm-cuse up` on the model with the CUSE port, once its ready line is out."""
-    return guest_up.start("--device", "sim", "--transport", "cuse", *extra,
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[str]
+    modem: str
+    listed_s: float
+
+
+def start_daemon(services: Services, old: str | None = None, *extra: str) -> Daemon:
+    """`iosm-cuse up` on the model with a CUSE port (and `extra` options), once listed."""
+    proc = guest_up.start("--device", "sim", "--transport", "cuse", *extra,
                           ready=f"MBIM port {PORT} (cuse)")
+    try:
+        modem, took = wait_listed(LISTED_WITHIN, services, old)
+    except BaseException:
+        guest_up.stop(proc)
+        raise
+    return Daemon(proc, modem, took)
