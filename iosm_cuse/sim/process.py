@@ -380,8 +380,6 @@ def _command(model: DeviceModel, functions: ModelFunctions, line: bytes) -> dict
     if op in ("crash", "hang", "reset"):
         getattr(model, op)()
         return {"ok": True}
-    if op in MODEM_OPS:
-        return _modem_command(functions, op, line)
     if op == "stats":
         return {"ok": True, "ul_transfers": model.ul_transfers,
                 "dl_transfers": model.dl_transfers, "dropped_dl": model.dropped_dl,
@@ -389,34 +387,6 @@ def _command(model: DeviceModel, functions: ModelFunctions, line: bytes) -> dict
                 "rejects": dict(model.rejects.counters), "ipc_state": int(model.ipc_state),
                 "gateway": None, "process": process_usage(), **functions.stats()}
     return {"ok": False, "error": f"unknown op {op!r}"}
-
-
-# The modem's network-side events a test instrument drives, until the control socket's
-# `iosm-cuse modem` commands carry them (issue 13): op -> its string arguments.
-MODEM_OPS = {"sms_deliver": ("from", "text"), "sms_outbox": (), "ussd_notify": ("text",)}
-
-
-def _modem_command(functions: ModelFunctions, op: str, line: bytes) -> dict[str, Any]:
-    mbim = getattr(functions, "mbim", None)
-    if mbim is None:
-        return {"ok": False, "error": "this model has no MBIM function"}
-    try:
-        request = json.loads(line)
-        args = [request[name] for name in MODEM_OPS[op]]
-    except (ValueError, KeyError, TypeError):
-        return {"ok": False, "error": f"{op}: needs {', '.join(MODEM_OPS[op])}"}
-    if not all(isinstance(a, str) for a in args):
-        return {"ok": False, "error": f"{op}: arguments are strings"}
-    try:
-        if op == "sms_deliver":
-            mbim.deliver_sms(*args)
-        elif op == "ussd_notify":
-            mbim.ussd_notify(*args)
-        else:
-            return {"ok": True, "outbox": mbim.modem.sms_outbox()}
-    except ValueError as e:
-        return {"ok": False, "error": f"{op}: {e}"}
-    return {"ok": True}
 
 
 async def serve_file(path: Path, functions: str | None, mux: str = "lite",
