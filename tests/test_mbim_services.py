@@ -488,8 +488,15 @@ def test_held_back_signal_goes_out_on_the_adapters_timer() -> None:
     {"rsrp": -30}, {"rsrq": "x"}, {"snr": 31}, {"sms_max_messages": 0},
     {"stored_sms": [{"from": "+1"}]}, {"stored_sms": [{"from": "nobody", "text": "x"}]},
     {"stored_sms": [{"from": "+1", "text": "x" * 200}]}, {"ussd_replies": {"*1#": 5}},
+    {"ussd_replies": {"*1#": "x" * 200}}, {"ussd_default_reply": "€" * 100},
 ])
 def test_config_refuses_bad_service_values(bad: dict[str, Any]) -> None:
     from iosm_cuse.sim.config import ConfigError
     with pytest.raises(ConfigError):
         ModemConfig.from_dict(bad)
+
+
+def test_ussd_reply_too_long_for_the_network_is_a_failure_not_a_crash(host: Host) -> None:
+    septets = "1" * 150     # the default reply quotes the code: beyond 160 octets
+    status, _ = host.command(Service.USSD, Ussd.USSD, S, ussd_set(UssdAction.INITIATE, septets))
+    assert status is Status.FAILURE and host.fn.internal_errors == 0

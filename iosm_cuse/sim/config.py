@@ -180,16 +180,21 @@ class ModemConfig:
                 isinstance(m, dict) and set(m) == {"from", "text"}
                 and all(isinstance(v, str) for v in m.values()) for m in self.stored_sms):
             raise ConfigError("stored_sms: at most sms_max_messages tables of from and text")
+        if not all(isinstance(k, str) and isinstance(v, str)
+                   for k, v in self.ussd_replies.items()):
+            raise ConfigError("ussd_replies: a table of strings")
         # (imported here: the sim.mbim package imports this module)
-        from iosm_cuse.sim.mbim.sms_pdu import encode_deliver
+        from iosm_cuse.sim.mbim.sms_pdu import encode_deliver, encode_ussd
+        for reply in [*self.ussd_replies.values(), self.ussd_default_reply]:
+            try:
+                encode_ussd(reply)
+            except ValueError as e:
+                raise ConfigError(f"ussd_replies: {e}") from None
         for m in self.stored_sms:
             try:
                 encode_deliver(m["from"], m["text"], datetime.now(UTC))
             except ValueError as e:
                 raise ConfigError(f"stored_sms: {e}") from None
-        if not all(isinstance(k, str) and isinstance(v, str)
-                   for k, v in self.ussd_replies.items()):
-            raise ConfigError("ussd_replies: a table of strings")
         if not self.network_ip_types or set(self.network_ip_types) - {"ipv4", "ipv6", "ipv4v6"}:
             raise ConfigError("network_ip_types: a non-empty list of ipv4, ipv6, ipv4v6")
         if self.apns is not None and not all(isinstance(a, str) for a in self.apns):

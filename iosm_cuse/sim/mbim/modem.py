@@ -191,7 +191,6 @@ class ModemState:
         self.sms = SmsStore(c.sms_max_messages, c.smsc, wallclock)
         for stored in c.stored_sms:
             self.sms.deliver(stored["from"], stored["text"])
-        self.ussd_session = False
         self.provisioned_contexts: list[Values] = [_context(1, _default_apn(c))]
         self.lte_attach_configurations: list[Values] = _default_lte_attach()
         self.reboots = 0
@@ -535,7 +534,6 @@ class ModemState:
         """USSD set: the network's deterministic answer to a code (config ussd_replies), the
         session ended with it; CANCEL ends a session."""
         if action is UssdAction.CANCEL:
-            self.ussd_session = False
             return self._ussd_values(UssdResponse.TERMINATED_BY_NETWORK, "")
         refused = self.attach_refusal()
         if refused is not None:
@@ -547,9 +545,11 @@ class ModemState:
         reply = self.config.ussd_replies.get(code)
         if reply is None:
             reply = self.config.ussd_default_reply.replace("{code}", code)
-        self.ussd_session = False
-        return self._ussd_values(UssdResponse.NO_ACTION_REQUIRED, reply,
-                                 existing=action is UssdAction.CONTINUE)
+        try:
+            return self._ussd_values(UssdResponse.NO_ACTION_REQUIRED, reply,
+                                     existing=action is UssdAction.CONTINUE)
+        except ValueError:     # the default reply with a long code in it: more than 160 octets
+            return Change(Status.FAILURE)
 
     def ussd_notify(self, text: str) -> list[Indication]:
         """A network-initiated USSD message (no answer expected); ValueError beyond 160
@@ -614,7 +614,6 @@ class ModemState:
         self.set_signal_reporting(0, 0, 0)
         self._signal_waiting = False
         self._signal_sent_at = None
-        self.ussd_session = False
 
     def add_traffic(self, *, in_octets: int = 0, in_packets: int = 0, out_octets: int = 0,
                     out_packets: int = 0, in_discards: int = 0, out_discards: int = 0) -> None:
