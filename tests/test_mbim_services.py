@@ -497,6 +497,6 @@ def test_config_refuses_bad_service_values(bad: dict[str, Any]) -> None:
 
 
 def test_ussd_reply_too_long_for_the_network_is_a_failure_not_a_crash(host: Host) -> None:
-    septets = "1" * 150     # the default reply quotes the code: beyond 160 octets
+    septets = "1" * 170     # the default reply quotes the code: beyond 160 octets
     status, _ = host.command(Service.USSD, Ussd.USSD, S, ussd_set(UssdAction.INITIATE, septets))
     assert status is Status.FAILURE and host.fn.internal_errors == 0
