@@ -334,7 +334,7 @@ def modem_sms_outbox(sock: Path | None, instance: int | None, as_json: bool) -> 
     res = _modem_call(sock, instance, as_json, "sms.outbox")
     if not as_json:
         for msg in res.get("messages", []):
-            click.echo(f"to {msg.get('number', '?')}: {msg.get('text', '')}")
+            click.echo(f"to {msg.get('to', '?')}: {msg.get('text', '')}")
 
 
 @modem.group("ussd")

@@ -43,6 +43,11 @@ VALID_REQUESTS: dict[tuple[int, CommandType], dict[str, Any]] = {
                      "AccessString": "internet", "UserName": "", "Password": "",
                      "Compression": cids.Compression.NONE, "AuthProtocol": cids.AuthProtocol.NONE,
                      "IpType": cids.IpType.IPV4V6, "ContextType": ContextType.INTERNET.value},
+    (B.PROVISIONED_CONTEXTS, S): {
+        "ContextId": 0xFFFFFFFF, "ContextType": ContextType.INTERNET.value,
+        "AccessString": "apn2", "UserName": "", "Password": "",
+        "Compression": cids.Compression.NONE, "AuthProtocol": cids.AuthProtocol.NONE,
+        "ProviderId": ""},
     (B.CONNECT, Q): {"SessionId": 0, "ActivationState": 0, "VoiceCallState": 0, "IpType": 0,
                      "ContextType": ContextType.NONE.value, "NwError": 0},
 }
@@ -63,6 +68,8 @@ OUT_OF_RANGE = [
     (B.CONNECT, Q, "ActivationState", 5),
     (B.CONNECT, Q, "VoiceCallState", 3),
     (B.CONNECT, Q, "IpType", 9),
+    (B.PROVISIONED_CONTEXTS, S, "Compression", 2),
+    (B.PROVISIONED_CONTEXTS, S, "AuthProtocol", 4),
 ]
 
 

@@ -52,7 +52,7 @@ def test_registration_without_framing_gives_the_bytes_a_subscribed_host_gets() -
 
 def test_indications_go_out_only_to_an_open_subscribed_host() -> None:
     fn = MbimFunction()
-    changed = fn.modem.set_signal(20)
+    changed = fn.modem.set_signal(fn.config.rssi + 1)
     fn.indicate(changed)                       # not opened: nobody to tell
     assert fn.pending_indications() == []
     fn.receive(encode_message(Open(1, 4096)))

@@ -6,7 +6,6 @@ played twice give the same indications; hostile control input changes nothing.
 from __future__ import annotations
 
 import errno
-import inspect
 import json
 import os
 import shutil
@@ -36,8 +35,6 @@ from iosm_cuse.mbim.cids import (
 from iosm_cuse.mbim.constants import CommandType, Status
 from iosm_cuse.mbim.message import IndicateStatus
 from iosm_cuse.mbim.uuids import Service
-from iosm_cuse.sim.gateway import Gateway
-from iosm_cuse.sim.mbim.modem import ModemState
 
 pytestmark = [
     pytest.mark.host,
@@ -242,13 +239,10 @@ def test_signal_indicates_signal_state(up: Up, port: Port) -> None:
     assert "signal: rssi 7, ber 2" in text and "network: home (register state home" in text
     lte = up.cli("modem", "signal", "--rssi", "9", "--rsrp", "-100", "--rsrq", "-10",
                  "--snr", "12")
-    if {"rsrp", "rsrq", "snr"} <= set(inspect.signature(ModemState.set_signal).parameters):
-        assert lte.returncode == 0, lte.stderr
-        assert "SIGNAL_STATE" in names(port.indications())
-    else:  # the extended signal arrives with the SIGNAL_STATE service work
-        assert lte.returncode == 2 and "not supported by this model" in lte.stderr
-        assert port.indications() == []
-        assert port.modem("state")["state"]["signal"]["rssi"] == 7
+    assert lte.returncode == 0, lte.stderr
+    assert "SIGNAL_STATE" in names(port.indications())
+    out_of_range = up.cli("modem", "signal", "--rssi", "9", "--rsrp", "0")
+    assert out_of_range.returncode == 2 and "rsrp" in out_of_range.stderr
 
 
 # ---- FCC lock ------------------------------------------------------------------------------
@@ -287,23 +281,22 @@ def test_fcc_locked_radio_stays_off_until_unlocked(start_up: StartUp, tmp_path: 
 # ---- what other parts of the model provide: SMS, USSD, shaping ---------------------------
 
 
-def test_sms_ussd_and_shape_answer_or_say_unsupported(up: Up, port: Port) -> None:
-    cases = [
-        (("sms", "deliver", "--from", "+15551234", "hello there"), ModemState, "deliver_sms"),
-        (("ussd", "notify", "Balance: 5 EUR"), ModemState, "ussd_notify"),
-        (("sms", "outbox"), ModemState, "sms_outbox"),
-        (("shape", "0", "--delay", "50"), Gateway, "set_shape"),
-        (("shape", "0", "--clear"), Gateway, "clear_shape"),
-    ]
-    for args, owner, method in cases:
-        res = up.cli("modem", *args, "--json")
-        if hasattr(owner, method):
-            assert res.returncode == 0, (args, res.stderr)
-            if args[0] in ("sms", "ussd") and args[1] != "outbox":
-                assert json.loads(res.stdout)["indications"], args
-        else:
-            assert res.returncode == 2, (args, res.stdout)
-            assert "not supported by this model" in res.stderr, res.stderr
+def test_sms_ussd_and_shape_reach_the_model(up: Up, port: Port) -> None:
+    res = up.cli("modem", "sms", "deliver", "--from", "+15551234", "hello there", "--json")
+    assert res.returncode == 0, res.stderr
+    assert names(port.indications()) == names(
+        [(n, {}) for n in json.loads(res.stdout)["indications"]]) != []
+    res = up.cli("modem", "ussd", "notify", "Balance: 5 EUR", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["indications"], res.stderr
+    outbox = up.cli("modem", "sms", "outbox", "--json")
+    assert outbox.returncode == 0 and json.loads(outbox.stdout)["messages"] == [], outbox
+    shaped = up.cli("modem", "shape", "0", "--delay", "50", "--json")
+    assert shaped.returncode == 0, shaped.stderr
+    assert json.loads(shaped.stdout)["shapes"]["0"]["delay_ms"] == 50.0
+    assert up.cli("modem", "shape", "0", "--clear").returncode == 0
+    assert port.modem("state")["shapes"] == {}
+    too_long = up.cli("modem", "sms", "deliver", "--from", "+15551234", "x" * 200)
+    assert too_long.returncode == 2 and "sms deliver" in too_long.stderr
     assert port.modem("state")["state"]["network"] == "home"
 
 

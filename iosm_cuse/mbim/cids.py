@@ -24,6 +24,7 @@ from iosm_cuse.mbim.infobuf import (
     ipv4_array,
     ipv6,
     ipv6_array,
+    ref_byte_array,
     ref_ipv4,
     ref_ipv6,
     ref_struct_array,
@@ -248,6 +249,82 @@ class IpConfigAvailable(IntFlag):
     MTU = 8
 
 
+class SmsStorageState(IntEnum):
+    NOT_INITIALIZED = 0
+    INITIALIZED = 1
+
+
+class SmsFormat(IntEnum):
+    PDU = 0
+    CDMA = 1
+
+
+class SmsFlag(IntEnum):
+    ALL = 0
+    INDEX = 1
+    NEW = 2
+    OLD = 3
+    SENT = 4
+    DRAFT = 5
+
+
+class SmsStatus(IntEnum):
+    NEW = 0
+    OLD = 1
+    DRAFT = 2
+    SENT = 3
+
+
+class SmsStatusFlag(IntFlag):
+    NONE = 0
+    MESSAGE_STORE_FULL = 1
+    NEW_MESSAGE = 2
+
+
+class UssdAction(IntEnum):
+    INITIATE = 0
+    CONTINUE = 1
+    CANCEL = 2
+
+
+class UssdResponse(IntEnum):
+    NO_ACTION_REQUIRED = 0
+    ACTION_REQUIRED = 1
+    TERMINATED_BY_NETWORK = 2
+    OTHER_LOCAL_CLIENT = 3
+    OPERATION_NOT_SUPPORTED = 4
+    NETWORK_TIMEOUT = 5
+
+
+class UssdSessionState(IntEnum):
+    NEW_SESSION = 0
+    EXISTING_SESSION = 1
+
+
+class LteAttachOperation(IntEnum):
+    DEFAULT = 0
+    RESTORE_FACTORY = 1
+
+
+class LteAttachRoaming(IntEnum):
+    HOME = 0
+    PARTNER = 1
+    NON_PARTNER = 2
+
+
+class ContextSource(IntEnum):
+    ADMIN = 0
+    USER = 1
+    OPERATOR = 2
+    MODEM = 3
+    DEVICE = 4
+
+
+class LteAttachState(IntEnum):
+    DETACHED = 0
+    ATTACHED = 1
+
+
 # ---------------------------------------------------------------------------------- structs
 
 PROVIDER = InfoLayout("MbimProvider", (
@@ -398,6 +475,62 @@ NETWORK_IDLE_HINT = InfoLayout("NetworkIdleHint", (u32("State"),))
 EMERGENCY_MODE = InfoLayout("EmergencyMode", (u32("State"),))
 PROXY_CONFIGURATION = InfoLayout("ProxyConfiguration", (string("DevicePath"), u32("Timeout")))
 
+# SMS (libmbim data/mbim-service-sms.json). PDUs are 3GPP TS 23.040 TPDUs preceded by the SMSC
+# address (TS 27.005 PDU mode), as ModemManager writes and reads them.
+SMS_CONFIGURATION_SET = InfoLayout("SmsConfigurationSet", (
+    u32("Format", SmsFormat), string("ScAddress")))
+SMS_CONFIGURATION = InfoLayout("SmsConfiguration", (
+    u32("SmsStorageState", SmsStorageState), u32("Format", SmsFormat), u32("MaxMessages"),
+    u32("CdmaShortMessageSize"), string("ScAddress")))
+SMS_PDU_READ_RECORD = InfoLayout("MbimSmsPduReadRecord", (
+    u32("MessageIndex"), u32("MessageStatus", SmsStatus), ref_byte_array("PduData")))
+SMS_READ_QUERY = InfoLayout("SmsReadQuery", (
+    u32("Format", SmsFormat), u32("Flag", SmsFlag), u32("MessageIndex")))
+# The model answers in PDU format only, so the CDMA array of libmbim's layout never appears.
+SMS_READ = InfoLayout("SmsRead", (
+    u32("Format", SmsFormat), u32("MessagesCount"),
+    ref_struct_array("PduMessages", SMS_PDU_READ_RECORD, count="MessagesCount")))
+# SEND's record is a struct of its own written inline, its offsets counted from the record's
+# start (libmbim's "struct" field): the handler decodes it with SMS_PDU_SEND_RECORD.
+SMS_SEND_SET = InfoLayout("SmsSendSet", (u32("Format", SmsFormat), unsized_byte_array("Record")))
+SMS_PDU_SEND_RECORD = InfoLayout("MbimSmsPduSendRecord", (ref_byte_array("PduData"),))
+SMS_SEND = InfoLayout("SmsSend", (u32("MessageReference"),))
+SMS_DELETE_SET = InfoLayout("SmsDeleteSet", (u32("Flag", SmsFlag), u32("MessageIndex")))
+SMS_MESSAGE_STORE_STATUS = InfoLayout("SmsMessageStoreStatus", (
+    u32("Flag", SmsStatusFlag), u32("MessageIndex")))
+
+# USSD (data/mbim-service-ussd.json); the payload is coded as DataCodingScheme says (TS 23.038).
+USSD_SET = InfoLayout("UssdSet", (
+    u32("Action", UssdAction), u32("DataCodingScheme"), ref_byte_array("Payload")))
+USSD = InfoLayout("Ussd", (
+    u32("Response", UssdResponse), u32("SessionState", UssdSessionState),
+    u32("DataCodingScheme"), ref_byte_array("Payload")))
+
+# ATDS (data/mbim-service-atds.json): ModemManager 1.20 reads extended signal only from here.
+ATDS_SIGNAL = InfoLayout("AtdsSignal", (
+    u32("Rssi"), u32("ErrorRate"), u32("Rscp"), u32("Ecno"), u32("Rsrq"), u32("Rsrp"),
+    u32("Rssnr")))
+
+# MS Basic Connect Extensions (data/mbim-service-ms-basic-connect-extensions.json).
+LTE_ATTACH_CONFIGURATION_ELEMENT = InfoLayout("MbimLteAttachConfiguration", (
+    u32("IpType", IpType), u32("Roaming", LteAttachRoaming), u32("Source", ContextSource),
+    string("AccessString"), string("UserName"), string("Password"),
+    u32("Compression", Compression), u32("AuthProtocol", AuthProtocol)))
+LTE_ATTACH_CONFIGURATION_SET = InfoLayout("LteAttachConfigurationSet", (
+    u32("Operation", LteAttachOperation), u32("ConfigurationCount"),
+    ref_struct_array("Configurations", LTE_ATTACH_CONFIGURATION_ELEMENT,
+                     count="ConfigurationCount")))
+LTE_ATTACH_CONFIGURATION = InfoLayout("LteAttachConfiguration", (
+    u32("ConfigurationCount"),
+    ref_struct_array("Configurations", LTE_ATTACH_CONFIGURATION_ELEMENT,
+                     count="ConfigurationCount")))
+LTE_ATTACH_INFO = InfoLayout("LteAttachInfo", (
+    u32("LteAttachState", LteAttachState), u32("IpType", IpType), string("AccessString"),
+    string("UserName"), string("Password"), u32("Compression", Compression),
+    u32("AuthProtocol", AuthProtocol)))
+SYS_CAPS = InfoLayout("SysCaps", (
+    u32("NumberOfExecutors"), u32("NumberOfSlots"), u32("Concurrency"), u64("ModemId")))
+
 BC = Service.BASIC_CONNECT
 
 
@@ -423,6 +556,32 @@ class BasicConnect(IntEnum):
     NETWORK_IDLE_HINT = 21
     EMERGENCY_MODE = 22
     MULTICARRIER_PROVIDERS = 24
+
+
+class Sms(IntEnum):
+    CONFIGURATION = 1
+    READ = 2
+    SEND = 3
+    DELETE = 4
+    MESSAGE_STORE_STATUS = 5
+
+
+class Ussd(IntEnum):
+    USSD = 1
+
+
+class Atds(IntEnum):
+    SIGNAL = 1
+
+
+class MsBasicConnectExtensions(IntEnum):
+    LTE_ATTACH_CONFIGURATION = 3
+    LTE_ATTACH_INFO = 4
+    SYS_CAPS = 5
+
+
+class IntelFirmwareUpdate(IntEnum):
+    MODEM_REBOOT = 1
 
 
 class ProxyControl(IntEnum):
@@ -471,6 +630,26 @@ CIDS: tuple[CidSpec, ...] = (
             notification=EMERGENCY_MODE),
     CidSpec(BC, _B.MULTICARRIER_PROVIDERS, "MULTICARRIER_PROVIDERS", set=PREFERRED_PROVIDERS,
             query=EMPTY, response=PREFERRED_PROVIDERS, notification=PREFERRED_PROVIDERS),
+    CidSpec(Service.SMS, Sms.CONFIGURATION, "SMS_CONFIGURATION", set=SMS_CONFIGURATION_SET,
+            query=EMPTY, response=SMS_CONFIGURATION, notification=SMS_CONFIGURATION),
+    CidSpec(Service.SMS, Sms.READ, "SMS_READ", query=SMS_READ_QUERY, response=SMS_READ,
+            notification=SMS_READ),
+    CidSpec(Service.SMS, Sms.SEND, "SMS_SEND", set=SMS_SEND_SET, response=SMS_SEND),
+    CidSpec(Service.SMS, Sms.DELETE, "SMS_DELETE", set=SMS_DELETE_SET, response=EMPTY),
+    CidSpec(Service.SMS, Sms.MESSAGE_STORE_STATUS, "SMS_MESSAGE_STORE_STATUS", query=EMPTY,
+            response=SMS_MESSAGE_STORE_STATUS, notification=SMS_MESSAGE_STORE_STATUS),
+    CidSpec(Service.USSD, Ussd.USSD, "USSD", set=USSD_SET, response=USSD, notification=USSD),
+    CidSpec(Service.ATDS, Atds.SIGNAL, "ATDS_SIGNAL", query=EMPTY, response=ATDS_SIGNAL),
+    CidSpec(Service.MS_BASIC_CONNECT_EXTENSIONS, MsBasicConnectExtensions.LTE_ATTACH_CONFIGURATION,
+            "LTE_ATTACH_CONFIGURATION", set=LTE_ATTACH_CONFIGURATION_SET, query=EMPTY,
+            response=LTE_ATTACH_CONFIGURATION, notification=LTE_ATTACH_CONFIGURATION),
+    CidSpec(Service.MS_BASIC_CONNECT_EXTENSIONS, MsBasicConnectExtensions.LTE_ATTACH_INFO,
+            "LTE_ATTACH_INFO", query=EMPTY, response=LTE_ATTACH_INFO,
+            notification=LTE_ATTACH_INFO),
+    CidSpec(Service.MS_BASIC_CONNECT_EXTENSIONS, MsBasicConnectExtensions.SYS_CAPS, "SYS_CAPS",
+            query=EMPTY, response=SYS_CAPS),
+    CidSpec(Service.INTEL_FIRMWARE_UPDATE, IntelFirmwareUpdate.MODEM_REBOOT, "MODEM_REBOOT",
+            set=EMPTY, response=EMPTY),
     # libmbim-private: what a client sends to mbim-proxy first; answered with an empty success.
     CidSpec(Service.PROXY_CONTROL, ProxyControl.CONFIGURATION, "CONFIGURATION",
             set=PROXY_CONFIGURATION, response=EMPTY),

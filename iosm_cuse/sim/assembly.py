@@ -166,12 +166,22 @@ def _attach_mbim(model: DeviceModel, config: ModemConfig, gateway: Gateway) -> M
 
     mbim = MbimFunction(config)
     mbim.session_listener = gateway.session_changed
+    mbim.reboot_hook = lambda: _reboot_soon(model)
     mbim.statistics_source = lambda: gateway_statistics(gateway.counters)
     # MbimChannelFunction.opened annotates `send` as returning None where the device's Send
     # returns bool (queued or not); it ignores the result, so it is a ChannelFunction all the
     # same. The cast goes when that annotation says Send.
     model.attach(MBIM_CHANNEL, cast("ChannelFunction", MbimChannelFunction(mbim)))
     return mbim
+
+
+REBOOT_AFTER = 0.2  # s: MODEM_REBOOT's answer leaves before the device drops off the bus
+
+
+def _reboot_soon(model: DeviceModel) -> None:
+    """MODEM_REBOOT as a device does it: it drops off the bus (in-band crash, exec stage
+    CRASH) and the host's recovery resets it and brings its ports back."""
+    asyncio.get_running_loop().call_later(REBOOT_AFTER, model.crash)
 
 
 def credit_window(model: DeviceModel) -> int:

@@ -6,6 +6,12 @@ that mbimcli and mbim-network flows work out of the box. Load overrides from TOM
     model = "XMM7560 (simulated)"
     pin_required = true            # start PIN-locked
     apns = ["internet"]            # default: any APN is accepted
+    rsrp = -87                     # LTE signal for ATDS SIGNAL (dBm; rsrq, snr in dB)
+    [ussd_replies]                 # the network's answer per USSD code
+    "*100#" = "Your balance is 42.00 EUR"
+    [[stored_sms]]                 # in the SMS store at power-on
+    from = "+4915550001"
+    text = "Welcome"
     [[visible_providers]]
     id = "00102"
     name = "other"
@@ -27,6 +33,7 @@ import dataclasses
 import json
 import tomllib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,9 @@ DATA_CLASS_NAMES = {
     "hsdpa": DataClass.HSDPA, "hsupa": DataClass.HSUPA, "lte": DataClass.LTE,
     "5g-nsa": DataClass.NR5G_NSA, "5g-sa": DataClass.NR5G_SA,
 }
+
+# The LTE values ATDS SIGNAL can carry, in dBm/dB (their wire codes: docs/modemmanager.md §7)
+LTE_SIGNAL_RANGES = {"rsrp": (-140, -43), "rsrq": (-19, -3), "snr": (-5, 30)}
 
 
 class ConfigError(ValueError):
@@ -114,6 +124,18 @@ class ModemConfig:
     downlink_speed: int = 1_000_000_000
     rssi: int = 20                              # 0..31, 99 unknown
     error_rate: int = 0                         # 0..7, 99 unknown
+    # LTE signal (ATDS SIGNAL, what `mmcli --signal-get` shows); None: not reported
+    rsrp: int | None = -95                      # dBm, -140..-43
+    rsrq: int | None = -10                      # dB, -19..-3
+    snr: int | None = 12                        # dB, -5..30
+    # SMS: the store's size, the SMSC, messages stored at power-on ([{from, text}, ...])
+    sms_max_messages: int = 30
+    smsc: str = "+9990000000"
+    stored_sms: list[dict[str, str]] = field(default_factory=list)
+    # USSD: the network's answer per code; others get ussd_default_reply ({code}: the code)
+    ussd_replies: dict[str, str] = field(
+        default_factory=lambda: {"*100#": "Your balance is 42.00 EUR"})
+    ussd_default_reply: str = "iosm-sim: no service for {code}"
     # data sessions
     mtu: int = 1500
     sessions: list[SessionIp] = field(default_factory=_default_sessions)
@@ -173,6 +195,31 @@ class ModemConfig:
             raise ConfigError("rssi must be 0..31 or 99")
         if not (0 <= self.error_rate <= 7 or self.error_rate == 99):
             raise ConfigError("error_rate must be 0..7 or 99")
+        for name, (lo, hi) in LTE_SIGNAL_RANGES.items():
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and lo <= v <= hi):
+                raise ConfigError(f"{name} must be {lo}..{hi}")
+        if not 1 <= self.sms_max_messages <= 255:
+            raise ConfigError("sms_max_messages must be 1..255")
+        if len(self.stored_sms) > self.sms_max_messages or not all(
+                isinstance(m, dict) and set(m) == {"from", "text"}
+                and all(isinstance(v, str) for v in m.values()) for m in self.stored_sms):
+            raise ConfigError("stored_sms: at most sms_max_messages tables of from and text")
+        if not all(isinstance(k, str) and isinstance(v, str)
+                   for k, v in self.ussd_replies.items()):
+            raise ConfigError("ussd_replies: a table of strings")
+        # (imported here: the sim.mbim package imports this module)
+        from iosm_cuse.sim.mbim.sms_pdu import encode_deliver, encode_ussd
+        for reply in [*self.ussd_replies.values(), self.ussd_default_reply]:
+            try:
+                encode_ussd(reply)
+            except ValueError as e:
+                raise ConfigError(f"ussd_replies: {e}") from None
+        for m in self.stored_sms:
+            try:
+                encode_deliver(m["from"], m["text"], datetime.now(UTC))
+            except ValueError as e:
+                raise ConfigError(f"stored_sms: {e}") from None
         if not self.network_ip_types or set(self.network_ip_types) - {"ipv4", "ipv6", "ipv4v6"}:
             raise ConfigError("network_ip_types: a non-empty list of ipv4, ipv6, ipv4v6")
         if self.apns is not None and not all(isinstance(a, str) for a in self.apns):

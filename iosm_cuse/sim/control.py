@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import enum
 import errno
-import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from iosm_cuse.sim.config import LTE_SIGNAL_RANGES
 from iosm_cuse.wire.args import MCCMNC, PHONE_NUMBER, Arg, ArgError, check_args
 
 if TYPE_CHECKING:
@@ -76,9 +76,8 @@ ACTIONS: dict[str, tuple[Arg, ...]] = {
                  CAUSE),
     "signal": (Arg("rssi", int, lo=0, hi=31, also=(99,)),
                Arg("ber", int, required=False, lo=0, hi=7, also=(99,)),
-               Arg("rsrp", int, required=False, lo=-156, hi=-31),
-               Arg("rsrq", int, required=False, lo=-34, hi=3),
-               Arg("snr", int, required=False, lo=-23, hi=40)),
+               *(Arg(name, int, required=False, lo=lo, hi=hi)
+                 for name, (lo, hi) in LTE_SIGNAL_RANGES.items())),
     "sim": (Arg("state", str, choices=_choices(SimCard)),),
     "detach": (),
     "deactivate": (SESSION, CAUSE),
@@ -298,42 +297,33 @@ def _unsupported(what: str) -> ActionError:
     return ActionError(f"{what}: not supported by this model", errno.EOPNOTSUPP)
 
 
+def _refused(what: str, change: Callable[[], list[Indication]]) -> list[Indication]:
+    """A change the model refuses with ValueError (a value it cannot carry, such as a text
+    longer than one SMS) is an EINVAL answer, nothing changed."""
+    try:
+        return change()
+    except ValueError as exc:
+        raise ActionError(f"{what}: {exc}") from None
+
+
 def set_signal(modem: ModemState, rssi: int, error_rate: int | None, *, rsrp: int | None,
                rsrq: int | None, snr: int | None) -> list[Indication]:
-    """ModemState.set_signal(rssi, error_rate, *, rsrp=, rsrq=, snr=), the LTE values passed
-    only when given."""
-    lte = {k: v for k, v in (("rsrp", rsrp), ("rsrq", rsrq), ("snr", snr)) if v is not None}
-    if lte and not set(lte) <= set(inspect.signature(modem.set_signal).parameters):
-        raise _unsupported("signal --rsrp/--rsrq/--snr")
-    result: list[Indication] = modem.set_signal(rssi, error_rate, **lte)
-    return result
+    return _refused("signal", lambda: modem.set_signal(rssi, error_rate, rsrp=rsrp, rsrq=rsrq,
+                                                       snr=snr))
 
 
 def deliver_sms(modem: ModemState, sender: str, text: str) -> list[Indication]:
-    """ModemState.deliver_sms(sender, text)."""
-    method = getattr(modem, "deliver_sms", None)
-    if method is None:
-        raise _unsupported("sms deliver")
-    result: list[Indication] = method(sender, text)
-    return result
+    return _refused("sms deliver", lambda: modem.deliver_sms(sender, text))
 
 
 def sms_outbox(modem: ModemState) -> list[dict[str, Any]]:
-    """ModemState.sms_outbox(): what hosts sent."""
-    method = getattr(modem, "sms_outbox", None)
-    if method is None:
-        raise _unsupported("sms outbox")
-    result: list[dict[str, Any]] = method()
-    return result
+    """What hosts sent."""
+    return modem.sms_outbox()
 
 
 def ussd_notify(modem: ModemState, text: str) -> list[Indication]:
-    """ModemState.ussd_notify(text): a network-initiated USSD message."""
-    method = getattr(modem, "ussd_notify", None)
-    if method is None:
-        raise _unsupported("ussd notify")
-    result: list[Indication] = method(text)
-    return result
+    """A network-initiated USSD message."""
+    return _refused("ussd notify", lambda: modem.ussd_notify(text))
 
 
 def set_shape(gateway: Gateway, session_id: int, *, delay_ms: float, loss_percent: float,

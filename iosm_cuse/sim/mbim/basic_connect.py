@@ -23,6 +23,7 @@ from iosm_cuse.mbim.cids import (
     ProviderState,
     RadioState,
     SimClass,
+    SmsCaps,
     VoiceClass,
 )
 from iosm_cuse.mbim.constants import CommandType, Status
@@ -47,7 +48,7 @@ def device_caps(fn: FunctionContext, ct: int, req: Values) -> Answer:
     return Answer(Status.NONE, {
         "DeviceType": DeviceType.EMBEDDED, "CellularClass": CellularClass.GSM,
         "VoiceClass": VoiceClass.NO_VOICE, "SimClass": SimClass.REMOVABLE,
-        "DataClass": c.data_class_mask, "SmsCaps": 0,
+        "DataClass": c.data_class_mask, "SmsCaps": SmsCaps.PDU_RECEIVE | SmsCaps.PDU_SEND,
         "ControlCaps": ControlCaps.REG_MANUAL, "MaxSessions": c.max_sessions,
         "CustomDataClass": "", "DeviceId": c.device_id, "FirmwareInfo": c.firmware,
         "HardwareInfo": c.hardware,
@@ -165,6 +166,20 @@ def signal_state(fn: FunctionContext, ct: int, req: Values) -> Answer:
         fn.modem.set_signal_reporting(req["SignalStrengthInterval"], req["RssiThreshold"],
                                       req["ErrorRateThreshold"])
     return Answer(Status.NONE, fn.modem.signal_values())
+
+
+@HANDLERS.handles(B.PROVISIONED_CONTEXTS)
+def provisioned_contexts(fn: FunctionContext, ct: int, req: Values) -> Answer:
+    modem = fn.modem
+    if ct == QUERY:
+        return Answer(Status.NONE, modem.provisioned_contexts_values())
+    if (len(req["AccessString"]) > MAX_ACCESS_STRING or len(req["UserName"]) > MAX_USER_OR_PASSWORD
+            or len(req["Password"]) > MAX_USER_OR_PASSWORD):
+        return Answer(Status.INVALID_PARAMETERS)
+    change = modem.provision_context(req)
+    if change.status is not Status.NONE:
+        return Answer(change.status)
+    return Answer(Status.NONE, modem.provisioned_contexts_values(), change.indications)
 
 
 # connect -----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ class MbimChannelFunction:
 
     def opened(self, send: Callable[[bytes], None]) -> None:
         self._send = send
-        self.function.wakeup = self.flush
+        self.function.wakeup = self.wake
 
     def receive(self, ul_transfer: bytes) -> None:
         self._emit(self.function.receive(ul_transfer))
@@ -36,6 +36,11 @@ class MbimChannelFunction:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def wake(self) -> None:
+        """The rest of the model changed something: send what waits, re-arm the timer."""
+        self.flush()
+        self._arm_timer()
 
     def flush(self) -> None:
         """Send the indications that are waiting."""
@@ -66,3 +71,5 @@ class MbimChannelFunction:
     def _on_timer(self) -> None:
         self._timer = None
         self._emit(self.function.handle_timer())
+        self.flush()
+        self._arm_timer()

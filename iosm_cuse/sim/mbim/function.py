@@ -41,7 +41,7 @@ from iosm_cuse.mbim.message import (
 )
 from iosm_cuse.mbim.uuids import Service
 from iosm_cuse.sim.config import ModemConfig
-from iosm_cuse.sim.mbim import basic_connect, proxy_control
+from iosm_cuse.sim.mbim import basic_connect, proxy_control, services
 from iosm_cuse.sim.mbim.handlers import Handler, ServiceHandlers
 from iosm_cuse.sim.mbim.modem import (
     Indication,
@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 MIN_CONTROL_TRANSFER = 64          # MBIM's smallest wMaxControlMessage
 MAX_QUEUED_INDICATIONS = 256       # nobody reading: keep the newest ones only
-SERVICES: tuple[ServiceHandlers, ...] = (basic_connect.HANDLERS, proxy_control.HANDLERS)
+SERVICES: tuple[ServiceHandlers, ...] = (
+    basic_connect.HANDLERS, *services.TABLES, proxy_control.HANDLERS)
 
 
 class MbimFunction:
@@ -64,10 +65,14 @@ class MbimFunction:
 
     def __init__(self, config: ModemConfig | None = None, *,
                  clock: Callable[[], float] = time.monotonic,
-                 fragment_timeout: float = 1.25) -> None:
-        self.modem = ModemState(config)
+                 fragment_timeout: float = 1.25,
+                 wallclock: Callable[[], float] = time.time) -> None:
+        self.modem = ModemState(config, clock=clock, wallclock=wallclock)
         self.config = self.modem.config
         self.clock = clock
+        # MODEM_REBOOT: called after the answer is queued; the adapter makes the device drop
+        # off the bus and come back (sim/assembly.py). None: only the state is reset.
+        self.reboot_hook: Callable[[], None] | None = None
         self.fragment_timeout = fragment_timeout
         # Called when an indication is queued outside receive() (e.g. set_signal()).
         self.wakeup: Callable[[], None] | None = None
@@ -103,13 +108,19 @@ class MbimFunction:
         return out
 
     def next_timer(self) -> float | None:
-        """Clock time at which handle_timer() has something to do, None if nothing pending."""
+        """Clock time at which handle_timer() has something to do, None if nothing pending:
+        a fragment deadline, or a SIGNAL_STATE indication held back by the host's interval."""
         started = self._collector.started
-        return None if started is None else started + self.fragment_timeout
+        due = [t for t in (None if started is None else started + self.fragment_timeout,
+                           self.modem.next_timer()) if t is not None]
+        return min(due) if due else None
 
     def handle_timer(self, now: float | None = None) -> list[bytes]:
-        """FUNCTION_ERROR TIMEOUT_FRAGMENT for a host message whose fragments stopped coming."""
-        err = self._collector.expire(self.clock() if now is None else now, self.fragment_timeout)
+        """FUNCTION_ERROR TIMEOUT_FRAGMENT for a host message whose fragments stopped coming;
+        a held-back indication whose interval passed goes to pending_indications()."""
+        now = self.clock() if now is None else now
+        self.indicate(self.modem.handle_timer(now))
+        err = self._collector.expire(now, self.fragment_timeout)
         if err is None:
             return []
         self.rejects("fragment_timeout", "%s", err)
@@ -228,7 +239,11 @@ class MbimFunction:
             self._indications.extend(fragment(encode_message(msg), self.max_transfer))
             del self._indications[:-MAX_QUEUED_INDICATIONS]
             queued = True
-        if queued and not self._in_receive and self.wakeup is not None:
+        # Woken also when nothing was queued but an indication waits for its interval: the
+        # adapter then arms its timer (a change made through ModemState directly, e.g. by
+        # the live control, goes through here too).
+        held = self.modem.next_timer() is not None
+        if (queued or held) and not self._in_receive and self.wakeup is not None:
             self.wakeup()
 
     def subscribe(self, events: dict[UUID, frozenset[int]]) -> None:
@@ -252,9 +267,25 @@ class MbimFunction:
 
     # ------------------------------------------ the modem's state, as its users reach it
 
-    def set_signal(self, rssi: int, error_rate: int | None = None) -> None:
-        """The radio conditions changed: update and indicate SIGNAL_STATE."""
-        self.indicate(self.modem.set_signal(rssi, error_rate))
+    def set_signal(self, rssi: int, error_rate: int | None = None, *, rsrp: int | None = None,
+                   rsrq: int | None = None, snr: int | None = None) -> None:
+        """The radio conditions changed: update, and indicate SIGNAL_STATE as the host asked
+        (ModemState.set_signal); a held-back indication arms the adapter's timer."""
+        self.indicate(self.modem.set_signal(rssi, error_rate, rsrp=rsrp, rsrq=rsrq, snr=snr))
+
+    def deliver_sms(self, sender: str, text: str) -> None:
+        """An SMS arrives (ModemState.deliver_sms), indicated to a subscribed host."""
+        self.indicate(self.modem.deliver_sms(sender, text))
+
+    def ussd_notify(self, text: str) -> None:
+        """A network-initiated USSD message (ModemState.ussd_notify)."""
+        self.indicate(self.modem.ussd_notify(text))
+
+    def request_reboot(self) -> None:
+        """MODEM_REBOOT: the state as at power-on; the device drops off the bus (reboot_hook)."""
+        self.modem.reboot()
+        if self.reboot_hook is not None:
+            self.reboot_hook()
 
     def add_traffic(self, *, in_octets: int = 0, in_packets: int = 0, out_octets: int = 0,
                     out_packets: int = 0, in_discards: int = 0, out_discards: int = 0) -> None:

@@ -43,6 +43,9 @@ class FunctionContext(Protocol):
     def supported_cids(self) -> dict[Service, list[int]]:
         """The CIDs DEVICE_SERVICES lists, per service."""
 
+    def request_reboot(self) -> None:
+        """MODEM_REBOOT: reset the modem's state and have the device drop and come back."""
+
 
 Handler = Callable[[FunctionContext, int, Values], Answer]
 

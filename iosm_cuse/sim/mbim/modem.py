@@ -12,6 +12,7 @@ rejects the rest), so nothing here re-checks them.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
@@ -20,9 +21,14 @@ from typing import Any
 from iosm_cuse.mbim import cids
 from iosm_cuse.mbim.cids import (
     ActivationState,
+    AuthProtocol,
     BasicConnect,
     CellularClass,
+    Compression,
+    ContextSource,
     IpType,
+    LteAttachRoaming,
+    LteAttachState,
     PacketServiceState,
     PinOperation,
     PinState,
@@ -33,13 +39,21 @@ from iosm_cuse.mbim.cids import (
     RegisterAction,
     RegisterMode,
     RegisterState,
+    Sms,
+    SmsFlag,
+    Ussd,
+    UssdAction,
+    UssdResponse,
+    UssdSessionState,
     VoiceCallState,
 )
 from iosm_cuse.mbim.constants import Status
 from iosm_cuse.mbim.infobuf import encode
 from iosm_cuse.mbim.uuids import ContextType, Service
-from iosm_cuse.sim.config import ModemConfig, Provider, SessionIp
+from iosm_cuse.sim.config import LTE_SIGNAL_RANGES, ModemConfig, Provider, SessionIp
 from iosm_cuse.sim.control import Network, SimCard
+from iosm_cuse.sim.mbim.sms import SmsError, SmsStore
+from iosm_cuse.sim.mbim.sms_pdu import PduError, decode_ussd, encode_ussd
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +73,10 @@ NW_PLMN_NOT_ALLOWED = 11
 # The network a `register roaming` without --operator roams on when the configuration lists
 # no visible network besides home
 DEFAULT_ROAMING_PROVIDER = Provider("00102", "iosm-roaming")
+ATDS_UNKNOWN = 0xFF                # an ATDS SIGNAL value the modem does not report
+THRESHOLD_OFF = 0xFFFFFFFF         # SIGNAL_STATE set: no reports for this threshold
+CONTEXT_ID_APPEND = 0xFFFFFFFF     # PROVISIONED_CONTEXTS set: a new context
+MAX_PROVISIONED_CONTEXTS = 16
 
 
 @dataclass(frozen=True)
@@ -140,8 +158,14 @@ class ModemState:
     remember.
     """
 
-    def __init__(self, config: ModemConfig | None = None) -> None:
+    def __init__(self, config: ModemConfig | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 wallclock: Callable[[], float] = time.time) -> None:
         self.config = c = config if config is not None else ModemConfig()
+        # clock: seconds, for the SIGNAL_STATE interval; wallclock: epoch seconds, for SMS
+        # timestamps. Injected, so the state stays sans-IO and tests run on their own time.
+        self.clock = clock
+        self.wallclock = wallclock
         # Told of every session that comes up (its SessionState) or goes down (None).
         self.session_listener: SessionListener | None = None
         # Where PACKET_STATISTICS reads its counters (e.g. the packet gateway's); when None,
@@ -169,11 +193,23 @@ class ModemState:
         self.attached = False
         self.rssi = c.rssi
         self.error_rate = c.error_rate
+        self.rsrp, self.rsrq, self.snr = c.rsrp, c.rsrq, c.snr
         self.signal_interval = 0
         self.rssi_threshold = 0
         self.error_rate_threshold = 0
+        # What the last SIGNAL_STATE indication said, when it went, and whether one waits
+        # for the interval to pass (next_timer()).
+        self._signal_reported: tuple[int, int] = (self.rssi, self.error_rate)
+        self._signal_sent_at: float | None = None
+        self._signal_waiting = False
         self.sessions: dict[int, SessionState] = {}
         self.stats = PacketStatistics()
+        self.sms = SmsStore(c.sms_max_messages, c.smsc, wallclock)
+        for stored in c.stored_sms:
+            self.sms.deliver(stored["from"], stored["text"])
+        self.provisioned_contexts: list[Values] = [_context(1, _default_apn(c))]
+        self.lte_attach_configurations: list[Values] = _default_lte_attach()
+        self.reboots = 0
 
     # ------------------------------------------------------------------- derived state
 
@@ -427,12 +463,37 @@ class ModemState:
         self._announce(session_id, None)
         return [self._connect_indication(session_id, cause)]
 
-    def set_signal(self, rssi: int, error_rate: int | None = None) -> list[Indication]:
-        """The radio conditions changed."""
+    def set_signal(self, rssi: int, error_rate: int | None = None, *, rsrp: int | None = None,
+                   rsrq: int | None = None, snr: int | None = None) -> list[Indication]:
+        """The radio conditions changed: rssi 0..31 (99 unknown), error_rate 0..7 (99), and
+        the LTE rsrp (dBm), rsrq and snr (dB) that ATDS SIGNAL reports; ValueError for a value
+        out of range, nothing changed. SIGNAL_STATE is indicated as the host asked with
+        SIGNAL_STATE set: when RSSI (or the error rate) moved by its threshold, at most once
+        per interval; one held back by the interval comes from handle_timer()."""
+        if not (0 <= rssi <= 31 or rssi == NOT_REGISTERED_SIGNAL):
+            raise ValueError("rssi must be 0..31 or 99")
+        if error_rate is not None and not (0 <= error_rate <= 7
+                                           or error_rate == NOT_REGISTERED_SIGNAL):
+            raise ValueError("error_rate must be 0..7 or 99")
+        lte = {"rsrp": rsrp, "rsrq": rsrq, "snr": snr}
+        for name, value in lte.items():
+            lo, hi = LTE_SIGNAL_RANGES[name]
+            if value is not None and not lo <= value <= hi:
+                raise ValueError(f"{name} must be {lo}..{hi}")
         self.rssi = rssi
         if error_rate is not None:
             self.error_rate = error_rate
-        return [_basic_connect(BasicConnect.SIGNAL_STATE, self.signal_values())]
+        for name, value in lte.items():
+            if value is not None:
+                setattr(self, name, value)
+        if not self._signal_moved():
+            return []
+        now = self.clock()
+        if (self.signal_interval and self._signal_sent_at is not None
+                and now < self._signal_sent_at + self.signal_interval):
+            self._signal_waiting = True
+            return []
+        return self._signal_indication(now)
 
     # ------------------------------------------- what the network does (live control)
 
@@ -504,9 +565,162 @@ class ModemState:
 
     def set_signal_reporting(self, interval: int, rssi_threshold: int,
                              error_rate_threshold: int) -> None:
+        """SIGNAL_STATE set: seconds between reports (0: no limit), and the RSSI and error
+        rate change that makes one (0: any change; 0xFFFFFFFF: never)."""
         self.signal_interval = interval
         self.rssi_threshold = rssi_threshold
         self.error_rate_threshold = error_rate_threshold
+
+    def next_timer(self) -> float | None:
+        """Clock time at which handle_timer() has a held-back indication to send."""
+        if not self._signal_waiting or self._signal_sent_at is None:
+            return None
+        return self._signal_sent_at + self.signal_interval
+
+    def handle_timer(self, now: float) -> list[Indication]:
+        due = self.next_timer()
+        if due is None or now < due:
+            return []
+        self._signal_waiting = False
+        return self._signal_indication(now) if self._signal_moved() else []
+
+    def _signal_moved(self) -> bool:
+        def moved(now: int, before: int, threshold: int) -> bool:
+            if now == before or threshold == THRESHOLD_OFF:
+                return False
+            return abs(now - before) >= max(threshold, 1)
+        rssi, error_rate = self._signal_reported
+        return (moved(self.rssi, rssi, self.rssi_threshold)
+                or moved(self.error_rate, error_rate, self.error_rate_threshold))
+
+    def _signal_indication(self, now: float) -> list[Indication]:
+        self._signal_reported = (self.rssi, self.error_rate)
+        self._signal_sent_at = now
+        return [_basic_connect(BasicConnect.SIGNAL_STATE, self.signal_values())]
+
+    def atds_signal_values(self) -> Values:
+        """ATDS SIGNAL: RSSI and BER as in SIGNAL_STATE, RSRP as dBm + 140, RSRQ as
+        2 x dB + 39, SNR as dB + 5; UMTS values not reported."""
+        registered = self.registered_provider is not None
+
+        def code(value: int | None, scale: int, offset: int) -> int:
+            return ATDS_UNKNOWN if value is None or not registered else scale * value + offset
+        return {"Rssi": self.rssi if registered else NOT_REGISTERED_SIGNAL,
+                "ErrorRate": self.error_rate if registered else NOT_REGISTERED_SIGNAL,
+                "Rscp": ATDS_UNKNOWN, "Ecno": ATDS_UNKNOWN,
+                "Rsrq": code(self.rsrq, 2, 39), "Rsrp": code(self.rsrp, 1, 140),
+                "Rssnr": code(self.snr, 1, 5)}
+
+    # ------------------------------------------------------------------------- SMS, USSD
+
+    def deliver_sms(self, sender: str, text: str) -> list[Indication]:
+        """An SMS from ``sender`` arrives: stored, then SMS READ (the message) and
+        MESSAGE_STORE_STATUS (NEW_MESSAGE, its index) indicated. ValueError for a sender that
+        is not a phone number or a text longer than one SMS; a full store indicates
+        MESSAGE_STORE_FULL and keeps nothing."""
+        try:
+            msg = self.sms.deliver(sender, text)
+        except SmsError:
+            return [Indication(Service.SMS, Sms.MESSAGE_STORE_STATUS,
+                               self.sms.store_status_values())]
+        return [Indication(Service.SMS, Sms.READ, self.sms.read_values([msg])),
+                Indication(Service.SMS, Sms.MESSAGE_STORE_STATUS,
+                           self.sms.store_status_values(msg.index))]
+
+    def sms_outbox(self) -> list[dict[str, Any]]:
+        """What clients sent, oldest first: index, to, text, time (epoch s), reference, smsc."""
+        return [dict(m) for m in self.sms.outbox]
+
+    def sms_read(self, flag: SmsFlag, index: int) -> Change | Values:
+        try:
+            return self.sms.read_values(self.sms.read(flag, index))
+        except SmsError:
+            return Change(Status.INVALID_PARAMETERS)
+
+    def ussd_request(self, action: UssdAction, dcs: int, payload: bytes) -> Change | Values:
+        """USSD set: the network's deterministic answer to a code (config ussd_replies), the
+        session ended with it; CANCEL ends a session."""
+        if action is UssdAction.CANCEL:
+            return self._ussd_values(UssdResponse.TERMINATED_BY_NETWORK, "")
+        refused = self.attach_refusal()
+        if refused is not None:
+            return Change(refused)
+        try:
+            code = decode_ussd(dcs, payload)
+        except PduError:
+            return Change(Status.INVALID_PARAMETERS)
+        reply = self.config.ussd_replies.get(code)
+        if reply is None:
+            reply = self.config.ussd_default_reply.replace("{code}", code)
+        try:
+            return self._ussd_values(UssdResponse.NO_ACTION_REQUIRED, reply,
+                                     existing=action is UssdAction.CONTINUE)
+        except ValueError:     # the default reply with a long code in it: more than 160 octets
+            return Change(Status.FAILURE)
+
+    def ussd_notify(self, text: str) -> list[Indication]:
+        """A network-initiated USSD message (no answer expected); ValueError beyond 160
+        octets."""
+        return [Indication(Service.USSD, Ussd.USSD,
+                           self._ussd_values(UssdResponse.NO_ACTION_REQUIRED, text))]
+
+    @staticmethod
+    def _ussd_values(response: UssdResponse, text: str, existing: bool = False) -> Values:
+        dcs, payload = encode_ussd(text) if text else (0x0F, b"")
+        return {"Response": response,
+                "SessionState": (UssdSessionState.EXISTING_SESSION if existing
+                                 else UssdSessionState.NEW_SESSION),
+                "DataCodingScheme": dcs, "Payload": payload}
+
+    # ---------------------------------------------------------- contexts and LTE attach
+
+    def provision_context(self, request: Values) -> Change:
+        """PROVISIONED_CONTEXTS set: add (ContextId 0xFFFFFFFF), replace, or delete (context
+        type NONE) a context; the indication carries the whole list."""
+        cid = request["ContextId"]
+        contexts = [c for c in self.provisioned_contexts if c["ContextId"] != cid]
+        if request["ContextType"] != ContextType.NONE.value:
+            if cid == CONTEXT_ID_APPEND:
+                cid = max([c["ContextId"] for c in self.provisioned_contexts], default=0) + 1
+            if len(contexts) >= MAX_PROVISIONED_CONTEXTS:
+                return Change(Status.FAILURE)
+            contexts.append(_context(cid, request["AccessString"], request["ContextType"],
+                                     request["UserName"], request["Password"],
+                                     request["Compression"], request["AuthProtocol"]))
+        elif len(contexts) == len(self.provisioned_contexts):
+            return Change(Status.INVALID_PARAMETERS)        # nothing to delete there
+        self.provisioned_contexts = sorted(contexts, key=lambda c: int(c["ContextId"]))
+        return Change(indications=(_basic_connect(BasicConnect.PROVISIONED_CONTEXTS,
+                                                  self.provisioned_contexts_values()),))
+
+    def provisioned_contexts_values(self) -> Values:
+        return {"ProvisionedContexts": [dict(c) for c in self.provisioned_contexts]}
+
+    def lte_attach_info_values(self) -> Values:
+        attached = self.attached and bool(self.config.data_class_mask & (1 << 5))
+        home = self.lte_attach_configurations[0]
+        return {"LteAttachState": LteAttachState.ATTACHED if attached else LteAttachState.DETACHED,
+                "IpType": home["IpType"] if attached else IpType.DEFAULT,
+                "AccessString": home["AccessString"] if attached else "",
+                "UserName": "", "Password": "", "Compression": Compression.NONE,
+                "AuthProtocol": AuthProtocol.NONE}
+
+    def reboot(self) -> None:
+        """MODEM_REBOOT: back to how the modem powers on (sessions down, detached, radio and
+        PIN lock as configured, no signal reporting asked); the SMS store and outbox stay,
+        as a SIM's and the instrument's would."""
+        self.reboots += 1
+        for sid in sorted(self.sessions):
+            self.deactivate(sid)
+        c = self.config
+        self.attached = False
+        self.radio_on = c.radio_on
+        self.pin_locked = self.pin_enabled
+        self.register_mode = RegisterMode.AUTOMATIC if c.register_automatic else RegisterMode.MANUAL
+        self.manual_provider = None
+        self.set_signal_reporting(0, 0, 0)
+        self._signal_waiting = False
+        self._signal_sent_at = None
 
     def add_traffic(self, *, in_octets: int = 0, in_packets: int = 0, out_octets: int = 0,
                     out_packets: int = 0, in_discards: int = 0, out_discards: int = 0) -> None:
@@ -618,3 +832,25 @@ class ModemState:
 
 def _valid_pin(pin: str) -> bool:
     return pin.isascii() and pin.isdigit() and 4 <= len(pin) <= 8
+
+
+def _default_apn(c: ModemConfig) -> str:
+    return c.apns[0] if c.apns else "internet"
+
+
+def _context(cid: int, apn: str, context_type: Any = None, user: str = "", password: str = "",
+             compression: Compression = Compression.NONE,
+             auth: AuthProtocol = AuthProtocol.NONE) -> Values:
+    return {"ContextId": cid,
+            "ContextType": context_type if context_type is not None else ContextType.INTERNET.value,
+            "AccessString": apn, "UserName": user, "Password": password,
+            "Compression": compression, "AuthProtocol": auth}
+
+
+def _default_lte_attach() -> list[Values]:
+    """The initial EPS bearer settings a modem ships with: one per roaming case, any APN."""
+    return [{"IpType": IpType.IPV4V6, "Roaming": roaming, "Source": ContextSource.MODEM,
+             "AccessString": "", "UserName": "", "Password": "",
+             "Compression": Compression.NONE, "AuthProtocol": AuthProtocol.NONE}
+            for roaming in (LteAttachRoaming.HOME, LteAttachRoaming.PARTNER,
+                            LteAttachRoaming.NON_PARTNER)]
