@@ -8,7 +8,6 @@ get a tmpfs each; the project's udev rules go into /run/udev/rules.d as install-
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -21,144 +20,34 @@ from typing import Any
 import guest_up
 import pytest
 from helpers import until
+from mm_stack import (
+    Services,
+    keyvalues,
+    mm_on_bus,
+    modems,
+    mount_tmpfs,
+    run,
+    sbin,
+    services_running,
+    wait_listed,
+)
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(shutil.which("ModemManager") is None and
                                  not Path("/usr/sbin/ModemManager").exists(),
                                  reason="modemmanager is not installed (./dev TEST_PACKAGES)")]
 
-UDEV = Path(__file__).resolve().parents[2] / "udev"
 PORT = "/dev/wwan0mbim0"
 LISTED_WITHIN = 10.0  # the issue's promise, from the ready line to `mmcli -L`
 DROPPED_AFTER_TERM = 5.0
 DROPPED_AFTER_KILL = 10.0
 GW4, ADDR4, GW6 = "10.99.0.1", "10.99.0.2", "fd99:0::1"
-SLOW = 180  # TCG: a connect through MM and NM takes a while
-
-
-def run(*argv: str, timeout: float = SLOW, check: bool = False
-        ) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert res.returncode == 0, f"{' '.join(argv)}: {res.stdout}{res.stderr}"
-    return res
-
-
-def stop_process(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def sbin(name: str) -> str:
-    return shutil.which(name) or f"/usr/sbin/{name}"
-
-
-@dataclass
-class Services:
-    log_dir: Path
-    procs: dict[str, subprocess.Popen[bytes]]
-
-    def start(self, name: str, *argv: str) -> None:
-        log = (self.log_dir / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is not None:
-            stop_process(proc)
-
-    def log(self, name: str) -> str:
-        path = self.log_dir / f"{name}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
-
-def _mount_tmpfs(path: str, mounted: list[str]) -> None:
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", path], check=True)
-    mounted.append(path)
-
-
-def _bus_ready() -> bool:
-    return run("dbus-send", "--system", "--print-reply", "--dest=org.freedesktop.DBus",
-               "/org/freedesktop/DBus", "org.freedesktop.DBus.ListNames", timeout=30
-               ).returncode == 0
 
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
-    """dbus-daemon --system, polkitd, systemd-udevd with our rules, ModemManager."""
-    for module in ("cuse", "tun"):
-        subprocess.run(["modprobe", "-q", module], check=False)
-    svc = Services(tmp_path_factory.mktemp("services"), {})
-    mounted: list[str] = []
-    rules = Path("/run/udev/rules.d")
-    # The plain guest has no udevd, and later tests (iosm-cuse watch) rely on that: whatever
-    # udevd leaves in /run/udev (its control socket above all) goes when it stops.
-    udev_run_existed = Path("/run/udev").exists()
-    try:
-        os.makedirs("/run/dbus", exist_ok=True)
-        Path("/run/dbus/system_bus_socket").unlink(missing_ok=True)
-        svc.start("dbus", "dbus-daemon", "--system", "--nofork", "--nopidfile")
-        until(_bus_ready, 60, lambda: f"system bus: {svc.log('dbus')}", poll=0.5)
-        polkitd = Path("/usr/lib/polkit-1/polkitd")
-        if polkitd.exists():
-            svc.start("polkitd", str(polkitd), "--no-debug")
-        rules.mkdir(parents=True, exist_ok=True)
-        shutil.copy(UDEV / "70-iosm-cuse.rules", rules / "70-iosm-cuse.rules")
-        svc.start("udevd", sbin("systemd-udevd") if shutil.which("systemd-udevd")
-                  else "/lib/systemd/systemd-udevd")
-        until(lambda: Path("/run/udev/control").exists(), 60,
-              lambda: f"udevd: {svc.log('udevd')}", poll=0.2)
-        svc.start("ModemManager", sbin("ModemManager"))
-        until(mm_on_bus, 120, lambda: f"ModemManager: {svc.log('ModemManager')}", poll=0.5)
+    with services_running(tmp_path_factory.mktemp("services")) as svc:
         yield svc
-    finally:
-        for name in reversed(list(svc.procs)):
-            svc.stop(name)
-        (rules / "70-iosm-cuse.rules").unlink(missing_ok=True)
-        if udev_run_existed:
-            Path("/run/udev/control").unlink(missing_ok=True)
-        else:
-            shutil.rmtree("/run/udev", ignore_errors=True)
-        for path in reversed(mounted):
-            subprocess.run(["umount", path], check=False)
-
-
-def mm_on_bus() -> bool:
-    return run("dbus-send", "--system", "--print-reply", "--dest=org.freedesktop.DBus",
-               "/org/freedesktop/DBus", "org.freedesktop.DBus.NameHasOwner",
-               "string:org.freedesktop.ModemManager1", timeout=30).stdout.rstrip().endswith(
-                   "boolean true")
-
-
-def modems() -> list[str]:
-    """The modem object paths `mmcli -L` lists."""
-    out = run("mmcli", "-L", timeout=60).stdout
-    return re.findall(r"/org/freedesktop/ModemManager1/Modem/\d+", out)
-
-
-def wait_listed(within: float, services: Services, old: str | None = None) -> tuple[str, float]:
-    """The one modem listed (other than `old`), and how long it took."""
-    found: list[str] = []
-
-    def listed() -> bool:
-        found[:] = [m for m in modems() if m != old]
-        return len(found) == 1
-
-    took = until(listed, within, lambda: f"mmcli -L: {found}; ModemManager: "
-                 f"{services.log('ModemManager')}", poll=0.2)
-    return found[0], took
-
-
-def keyvalues(*argv: str) -> dict[str, str]:
-    out = run("mmcli", "-K", *argv, check=True).stdout
-    pairs = (line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return {k.strip(): v.strip() for k, v in pairs}
 
 
 @dataclass
@@ -271,7 +160,7 @@ def network_manager(services: Services) -> Iterator[None]:
     mounted: list[str] = []
     try:
         for path in ("/var/lib/NetworkManager", "/etc/NetworkManager/system-connections"):
-            _mount_tmpfs(path, mounted)
+            mount_tmpfs(path, mounted)
         services.start("NetworkManager", sbin("NetworkManager"), "--no-daemon")
         until(lambda: run("nmcli", "-t", "general", "status", timeout=60).returncode == 0,
               120, lambda: services.log("NetworkManager"), poll=0.5)
