@@ -30,8 +30,8 @@ from iosm_cuse.wire.rejects import Rejects
 log = logging.getLogger("iosm_cuse.sim.at")
 
 CR, LF, BS = 0x0D, 0x0A, 0x08  # S3, S4 and S5 of V.250, at their defaults
-# V.250 asks for at least 40 characters after "AT"; 3GPP TS 27.007 §4.0 for at least 556 in a
-# command line. Longer is garbage (or hostile), not a command.
+# V.250 asks for at least 40 characters after "AT"; 3GPP TS 27.007 for at least 556 in a
+# command line. Longer is garbage (or hostile), not a command (docs/at-ports.md §4).
 MAX_LINE = 560
 IndicationSink = Callable[[list[Indication]], None]
 
@@ -40,7 +40,7 @@ IndicationSink = Callable[[list[Indication]], None]
 CREG_STAT = {RegisterState.DEREGISTERED: 0, RegisterState.HOME: 1, RegisterState.SEARCHING: 2,
              RegisterState.DENIED: 3, RegisterState.UNKNOWN: 4, RegisterState.ROAMING: 5,
              RegisterState.PARTNER: 5}
-# +CME ERROR codes of 27.007 §9.2 used here
+# +CME ERROR codes of 3GPP TS 27.007 used here
 CME_OPERATION_NOT_ALLOWED = 3
 CME_SIM_NOT_INSERTED = 10
 CME_SIM_FAILURE = 13
@@ -129,7 +129,7 @@ class AtInterpreter:
         text = raw.decode("ascii", "replace").strip()
         at = text.upper().find("AT")
         if at < 0:
-            return b""  # not a command line (V.250 §5.2.1: characters before AT are ignored)
+            return b""  # not a command line: what precedes "AT" is ignored (V.250)
         return self._run_line(text[at:])
 
     # ----------------------------------------------------------------------- command lines
