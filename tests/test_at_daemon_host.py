@@ -60,3 +60,7 @@ def test_at_ports_answer_and_agree_with_mbim(up: Up) -> None:
 
     after = up.status()["at_ports"]
     assert all(p["counters"]["rx"] > 0 and p["counters"]["tx"] > 0 for p in after), after
+    text = up.cli("status")
+    assert text.returncode == 0, text.stderr
+    # the PTY transport holds the one handle of each (docs/mbim-port.md §6)
+    assert f"at:     {at0} (pty), open by 1; {at1} (pty), open by 1" in text.stdout, text.stdout
