@@ -116,6 +116,7 @@ class Daemon:
         is no device it could take."""
         if self.opts.modemmanager == "off" or self.transport != "cuse":
             return None
+        from iosm_cuse.chardev import CuseServer
         from iosm_cuse.system.announce import Announcer
 
         at_ports = tuple(c.devname for _p, c in self.at_ports if isinstance(c, CuseServer))
