@@ -9,17 +9,21 @@ test_modemmanager.py.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
+import signal
+import subprocess
 import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import guest_up
 import pytest
-from helpers import until
+from helpers import PortClient, blocked_reader, poller, until
 from mm_stack import Services, keyvalues, modems, run, services_running, wait_listed
 
 pytestmark = pytest.mark.kernel
@@ -85,6 +89,41 @@ def test_ati_on_the_cuse_at_ports(daemon: None) -> None:
             assert read_answer(fd) == b"\r\nOK\r\n"  # fd reads what other's command caused
         finally:
             os.close(other)
+    finally:
+        os.close(fd)
+
+
+def status() -> dict[str, Any]:
+    res = subprocess.run([guest_up.IOSM_CUSE, "status", "--json"], capture_output=True,
+                         text=True, timeout=guest_up.STEP_TIMEOUT)
+    assert res.returncode == 0, res.stderr
+    st: dict[str, Any] = json.loads(res.stdout)
+    return st
+
+
+def test_a_model_crash_hangs_the_at_ports_up_and_they_come_back(daemon: None) -> None:
+    """As on the MBIM port (docs/at-ports.md §2): a blocked reader gets EIO, a poller
+    POLLHUP|POLLERR; once the modem runs again a new open answers."""
+    clients = [PortClient("reader", str(AT0)).start(blocked_reader),
+               PortClient("poller", str(AT1)).start(poller)]
+    time.sleep(0.5)
+    os.kill(status()["modem"]["pid"], signal.SIGKILL)
+    until(lambda: all(c.returned() for c in clients), 60,
+          lambda: f"clients still blocked: {[c.name for c in clients if not c.returned()]}")
+    assert {c.name: c.ended for c in clients} == {"reader": "EIO", "poller": "POLLERR|POLLHUP"}
+    seen: list[dict[str, Any]] = []
+
+    def running_again() -> bool:
+        seen.append(status())
+        return bool(seen[-1]["modem"]["restarts"] >= 1
+                    and seen[-1]["modem"]["ipc_state"] == "RUNNING")
+
+    until(running_again, 90, lambda: seen[-1]["modem"], poll=2.0)
+    assert [p["gone"] for p in seen[-1]["at_ports"]] == [None, None], seen[-1]["at_ports"]
+    fd = os.open(AT0, os.O_RDWR | os.O_NOCTTY)
+    try:
+        os.write(fd, b"AT+CGMI\r")
+        assert read_answer(fd) == b"AT+CGMI\r\r\nIntel\r\n\r\nOK\r\n"  # a new model: echo on
     finally:
         os.close(fd)
 
