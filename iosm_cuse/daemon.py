@@ -367,7 +367,6 @@ class Daemon:
             "errors": errors,
         }
 
-
     @staticmethod
     def _at_status(port: AtPort, chardev: Transport) -> JsonDict:
         st = port_status(port, chardev)
