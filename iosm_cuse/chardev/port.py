@@ -8,6 +8,9 @@ MaxControlTransfer of the host's MBIM OPEN, or the configured maximum before it)
 EMSGSIZE, and IOCTL_WDM_MAX_COMMAND is answered (never above 4096: libmbim reads into a
 4097-byte stack buffer, docs/mbim-port.md §3).
 
+`AtPort` is the same port for the AT channels (wwan0at0, wwan0at1): a byte stream instead of
+messages, with the termios ioctls of the kernel's AT ports (docs/at-ports.md §2).
+
 Blocking is the transport's business: `PortHandle.read` never waits; it raises BlockingIOError
 when nothing is queued, and listeners registered with `MbimPort.add_listener` are called when
 something arrives or the modem goes away. The CUSE server parks reads on that; the PTY
