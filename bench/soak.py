@@ -76,7 +76,7 @@ TIMEOUT_S = 30.0  # any one step (mbimcli, a CLI call, a recovery)
 # Anything else, or one of these at another time, is an unexpected error.
 EXPECTED_LOG: tuple[tuple[re.Pattern[str], frozenset[str]], ...] = tuple(
     (re.compile(pattern), frozenset(kinds.split())) for pattern, kinds in (
-        (r"^MBIM port on a PTY: ", "start"),
+        (r"^(MBIM|AT) port on a PTY: ", "start"),  # the AT ports too (docs/at-ports.md §1)
         (r"^CP version \S+, capabilities \S+: MUX ", "start crash"),
         (r"^link \S+: link id \d+, mtu \d+$", "start flap_del_add"),
         (r"^link \S+ \(link id \d+\) deleted$", "flap_del_add stop"),

@@ -30,11 +30,11 @@ from iosm_cuse.rundir import claim_instance, pty_link_path
 from iosm_cuse.sd_notify import Notifier
 from iosm_cuse.status import exec_stage_name, port_status
 from iosm_cuse.wire.args import ArgError
-from iosm_cuse.wire.channels import MBIM_CHANNEL
+from iosm_cuse.wire.channels import AT_CHANNELS, MBIM_CHANNEL, channel_config
 
 # The layers are imported while the model process boots (see Daemon.start), not with this module.
 if TYPE_CHECKING:
-    from iosm_cuse.chardev import CuseServer, MbimPort, Transport
+    from iosm_cuse.chardev import AtPort, CuseServer, MbimPort, Transport
     from iosm_cuse.chardev.port import Channel
     from iosm_cuse.hw.engine import EngineState, IpcEngine
     from iosm_cuse.hw.mux.host import MuxHost
@@ -74,6 +74,8 @@ class Daemon:
         self.mux: MuxHost | None = None
         self.port: MbimPort | None = None
         self.chardev: Transport | None = None
+        # The AT ports wwan<N>at0 and wwan<N>at1 (channels 2 and 4), on the MBIM port's transport
+        self.at_ports: list[tuple[AtPort, Transport]] = []
         self.links: LinkManager | None = None
         self.control: control.ControlServer | None = None
         self.announcer: Announcer | None = None  # --modemmanager auto, on a CUSE port
@@ -103,6 +105,7 @@ class Daemon:
         self.mux = self._make_mux()
         self.port = self._make_port()
         self.chardev = await self._start_chardev()
+        await self._start_at_ports()
         self._mark("port")
         self.links = await self._start_links()
         self._mark("links")
@@ -117,9 +120,11 @@ class Daemon:
         is no device it could take."""
         if self.opts.modemmanager == "off" or self.transport != "cuse":
             return None
+        from iosm_cuse.chardev import CuseServer
         from iosm_cuse.system.announce import Announcer
 
-        announcer = Announcer(self.instance, self.port_name)
+        at_ports = tuple(c.devname for _p, c in self.at_ports if isinstance(c, CuseServer))
+        announcer = Announcer(self.instance, self.port_name, at_ports=at_ports)
         announcer.start()
         announcer.port_ready()
         return announcer
@@ -139,6 +144,7 @@ class Daemon:
             ("control socket", self.control.close if self.control is not None else None),
             ("announcements", self.announcer.stop if self.announcer is not None else None),
             ("port hangup", self._hang_up if self.chardev is not None else None),
+            ("AT ports", self._close_at_ports if self.at_ports else None),
             ("MBIM port", self.chardev.close if self.chardev is not None else None),
             ("links", self.links.stop if self.links is not None else None),
             ("engine", self.engine.stop if self.engine is not None else None),
@@ -157,8 +163,14 @@ class Daemon:
         (docs/cuse.md §9)."""
         from iosm_cuse.chardev import CuseServer
 
-        if isinstance(self.chardev, CuseServer):
-            await self.chardev.hang_up("stopping")
+        servers = [c for c in (self.chardev, *(c for _p, c in self.at_ports))
+                   if isinstance(c, CuseServer)]
+        # Together: each waits up to its grace for its own openers.
+        await asyncio.gather(*(c.hang_up("stopping") for c in servers))
+
+    async def _close_at_ports(self) -> None:
+        at_ports, self.at_ports = self.at_ports, []
+        await asyncio.gather(*(chardev.close() for _port, chardev in at_ports))
 
     async def serve_forever(self) -> None:
         await self._stop.wait()
@@ -199,12 +211,28 @@ class Daemon:
     def _make_port(self) -> MbimPort:
         from iosm_cuse.chardev.port import MbimPort
 
+        return MbimPort(_opener(_started(self.engine, "engine"), MBIM_CHANNEL))
+
+    def at_port_names(self) -> tuple[str, ...]:
+        """wwan<N>at0, wwan<N>at1: the kernel's names for the AT channels' ports."""
+        return tuple(f"{self.instance}at{i}" for i in range(len(AT_CHANNELS)))
+
+    async def _start_at_ports(self) -> None:
+        """The AT ports, on the transport the MBIM port got (CUSE, or the PTY fallback with
+        symlinks next to the MBIM port's). One that cannot be served is a warning, not a
+        failure: the MBIM port and the data link are what `up` promises (docs/at-ports.md)."""
+        from iosm_cuse.chardev import AtPort, start_transport
+
         engine = _started(self.engine, "engine")
-
-        async def open_channel(on_receive: Callable[[bytes], None]) -> Channel:
-            return await engine.open_channel(MBIM_CHANNEL, on_receive)
-
-        return MbimPort(open_channel)
+        for name, channel in zip(self.at_port_names(), AT_CHANNELS, strict=True):
+            port = AtPort(_opener(engine, channel), td_size=channel_config(channel).ul_buf_size)
+            try:
+                chardev = await start_transport(port, transport=self.transport, devname=name,
+                                                link=pty_link_path(name))
+            except OSError as exc:
+                log.warning("AT port %s not served: %s", name, exc.strerror or exc)
+                continue
+            self.at_ports.append((port, chardev))
 
     async def _start_chardev(self, transport: str | None = None) -> Transport:
         """CUSE when /dev/cuse can be opened (after `modprobe cuse`), else for `auto` the PTY
@@ -220,7 +248,7 @@ class Daemon:
         self.transport = chardev.transport
         if isinstance(chardev, CuseServer):  # the node can vanish under us
             chardev.on_dead = self._port_lost
-            chardev.start_keeper(self._withdraw_args(chardev))
+            chardev.start_keeper(self._withdraw_args(chardev), self.at_port_names())
         return chardev
 
     def _withdraw_args(self, chardev: CuseServer) -> tuple[str, str, int, int] | None:
@@ -262,6 +290,8 @@ class Daemon:
             log.warning("modem down: %s%s; %s", reason, f" ({exit_})" if exit_ else "",
                         "stopping" if self._stop.is_set() else "restarting")
             port.hangup(reason, quiet=True)
+            for at_port, _chardev in self.at_ports:
+                at_port.hangup(reason, quiet=True)
             if self.announcer is not None:
                 self.announcer.modem_down()
             self.notify.status(f"modem down: {reason}")
@@ -269,6 +299,8 @@ class Daemon:
                 self._recovering = asyncio.get_running_loop().create_task(self._recover())
         elif state.value == "RUNNING":
             port.revive()
+            for at_port, _chardev in self.at_ports:
+                at_port.revive()
             if self.announcer is not None and not self._stop.is_set():
                 self.announcer.port_ready()
 
@@ -368,10 +400,26 @@ class Daemon:
             },
             "port": {"path": self.port_path(), "transport": self.transport,
                      **port_status(_started(self.port, "MBIM port"), self.chardev)},
+            "at_ports": [self._at_status(p, c) for p, c in self.at_ports],
             "mux": mux.status(),
             "links": [info.as_dict() for info in links.show()],
             "errors": errors,
         }
+
+    @staticmethod
+    def _at_status(port: AtPort, chardev: Transport) -> JsonDict:
+        st = port_status(port, chardev)
+        del st["max_control"]  # a byte stream negotiates no message size
+        return {"path": str(chardev.path), "transport": chardev.transport, **st}
+
+
+def _opener(engine: IpcEngine, channel: int) -> Callable[[Callable[[bytes], None]],
+                                                         Awaitable[Channel]]:
+    """Contract 4's `open_channel(on_receive)` for one channel of the engine."""
+    async def open_channel(on_receive: Callable[[bytes], None]) -> Channel:
+        return await engine.open_channel(channel, on_receive)
+
+    return open_channel
 
 
 # A model that does not answer within this is reported without its figures, not waited for:

@@ -27,6 +27,9 @@ def format_status(st: JsonDict) -> str:
         f"MUX {modem.get('mux_mode')}, restarts {modem.get('restarts', 0)}",
         f"port:   {port.get('path')} ({port.get('transport')}), "
         f"open by {port.get('openers', 0)}" + _pids(port.get("opener_pids", [])),
+        "at:     " + ("; ".join(f"{p.get('path')} ({p.get('transport')}), open by "
+                               f"{p.get('openers', 0)}" + _pids(p.get("opener_pids", []))
+                               for p in st.get("at_ports", [])) or "none"),
         f"memory: daemon {_usage(st.get('process'))}; model {_usage(modem.get('process'))}",
         "links:",
     ]

@@ -118,7 +118,7 @@ def execute(plan: Plan, dry_run: bool) -> None:
 @click.option("--prefix", type=click.Path(path_type=Path, file_okay=False), default=Path("/"),
               show_default=True, help="Root to install under (reloads only when it is /).")
 @click.option("--group", default=DEFAULT_GROUP, show_default=True,
-              help="Group owning /dev/wwanXmbimY (mode 0660).")
+              help="Group owning /dev/wwanXmbimY and /dev/wwanXatY (mode 0660).")
 @click.option("--test-device", is_flag=True,
               help="Also install 69-iosm-cuse-test.rules: QEMU's ivshmem (1af4:1110) is "
                    "treated as a modem. For test VMs only.")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import run, until, until_async
 
-from iosm_cuse.system import announce, dbus
+from iosm_cuse.system import announce, dbus, uevent
 from iosm_cuse.system.announce import Announcer
 
 
@@ -57,6 +57,35 @@ def test_announced_exactly_while_the_modem_runs_and_modemmanager_listens(
     assert kinds(sent) == ADD * 2 + REMOVE + ADD * 2 + REMOVE
     seqnums = [int(e["SEQNUM"]) for e in sent]
     assert seqnums == sorted(set(seqnums))
+
+
+def test_the_at_ports_come_and_go_with_the_mbim_port_as_one_modem(
+        sent: list[dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/at-ports.md §3: same ID_MM_PHYSDEV_UID, primary and secondary hints; one that is
+    no device node (a PTY) is left out."""
+    def numbers(node: str) -> tuple[int, int]:
+        if node == "/dev/wwan0at1":
+            raise FileNotFoundError(2, "No such file or directory")
+        return 10, {"/dev/wwan0mbim0": 99, "/dev/wwan0at0": 98}[node]
+
+    monkeypatch.setattr(announce, "port_numbers", numbers)
+    a = Announcer("wwan0", "wwan0mbim0", at_ports=("wwan0at0", "wwan0at1"), send=sent.append)
+    a.port_ready()
+    a._presence(True)
+    assert kinds(sent) == [("add", "wwan"), ("add", "wwan"), ("add", "net")]
+    at0 = sent[1]
+    assert at0["DEVNAME"] == "/dev/wwan0at0" and at0["MINOR"] == "98"
+    assert at0["ID_MM_PORT_TYPE_AT_PRIMARY"] == "1" and "ID_MM_PORT_TYPE_MBIM" not in at0
+    assert {e["ID_MM_PHYSDEV_UID"] for e in sent} == {"iosm-cuse-wwan0"}
+    run(a.stop())
+    assert kinds(sent[3:]) == [("remove", "wwan"), ("remove", "wwan"), ("remove", "net")]
+    assert sent[4]["DEVNAME"] == "/dev/wwan0at0"
+    seqnums = [int(e["SEQNUM"]) for e in sent]
+    assert seqnums == sorted(set(seqnums))
+    two = uevent.Ports("wwan0", "wwan0mbim0", 10, 99, None,
+                       (uevent.Node("wwan0at0", 10, 98), uevent.Node("wwan0at1", 10, 97)))
+    second = uevent.at_port_events(two, "add", iter((5, 6)), 1)[1]
+    assert second["ID_MM_PORT_TYPE_AT_SECONDARY"] == "1" and second["SEQNUM"] == "6"
 
 
 def test_a_port_without_a_device_number_is_not_announced(

@@ -25,11 +25,12 @@ from iosm_cuse.sim.assembly import (
     assemble,
     assemble_data_path,
 )
+from iosm_cuse.sim.at import AtFunction
 from iosm_cuse.sim.config import ModemConfig
 from iosm_cuse.sim.device import DeviceConfig, DeviceModel
 from iosm_cuse.sim.mbim import MbimChannelFunction
 from iosm_cuse.sim.process import ModelFunctions, attach_functions
-from iosm_cuse.wire.channels import MuxMode
+from iosm_cuse.wire.channels import AT_CHANNELS, MuxMode
 from iosm_cuse.wire.ipc import CAP_UL_FLOW_CREDIT
 
 
@@ -62,8 +63,14 @@ def test_the_model_is_assembled_on_the_channels_the_docs_name(bus: ShmBus, mux: 
         model = model_for(bus, mux, credit)
         assembly = assemble(model, ModelOptions(gateway="echo", mux=mux).as_json())
         try:
-            assert set(model.functions) == {MBIM_CHANNEL, MUX_CHANNEL} == {6, 0}
+            assert set(model.functions) == {MBIM_CHANNEL, MUX_CHANNEL, *AT_CHANNELS} == \
+                {6, 0, 2, 4}
             assert isinstance(model.functions[6], MbimChannelFunction)
+            # both AT interpreters answer from the MBIM function's modem state
+            for ch in AT_CHANNELS:
+                at = model.functions[ch]
+                assert isinstance(at, AtFunction)
+                assert assembly.mbim is not None and at.interpreter.modem is assembly.mbim.modem
             assert model.functions[0] is assembly.mux
             assert assembly.mux.fixed_mode is MuxMode(mux)
             assert assembly.mux.credit_window == (MODEL_CREDIT_WINDOW if credit else 0)
@@ -88,7 +95,7 @@ def test_without_options_the_model_is_the_daemon_default(bus: ShmBus) -> None:
         model = DeviceModel(bus)
         assembly = assemble(model, {})
         try:
-            assert set(model.functions) == {0, 6}
+            assert set(model.functions) == {0, 2, 4, 6}
             assert assembly.gateway.mode == "echo"
             assert assembly.mux.fixed_mode is None  # the host's choice of MUX mode
             assert assembly.mux.credit_window == 0

@@ -18,7 +18,15 @@ from helpers import until_async
 from iosm_cuse.chardev import cuse
 from iosm_cuse.chardev.cuse import Op
 from iosm_cuse.chardev.loopback import LoopbackOpener, Responder, answer_open
-from iosm_cuse.chardev.port import FIONREAD, IOCTL_WDM_MAX_COMMAND, MbimPort
+from iosm_cuse.chardev.port import (
+    FIONREAD,
+    IOCTL_WDM_MAX_COMMAND,
+    TCGETS,
+    TCSETS,
+    TERMIOS_SIZE,
+    AtPort,
+    MbimPort,
+)
 from iosm_cuse.chardev.server import CuseServer
 from iosm_cuse.mbim.cids import BasicConnect
 from iosm_cuse.mbim.message import Command, CommandDone, Open, decode_message, encode_message
@@ -91,10 +99,11 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig(responder: Responder = answer_open) -> AsyncIterator[Rig]:
+async def rig(responder: Responder = answer_open,
+              make_port: Callable[[LoopbackOpener], MbimPort] = MbimPort) -> AsyncIterator[Rig]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     opener = LoopbackOpener(responder)
-    port = MbimPort(opener)
+    port = make_port(opener)
     server = CuseServer(port, fd=ours.detach())
     kernel = FakeKernel(theirs)
     starting = asyncio.ensure_future(server.start(timeout=5))
@@ -252,6 +261,49 @@ def test_ioctls() -> None:
             rep = await k.call(Op.IOCTL, {"fh": fh, "cmd": 0x5401, "flags": un})
             assert rep.error == -errno.ENOTTY
     run(body)
+
+
+def test_at_port_termios_ioctls_copy_in_and_out_and_bytes_stream() -> None:
+    """An AT port (docs/at-ports.md §2) behind the same server: TCSETS asks the kernel to copy
+    the client's termios in (an in iovec), TCGETS to copy it out; reads and writes are a byte
+    stream."""
+    async def body() -> None:
+        async with rig(silent, lambda o: AtPort(o, td_size=2048)) as r:
+            k, un = r.kernel, cuse.FUSE_IOCTL_UNRESTRICTED
+            fh = await k.open()
+            iov = cuse.LAYOUTS["ioctl_iovec"]
+            rep = await k.call(Op.IOCTL, {"fh": fh, "cmd": TCSETS, "arg": 0x7100, "flags": un})
+            out = cuse.LAYOUTS["ioctl_out"].unpack(rep.body)
+            assert out["flags"] == cuse.FUSE_IOCTL_RETRY
+            assert (out["in_iovs"], out["out_iovs"]) == (1, 0)
+            assert iov.unpack(rep.body, 16) == {"base": 0x7100, "len": TERMIOS_SIZE}
+            tio = bytes(range(TERMIOS_SIZE))
+            rep = await k.call(Op.IOCTL, {"fh": fh, "cmd": TCSETS, "arg": 0x7100, "flags": un,
+                                          "in_size": TERMIOS_SIZE}, tio)
+            assert rep.error == 0 and rep.body[16:] == b""
+            rep = await k.call(Op.IOCTL, {"fh": fh, "cmd": TCGETS, "arg": 0x7200, "flags": un})
+            out = cuse.LAYOUTS["ioctl_out"].unpack(rep.body)
+            assert (out["in_iovs"], out["out_iovs"]) == (0, 1)
+            rep = await k.call(Op.IOCTL, {"fh": fh, "cmd": TCGETS, "arg": 0x7200, "flags": un,
+                                          "out_size": TERMIOS_SIZE})
+            assert rep.error == 0 and rep.body[16:] == tio
+            rep = await k.call(Op.IOCTL, {"fh": fh, "cmd": IOCTL_WDM_MAX_COMMAND, "out_size": 2})
+            assert rep.error == -errno.ENOTTY
+            # 5000 bytes in one write: accepted whole, sent in TD-sized pieces
+            assert cuse.LAYOUTS["write_out"].unpack((await k.write(fh, b"x" * 5000)).body)[
+                "size"] == 5000
+            assert [len(t) for t in r.opener.current.sent] == [2048, 2048, 904]
+            r.opener.current.deliver(b"\r\nOK")
+            r.opener.current.deliver(b"\r\n")
+            await asyncio.sleep(0.01)
+            unique = await k.read(fh, 100)
+            rep = await k.recv()
+            assert rep.unique == unique and rep.body == b"\r\nOK\r\n"  # both transfers
+    run(body)
+
+
+def silent(_: bytes) -> list[bytes]:
+    return []
 
 
 def test_emsgsize_before_and_after_open() -> None:

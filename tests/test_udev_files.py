@@ -133,8 +133,11 @@ def test_binding_rule_overrides_driver_for_pci_add() -> None:
 def test_mbim_port_group_and_mode() -> None:
     (port,) = find(rules_of(RULES), "GROUP")
     d = {(k, op): v for k, _, op, v in port}
-    assert d[("SUBSYSTEM", "==")] == "cuse" and re.fullmatch(
-        d[("KERNEL", "==")].replace("[0-9]*", "[0-9]+"), "wwan0mbim0")
+    kernel = d[("KERNEL", "==")].replace("[0-9]*", "[0-9]+")  # udev's | is regex's
+    assert d[("SUBSYSTEM", "==")] == "cuse"
+    for name in ("wwan0mbim0", "wwan1at0", "wwan0at1"):  # and the AT ports (docs/at-ports.md)
+        assert re.fullmatch(kernel, name), name
+    assert not re.fullmatch(kernel, "wwan0")
     assert d[("GROUP", "=")] == "dialout" and d[("MODE", "=")] == "0660"
 
 

@@ -1,17 +1,18 @@
-"""/dev/wwan0mbim0: the MBIM port's semantics (`port.MbimPort`) behind CUSE (`server`) or, on
-kernels without CUSE, a PTY (`pty`). `start_transport` picks one and says which."""
+"""/dev/wwan0mbim0: the MBIM port's semantics (`port.MbimPort`), and /dev/wwan0at0, /dev/wwan0at1:
+the AT ports' (`port.AtPort`), each behind CUSE (`server`) or, on kernels without CUSE, a PTY
+(`pty`). `start_transport` picks one and says which."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from iosm_cuse.chardev.port import MbimPort
+from iosm_cuse.chardev.port import AtPort, MbimPort
 from iosm_cuse.chardev.pty import DEFAULT_LINK, PtyTransport
 from iosm_cuse.chardev.server import DEFAULT_DEVNAME, CuseServer, CuseUnavailable
 
 Transport = CuseServer | PtyTransport
 
-__all__ = ["CuseServer", "CuseUnavailable", "MbimPort", "PtyTransport", "Transport",
+__all__ = ["AtPort", "CuseServer", "CuseUnavailable", "MbimPort", "PtyTransport", "Transport",
            "start_transport"]
 
 

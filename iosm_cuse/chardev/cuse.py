@@ -305,12 +305,15 @@ def reply_ioctl(unique: int, result: int, out: bytes = b"") -> bytes:
     return reply(unique, LAYOUTS["ioctl_out"].pack(result=result) + out)
 
 
-def reply_ioctl_retry(unique: int, out_iovs: list[tuple[int, int]]) -> bytes:
-    """Ask the kernel (unrestricted mode) to call again with these client buffers copied out."""
+def reply_ioctl_retry(unique: int, out_iovs: list[tuple[int, int]],
+                      in_iovs: list[tuple[int, int]] | None = None) -> bytes:
+    """Ask the kernel (unrestricted mode) to call again with the `in_iovs` client buffers
+    copied in and room for the `out_iovs` ones to be copied out (in iovecs first)."""
     iov = LAYOUTS["ioctl_iovec"]
-    vecs = b"".join(iov.pack(base=b, len=n) for b, n in out_iovs)
+    ins = in_iovs or []
+    vecs = b"".join(iov.pack(base=b, len=n) for b, n in [*ins, *out_iovs])
     return reply(unique, LAYOUTS["ioctl_out"].pack(
-        flags=FUSE_IOCTL_RETRY, in_iovs=0, out_iovs=len(out_iovs)) + vecs)
+        flags=FUSE_IOCTL_RETRY, in_iovs=len(ins), out_iovs=len(out_iovs)) + vecs)
 
 
 def notify_poll(kh: int) -> bytes:

@@ -8,6 +8,9 @@ MaxControlTransfer of the host's MBIM OPEN, or the configured maximum before it)
 EMSGSIZE, and IOCTL_WDM_MAX_COMMAND is answered (never above 4096: libmbim reads into a
 4097-byte stack buffer, docs/mbim-port.md §3).
 
+`AtPort` is the same port for the AT channels (wwan0at0, wwan0at1): a byte stream instead of
+messages, with the termios ioctls of the kernel's AT ports (docs/at-ports.md §2).
+
 Blocking is the transport's business: `PortHandle.read` never waits; it raises BlockingIOError
 when nothing is queued, and listeners registered with `MbimPort.add_listener` are called when
 something arrives or the modem goes away. The CUSE server parks reads on that; the PTY
@@ -21,6 +24,7 @@ import collections
 import errno
 import logging
 import select
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -58,6 +62,9 @@ def _oserror(err: int, what: str) -> OSError:
 class MbimPort:
     """One MBIM control port over one channel, shared by any number of openers."""
 
+    label = "MBIM port"  # what log lines call it
+    framed = True  # writes are whole messages (a byte-stream transport must reassemble them)
+
     def __init__(self, open_channel: OpenChannel, *, max_control: int = LIBMBIM_MAX) -> None:
         if not MIN_CONTROL <= max_control <= LIBMBIM_MAX:
             raise ValueError(f"max_control must be {MIN_CONTROL}..{LIBMBIM_MAX}")
@@ -75,7 +82,7 @@ class MbimPort:
         self.generation = 0  # bumped by hangup(): handles of older generations get EIO
         self.gone: str | None = None  # why the modem went away
         # DL transfers dropped because nobody read them (RX_LIMIT)
-        self.rejects = Rejects(log, what="MBIM port", kinds=("dropped",))
+        self.rejects = Rejects(log, what=self.label, kinds=("dropped",))
         self.stats = {"rx": 0, "tx": 0, "emsgsize": 0}
 
     # -- listeners (the transports)
@@ -174,7 +181,8 @@ class MbimPort:
         current handle gets EIO from now on, and the channel is dropped."""
         if self.gone is not None:
             return
-        log.log(logging.DEBUG if quiet else logging.WARNING, "MBIM port: modem gone (%s)", reason)
+        log.log(logging.DEBUG if quiet else logging.WARNING, "%s: modem gone (%s)", self.label,
+                reason)
         self.gone = reason
         self.generation += 1
         self._purge()
@@ -245,6 +253,13 @@ class MbimPort:
         if len(data) > limit:
             self.stats["emsgsize"] += 1
             raise _oserror(errno.EMSGSIZE, f"{len(data)} bytes > control message size {limit}")
+        self._transmit(data)
+        self._note_open(data)
+        return len(data)
+
+    def _transmit(self, data: bytes | memoryview) -> None:
+        """One UL transfer to the channel; a channel error that means the modem is gone hangs
+        the port up."""
         channel = self._channel
         if channel is None:
             raise _oserror(errno.EIO, "channel not open")
@@ -256,8 +271,6 @@ class MbimPort:
                 self.hangup(str(exc))
             raise _oserror(err, f"send: {exc}") from exc
         self.stats["tx"] += 1
-        self._note_open(data)
-        return len(data)
 
     def _note_open(self, data: bytes) -> None:
         """The host's MBIM OPEN sets the negotiated control message size for later writes."""
@@ -273,6 +286,112 @@ class MbimPort:
     def max_command(self) -> int:
         """IOCTL_WDM_MAX_COMMAND's answer."""
         return min(self.max_control, LIBMBIM_MAX)
+
+    # -- ioctls: (input bytes, output bytes) each takes, and the answer
+
+    def ioctl_sizes(self, cmd: int) -> tuple[int, int]:
+        """How many bytes `cmd` reads from and writes to the client's argument (CUSE copies
+        them in unrestricted mode); OSError(ENOTTY) for an ioctl the port does not have."""
+        if cmd == FIONREAD:
+            return 0, 4
+        if cmd == IOCTL_WDM_MAX_COMMAND:
+            return 0, 2
+        raise _oserror(errno.ENOTTY, f"ioctl {cmd:#x}")
+
+    def _ioctl(self, cmd: int, arg: bytes) -> bytes:
+        if cmd == FIONREAD:
+            return self.queued_bytes.to_bytes(4, "little", signed=True)  # an int
+        if cmd == IOCTL_WDM_MAX_COMMAND:
+            return self.max_command.to_bytes(2, "little")  # a __u16
+        raise _oserror(errno.ENOTTY, f"ioctl {cmd:#x}")
+
+
+# The termios ioctls the kernel's WWAN core answers on AT ports only, for tools that insist on
+# treating a port as a serial line (docs/at-ports.md §2): the settings are kept and given back,
+# nothing acts on them. Numbers from <asm-generic/ioctls.h>.
+TCGETS, TCSETS, TCSETSW, TCSETSF, TCFLSH = 0x5401, 0x5402, 0x5403, 0x5404, 0x540B
+TIOCMGET, TIOCMBIS, TIOCMBIC, TIOCMSET = 0x5415, 0x5416, 0x5417, 0x5418
+TCGETS2, TCSETS2, TCSETSW2, TCSETSF2 = 0x802C542A, 0x402C542B, 0x402C542C, 0x402C542D
+TERMIOS_SIZE, TERMIOS2_SIZE = 36, 44  # struct termios / termios2 (two speeds more)
+_B115200, _CS8, _CREAD, _CLOCAL = 0o010002, 0o000060, 0o000200, 0o004000
+# Raw, 8 bits, 115200 baud, VMIN 1 (c_cc[6]): what a freshly opened AT port reports.
+DEFAULT_TERMIOS = (struct.pack("<4IB19B", 0, 0, _B115200 | _CS8 | _CREAD | _CLOCAL, 0, 0,
+                               *([0] * 6 + [1] + [0] * 12))
+                   + struct.pack("<2I", 115200, 115200))
+_TERMIOS_IN = {TCSETS: TERMIOS_SIZE, TCSETSW: TERMIOS_SIZE, TCSETSF: TERMIOS_SIZE,
+               TCSETS2: TERMIOS2_SIZE, TCSETSW2: TERMIOS2_SIZE, TCSETSF2: TERMIOS2_SIZE}
+_TERMIOS_OUT = {TCGETS: TERMIOS_SIZE, TCGETS2: TERMIOS2_SIZE}
+_MODEM_BITS_IN = (TIOCMBIS, TIOCMBIC, TIOCMSET)
+
+
+class AtPort(MbimPort):
+    """A WWAN AT port (wwan<N>at<M>): the same sharing, opening, hangup and blocking as the
+    MBIM port, but a byte stream (docs/at-ports.md §2): a read returns whatever is queued, up
+    to its count, across DL transfers; a write of any size is sent as it is, in pieces of at
+    most the channel's UL buffer (`td_size`); the termios ioctls are answered; there is no
+    message size to negotiate and no WDM ioctl."""
+
+    label = "AT port"
+    framed = False
+
+    def __init__(self, open_channel: OpenChannel, *, td_size: int) -> None:
+        super().__init__(open_channel)
+        if td_size <= 0:
+            raise ValueError("td_size must be positive")
+        self.td_size = td_size
+        self.termios = DEFAULT_TERMIOS
+        self.modem_bits = 0
+
+    def _take(self, size: int) -> bytes:
+        parts: list[bytes] = []
+        while size > 0 and self._rx:
+            chunk = super()._take(size)
+            parts.append(chunk)
+            size -= len(chunk)
+        return b"".join(parts)
+
+    def _send(self, data: bytes) -> int:
+        if self._channel is None:
+            raise _oserror(errno.EIO, "channel not open")
+        view = memoryview(bytes(data))
+        for off in range(0, len(view), self.td_size):
+            self._transmit(view[off:off + self.td_size])
+        return len(data)
+
+    def ioctl_sizes(self, cmd: int) -> tuple[int, int]:
+        if cmd in _TERMIOS_OUT:
+            return 0, _TERMIOS_OUT[cmd]
+        if cmd in _TERMIOS_IN:
+            return _TERMIOS_IN[cmd], 0
+        if cmd in _MODEM_BITS_IN:
+            return 4, 0
+        if cmd == TIOCMGET:
+            return 0, 4
+        if cmd == TCFLSH:
+            return 0, 0  # its argument is a value, not a pointer
+        if cmd == FIONREAD:
+            return 0, 4
+        raise _oserror(errno.ENOTTY, f"ioctl {cmd:#x}")
+
+    def _ioctl(self, cmd: int, arg: bytes) -> bytes:
+        if cmd in _TERMIOS_OUT:
+            return self.termios[:_TERMIOS_OUT[cmd]]
+        if cmd in _TERMIOS_IN:
+            self.termios = arg + self.termios[len(arg):]
+            return b""
+        if cmd in _MODEM_BITS_IN:
+            bits = int.from_bytes(arg, "little")
+            if cmd == TIOCMBIS:
+                bits |= self.modem_bits
+            elif cmd == TIOCMBIC:
+                bits = self.modem_bits & ~bits
+            self.modem_bits = bits
+            return b""
+        if cmd == TIOCMGET:
+            return self.modem_bits.to_bytes(4, "little", signed=True)
+        if cmd == TCFLSH:
+            return b""
+        return super()._ioctl(cmd, arg)
 
 
 class PortHandle:
@@ -320,14 +439,19 @@ class PortHandle:
             mask |= POLLIN_MASK
         return mask
 
-    def ioctl(self, cmd: int) -> bytes:
-        """The ioctl's output bytes; OSError(ENOTTY) for anything but FIONREAD/WDM."""
+    def ioctl_sizes(self, cmd: int) -> tuple[int, int]:
+        """The bytes `cmd` reads from and writes to the client's argument."""
         self._check("ioctl")
-        if cmd == FIONREAD:
-            return self.port.queued_bytes.to_bytes(4, "little", signed=True)  # an int
-        if cmd == IOCTL_WDM_MAX_COMMAND:
-            return self.port.max_command.to_bytes(2, "little")  # a __u16
-        raise _oserror(errno.ENOTTY, f"ioctl {cmd:#x}")
+        return self.port.ioctl_sizes(cmd)
+
+    def ioctl(self, cmd: int, arg: bytes = b"") -> bytes:
+        """The ioctl's output bytes, given the `arg` bytes it reads (`port.ioctl_sizes`);
+        OSError(ENOTTY) for an ioctl the port does not have."""
+        self._check("ioctl")
+        need = self.port.ioctl_sizes(cmd)[0]
+        if len(arg) < need:
+            raise _oserror(errno.EFAULT, f"ioctl {cmd:#x}: {len(arg)} of {need} input bytes")
+        return self.port._ioctl(cmd, bytes(arg[:need]))
 
     async def close(self) -> None:
         """The last close of the port closes the channel and purges unread data."""

@@ -212,8 +212,33 @@ class MbimFramer:
         self.rejects("resyncs", "%d bytes of garbage skipped to resynchronise (%s)", at, why)
 
 
+class PassThrough:
+    """The framer of a port without messages (an AT port, `port.framed` False): every byte
+    goes on as it came, nothing is held or dropped."""
+
+    pending = 0
+    deadline: float | None = None
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def push(self, data: bytes, now: float = 0.0) -> None:
+        self._buf += data
+
+    def pop(self) -> bytes | None:
+        if not self._buf:
+            return None
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
+    def expire(self, now: float) -> int:
+        return 0
+
+
 class PtyTransport:
-    """`MbimPort` on the master side of a raw PTY, with a stable symlink to the slave."""
+    """`MbimPort` (or `AtPort`) on the master side of a raw PTY, with a stable symlink to the
+    slave. An AT port is a byte stream already: its bytes pass through unframed."""
 
     transport = "pty"
     fallback = True
@@ -228,8 +253,9 @@ class PtyTransport:
         self.slave_path = ""
         self.rejects = pty_rejects()
         # The port's limit, read per message: an OPEN changes it for the messages after it.
-        self.framer = MbimFramer(lambda: min(self.port.negotiated, MAX_MESSAGE),
-                                 rejects=self.rejects, stall_timeout=stall_timeout)
+        self.framer: MbimFramer | PassThrough = MbimFramer(
+            lambda: min(self.port.negotiated, MAX_MESSAGE), rejects=self.rejects,
+            stall_timeout=stall_timeout) if port.framed else PassThrough()
         self._stall_timer: asyncio.TimerHandle | None = None
         self._handle: PortHandle | None = None
         self._reopening: asyncio.Task[None] | None = None
@@ -265,10 +291,10 @@ class PtyTransport:
         self.port.add_listener(self._pump)
         self._loop.add_reader(self.master, self._on_readable)
         if self.reason:
-            log.warning("no CUSE (%s): MBIM port on a PTY instead, %s", self.reason,
-                        self.description)
+            log.warning("no CUSE (%s): %s on a PTY instead, %s", self.reason,
+                        self.port.label, self.description)
         else:
-            log.info("MBIM port on a PTY: %s", self.description)
+            log.info("%s on a PTY: %s", self.port.label, self.description)
         self._pump()
 
     def _make_link(self) -> None:

@@ -242,19 +242,28 @@ class CuseSession:
         if f is None:
             return
         try:
-            out = f.handle.ioctl(ev.cmd)
+            need_in, need_out = f.handle.ioctl_sizes(ev.cmd)
         except OSError as exc:
             self._error(ev.unique, exc.errno or errno.ENOTTY)
             return
-        if len(out) <= ev.out_size:
-            self.send(cuse.reply_ioctl(ev.unique, 0, out))
-        elif ev.flags & cuse.FUSE_IOCTL_UNRESTRICTED:
-            # First round of an unrestricted ioctl: name the client buffer to copy out to.
-            self.send(cuse.reply_ioctl_retry(ev.unique, [(ev.arg, len(out))]))
-        else:
-            log.warning("CUSE: ioctl %#x wants %d bytes, kernel allows %d", ev.cmd, len(out),
-                        ev.out_size)
-            self._error(ev.unique, errno.EINVAL)
+        if len(ev.in_data) < need_in or ev.out_size < need_out:
+            if ev.flags & cuse.FUSE_IOCTL_UNRESTRICTED:
+                # First round of an unrestricted ioctl: name the client buffers to copy in
+                # from and out to (both at its argument).
+                self.send(cuse.reply_ioctl_retry(
+                    ev.unique, [(ev.arg, need_out)] if need_out else [],
+                    in_iovs=[(ev.arg, need_in)] if need_in else []))
+            else:
+                log.warning("CUSE: ioctl %#x wants %d/%d bytes, kernel gives %d/%d", ev.cmd,
+                            need_in, need_out, len(ev.in_data), ev.out_size)
+                self._error(ev.unique, errno.EINVAL)
+            return
+        try:
+            out = f.handle.ioctl(ev.cmd, ev.in_data)
+        except OSError as exc:
+            self._error(ev.unique, exc.errno or errno.ENOTTY)
+            return
+        self.send(cuse.reply_ioctl(ev.unique, 0, out))
 
     def _poll(self, ev: cuse.Poll) -> None:
         f = self._file(ev.unique, ev.fh)
@@ -514,10 +523,12 @@ class CuseServer:
 
     # -- the keeper: answers for the port after a SIGKILL (docs/modemmanager.md §6)
 
-    def start_keeper(self, withdraw: tuple[str, str, int, int] | None = None) -> None:
+    def start_keeper(self, withdraw: tuple[str, str, int, int] | None = None,
+                     at_ports: tuple[str, ...] = ()) -> None:
         """Start the process that holds a duplicate of the connection and, if this process
         dies without `close`, hangs the port up for its openers. `withdraw` (instance, port
-        name, major, minor): also send ModemManager the ports' remove events then."""
+        name, major, minor): also send ModemManager the ports' remove events then, the AT
+        ports' (`at_ports`, node names) with them."""
         if self.fd < 0 or self._keeper is not None:
             return
         r, w = os.pipe()
@@ -526,6 +537,8 @@ class CuseServer:
                 "--pipe-fd", str(r)]
         if withdraw is not None:
             argv += ["--withdraw", *map(str, withdraw)]
+            if at_ports:
+                argv += ["--withdraw-at", *at_ports]
         try:
             # A session of its own: a terminal's ^C stops the daemon, which then says bye.
             self._keeper = subprocess.Popen(argv, pass_fds=(dup, r), stdin=subprocess.DEVNULL,

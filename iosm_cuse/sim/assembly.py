@@ -2,12 +2,15 @@
 which channel (docs/architecture.md, Contract 3 and Contract 5).
 
     MBIM function on channel 6 -> tells the gateway of sessions, reads its counters
+    AT interpreters on 2 and 4 -> answer from the MBIM function's ModemState; what AT+CFUN=
+                                  changes reaches the MBIM host as its indications
     MuxDevice on channel 0     -> the packet gateway behind it, and back (gateway.downlink)
 
 A model process gets its functions from a `functions` factory spec (sim/process.py); `MODEL`
 names `assemble`, what `iosm-cuse up` and `iosm-cuse modem` run. `DATA_PATH_ONLY` names the same
 assembly without the MBIM function, with sessions connected from the start, for tests and
-benchmarks that move packets without an MBIM client.
+benchmarks that move packets without an MBIM client (and without the AT interpreters, which
+share the MBIM function's state).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 # The channels, as the channel table declares them for both sides.
 MBIM_CHANNEL = channels.MBIM_CHANNEL
 MUX_CHANNEL = channels.IP_MUX_CHANNEL
+AT_CHANNELS = channels.AT_CHANNELS
 
 # Factory specs for ModelProcess.spawn(functions=...) and serve_file.
 MODEL = "iosm_cuse.sim.assembly:assemble"
@@ -145,6 +149,8 @@ def build(model: DeviceModel, options: ModelOptions) -> Assembly:
     mux = MuxDevice(gateway.uplink, options.mux, credit_window=credit_window(model))
     gateway.downlink = mux.downlink
     mbim = _attach_mbim(model, config, gateway) if options.mbim else None
+    if mbim is not None:
+        _attach_at(model, mbim)
     for session in options.connect:
         gateway.session_changed(session, config.session_ip(session))
     model.attach(MUX_CHANNEL, mux)
@@ -182,6 +188,16 @@ def _reboot_soon(model: DeviceModel) -> None:
     """MODEM_REBOOT as a device does it: it drops off the bus (in-band crash, exec stage
     CRASH) and the host's recovery resets it and brings its ports back."""
     asyncio.get_running_loop().call_later(REBOOT_AFTER, model.crash)
+
+
+def _attach_at(model: DeviceModel, mbim: MbimFunction) -> None:
+    """One AT interpreter per AT channel, both on the modem state the MBIM function answers
+    from, so AT and MBIM agree; what AT changes, MBIM indicates (docs/at-ports.md)."""
+    from iosm_cuse.sim.at import AtFunction, AtInterpreter
+
+    for channel in AT_CHANNELS:
+        at = AtInterpreter(mbim.modem, on_indications=mbim.indicate)
+        model.attach(channel, AtFunction(at, channels.channel_config(channel).dl_buf_size))
 
 
 def credit_window(model: DeviceModel) -> int:

@@ -328,7 +328,7 @@ class DeviceModel:
         self._wr32(self._shared.tail_array + 4 * number, 0)
         ch = self.channels.get(ch_id)
         if ch is None:
-            # A channel with nothing behind it (AT, trace, RPC, loopback in the assembled model)
+            # A channel with nothing behind it (trace, RPC, loopback in the assembled model)
             # still consumes its UL TDs: a real modem completes them, and a driver that waits
             # for completions (the kernel's, on close and when the ring is full) would hang
             # (docs/uml-virtpci.md §9).

@@ -64,10 +64,11 @@ def ifindex(name: str) -> int | None:
 class Announcer:
     """Tells ModemManager about one daemon's ports (`--modemmanager auto`)."""
 
-    def __init__(self, instance: str, port_name: str, *,
+    def __init__(self, instance: str, port_name: str, *, at_ports: tuple[str, ...] = (),
                  send: Callable[[dict[str, str]], None] = send_uevent) -> None:
         self.instance = instance
         self.port_name = port_name
+        self.at_ports = at_ports  # the AT ports' node names, announced with the MBIM port
         self._send = send
         self._seq = _seqnums()
         self._ports: uevent.Ports | None = None
@@ -115,16 +116,30 @@ class Announcer:
             log.info("ModemManager: /dev/%s cannot be announced (%s)", self.port_name,
                      exc.strerror)
             return
-        ports = uevent.Ports(self.instance, self.port_name, major, minor, ifindex(self.instance))
+        ports = uevent.Ports(self.instance, self.port_name, major, minor, ifindex(self.instance),
+                             self._at_nodes())
         try:
             self._emit(uevent.port_event(ports, "add", next(self._seq), _usec_now()))
+            for props in uevent.at_port_events(ports, "add", self._seq, _usec_now()):
+                self._emit(props)
             self._announce_link(ports)
         except OSError as exc:
             log.warning("ModemManager: announcing /dev/%s failed: %s", self.port_name, exc)
             return
         self._ports = ports
         self.announced = True
-        log.info("ModemManager: announced /dev/%s and %s", self.port_name, self.instance)
+        log.info("ModemManager: announced /dev/%s%s and %s", self.port_name,
+                 "".join(f", /dev/{n.name}" for n in ports.at_ports), self.instance)
+
+    def _at_nodes(self) -> tuple[uevent.Node, ...]:
+        """The AT ports that are CUSE nodes (behind a PTY they have no device number)."""
+        nodes = []
+        for name in self.at_ports:
+            try:
+                nodes.append(uevent.Node(name, *port_numbers(f"/dev/{name}")))
+            except OSError as exc:
+                log.info("ModemManager: /dev/%s cannot be announced (%s)", name, exc.strerror)
+        return tuple(nodes)
 
     def _announce_link(self, ports: uevent.Ports) -> None:
         if UDEVD_CONTROL.exists():
@@ -150,6 +165,8 @@ class Announcer:
             return
         try:
             self._emit(uevent.port_event(ports, "remove", next(self._seq), _usec_now()))
+            for props in uevent.at_port_events(ports, "remove", self._seq, _usec_now()):
+                self._emit(props)
             self._emit(uevent.net_event(ports, "remove", next(self._seq), _usec_now()))
         except OSError as exc:
             log.warning("ModemManager: withdrawing /dev/%s failed: %s", self.port_name, exc)

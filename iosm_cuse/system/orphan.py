@@ -100,15 +100,25 @@ def report(opens_seen: int, open_files: int) -> bytes:
     return f"{opens_seen} {open_files}\n".encode()
 
 
-def _forge_removes(instance: str, port_name: str, major: int, minor: int) -> None:
+def _forge_removes(instance: str, port_name: str, major: int, minor: int,
+                   at_ports: list[str]) -> None:
+    """`remove` for every port of the modem: one left behind keeps ModemManager's device. The
+    AT ports' numbers do not matter for a removal."""
+    import itertools
+
     from iosm_cuse.system import uevent
     from iosm_cuse.system.announce import send_uevent
 
-    ports = uevent.Ports(instance, port_name, major, minor, None)
-    seq = int(time.monotonic() * 1000) | 1
-    for i, event in enumerate((uevent.port_event, uevent.net_event)):
+    ports = uevent.Ports(instance, port_name, major, minor, None,
+                         tuple(uevent.Node(name, 0, 0) for name in at_ports))
+    usec = int(time.monotonic() * 1000) | 1
+    seqs = itertools.count(usec)
+    events = [uevent.port_event(ports, "remove", next(seqs), usec),
+              *uevent.at_port_events(ports, "remove", seqs, usec),
+              uevent.net_event(ports, "remove", next(seqs), usec)]
+    for event in events:
         try:
-            send_uevent(event(ports, "remove", seq + i, seq))
+            send_uevent(event)
         except OSError as exc:
             log.warning("orphaned port: remove event: %s", exc)
 
@@ -119,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipe-fd", type=int, required=True)
     p.add_argument("--withdraw", nargs=4, metavar=("INSTANCE", "PORT", "MAJOR", "MINOR"),
                    help="send ModemManager the ports' remove events when taking over")
+    p.add_argument("--withdraw-at", nargs="*", default=[], metavar="AT_PORT",
+                   help="the AT ports (node names) to remove with them")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="iosm-cuse: %(message)s")
     # A service manager's SIGTERM to everything left must not cut the hang-up short: the
@@ -146,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.withdraw[1] if args.withdraw else "the port", state[1])
     if args.withdraw:
         instance, port_name, major, minor = args.withdraw
-        _forge_removes(instance, port_name, int(major), int(minor))
+        _forge_removes(instance, port_name, int(major), int(minor), args.withdraw_at)
     return serve(args.cuse_fd, *state)
 
 

@@ -11,7 +11,7 @@ properties ModemManager reads is what makes stock ModemManager pick the modem up
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 UDEV_GROUP = 2  # the "udev" multicast group; 1 is the kernel's own uevents
@@ -140,26 +140,42 @@ DRIVER = "iosm"
 
 
 @dataclass(frozen=True)
+class Node:
+    """A character device node of the driver: its name under /dev and its numbers."""
+
+    name: str  # wwan0at0
+    major: int
+    minor: int
+
+
+@dataclass(frozen=True)
 class Ports:
-    """The driver's MBIM port (a CUSE node) and its data link (a TUN interface)."""
+    """The driver's MBIM port (a CUSE node), its data link (a TUN interface) and its AT ports
+    (CUSE nodes too, docs/at-ports.md §3), in the kernel's order."""
 
     instance: str  # wwan0
     port_name: str  # wwan0mbim0
     major: int
     minor: int
     ifindex: int | None  # None when the link is gone already
+    at_ports: tuple[Node, ...] = ()
 
 
-def port_event(ports: Ports, action: str, seqnum: int, usec: int) -> dict[str, str]:
-    """The MBIM port as a `wwan` subsystem port (docs/modemmanager.md §3)."""
+# What each AT port is to ModemManager, by position: the first carries the commands, the
+# second is a spare (docs/at-ports.md §3).
+AT_PORT_TYPES = ("ID_MM_PORT_TYPE_AT_PRIMARY", "ID_MM_PORT_TYPE_AT_SECONDARY")
+
+
+def _wwan_port(instance: str, node: Node, port_type: str, action: str, seqnum: int,
+               usec: int) -> dict[str, str]:
     props = {
         "ACTION": action,
-        "DEVPATH": f"/devices/virtual/cuse/{ports.port_name}",
+        "DEVPATH": f"/devices/virtual/cuse/{node.name}",
         "SUBSYSTEM": "wwan",
         "DEVTYPE": "wwan_port",
-        "DEVNAME": f"/dev/{ports.port_name}",
-        "MAJOR": str(ports.major),
-        "MINOR": str(ports.minor),
+        "DEVNAME": f"/dev/{node.name}",
+        "MAJOR": str(node.major),
+        "MINOR": str(node.minor),
         "SEQNUM": str(seqnum),
         "USEC_INITIALIZED": str(usec),
         "DRIVER": DRIVER,
@@ -167,9 +183,23 @@ def port_event(ports: Ports, action: str, seqnum: int, usec: int) -> dict[str, s
         "ID_MODEL_ID": XMM7560_PRODUCT,
     }
     props.update(dict.fromkeys(MM_TAGS, "1"))
-    props["ID_MM_PORT_TYPE_MBIM"] = "1"
-    props["ID_MM_PHYSDEV_UID"] = physdev_uid(ports.instance)
+    props[port_type] = "1"
+    props["ID_MM_PHYSDEV_UID"] = physdev_uid(instance)
     return props
+
+
+def port_event(ports: Ports, action: str, seqnum: int, usec: int) -> dict[str, str]:
+    """The MBIM port as a `wwan` subsystem port (docs/modemmanager.md §3)."""
+    node = Node(ports.port_name, ports.major, ports.minor)
+    return _wwan_port(ports.instance, node, "ID_MM_PORT_TYPE_MBIM", action, seqnum, usec)
+
+
+def at_port_events(ports: Ports, action: str, seqnums: Iterator[int], usec: int
+                   ) -> list[dict[str, str]]:
+    """The AT ports as `wwan` subsystem ports of the same modem (same ID_MM_PHYSDEV_UID), each
+    with the next of `seqnums` (docs/at-ports.md §3)."""
+    return [_wwan_port(ports.instance, node, AT_PORT_TYPES[min(i, 1)], action, next(seqnums),
+                       usec) for i, node in enumerate(ports.at_ports)]
 
 
 def net_event(ports: Ports, action: str, seqnum: int, usec: int) -> dict[str, str]:

@@ -44,6 +44,8 @@ class ChannelConfig:
 
 IP_MUX_CHANNEL = 0
 MBIM_CHANNEL = 6
+# The AT ports the kernel creates, wwan<N>at0 and wwan<N>at1, in this order (docs/at-ports.md).
+AT_CHANNELS = (2, 4)
 
 _IP_MUX = {
     MuxMode.LITE: ChannelConfig(0, "ip-mux", 0, 1, 800, 1200, 2 * KIB, 1000, 8),

@@ -1,13 +1,18 @@
 """ModemManager in the kernel-tier guest, for the test modules that drive it
 (test_modemmanager.py, test_mm_control.py): its services started by hand (the `services`
 fixture in conftest.py is built on `Services`), `mmcli` helpers, and `iosm-cuse up` as the modem
-ModemManager lists. Not a test module."""
+ModemManager lists. Not a test module.
+
+(test_at_ports.py starts its own, with ModemManager --debug, through `services_running`.)"""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +83,44 @@ def bus_ready() -> bool:
     return run("dbus-send", "--system", "--print-reply", "--dest=org.freedesktop.DBus",
                "/org/freedesktop/DBus", "org.freedesktop.DBus.ListNames", timeout=30
                ).returncode == 0
+
+
+@contextmanager
+def services_running(log_dir: Path, *mm_args: str) -> Iterator[Services]:
+    """dbus-daemon --system, polkitd, systemd-udevd with our rules, ModemManager (with
+    `mm_args`), logging to `log_dir`; all stopped again, and what they left removed."""
+    for module in ("cuse", "tun"):
+        subprocess.run(["modprobe", "-q", module], check=False)
+    svc = Services(log_dir, {})
+    rules = Path("/run/udev/rules.d")
+    # The plain guest has no udevd, and later tests (iosm-cuse watch) rely on that: whatever
+    # udevd leaves in /run/udev (its control socket above all) goes when it stops.
+    udev_run_existed = Path("/run/udev").exists()
+    try:
+        os.makedirs("/run/dbus", exist_ok=True)
+        Path("/run/dbus/system_bus_socket").unlink(missing_ok=True)
+        svc.start("dbus", "dbus-daemon", "--system", "--nofork", "--nopidfile")
+        until(bus_ready, 60, lambda: f"system bus: {svc.log('dbus')}", poll=0.5)
+        polkitd = Path("/usr/lib/polkit-1/polkitd")
+        if polkitd.exists():
+            svc.start("polkitd", str(polkitd), "--no-debug")
+        rules.mkdir(parents=True, exist_ok=True)
+        shutil.copy(UDEV / "70-iosm-cuse.rules", rules / "70-iosm-cuse.rules")
+        svc.start("udevd", sbin("systemd-udevd") if shutil.which("systemd-udevd")
+                  else "/lib/systemd/systemd-udevd")
+        until(lambda: Path("/run/udev/control").exists(), 60,
+              lambda: f"udevd: {svc.log('udevd')}", poll=0.2)
+        svc.start("ModemManager", sbin("ModemManager"), *mm_args)
+        until(mm_on_bus, 120, lambda: f"ModemManager: {svc.log('ModemManager')}", poll=0.5)
+        yield svc
+    finally:
+        for name in reversed(list(svc.procs)):
+            svc.stop(name)
+        (rules / "70-iosm-cuse.rules").unlink(missing_ok=True)
+        if udev_run_existed:
+            Path("/run/udev/control").unlink(missing_ok=True)
+        else:
+            shutil.rmtree("/run/udev", ignore_errors=True)
 
 
 def mm_on_bus() -> bool:

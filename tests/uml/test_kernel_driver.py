@@ -5,6 +5,7 @@ Runs only inside the UML guest (`python3 -m tests.uml`); on the host these tests
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -66,10 +67,32 @@ def test_ping_over_wwan0_through_the_echo_gateway() -> None:
 
 
 @pytest.mark.parametrize("port", ["wwan0at0", "wwan0at1"])
-def test_writes_to_ports_without_a_function_complete(port: str) -> None:
-    """The AT channels have nothing behind them in the model; their UL TDs must complete all
-    the same, or closing the port waits 500 ms and gives up on them ("Pend data Timeout", a
-    debug message: switched on here)."""
+def test_the_kernels_at_ports_answer_from_the_model(port: str) -> None:
+    """The model's AT interpreter (docs/at-ports.md §4) behind the kernel's own AT ports: ATI,
+    echoed, answered and ended by OK; the same bytes our CUSE ports give."""
+    fd = os.open(f"/dev/{port}", os.O_RDWR | os.O_NONBLOCK)
+    got = b""
+    try:
+        os.write(fd, b"ATI\r")
+
+        def answered() -> bool:
+            nonlocal got
+            with contextlib.suppress(BlockingIOError):
+                got += os.read(fd, 4096)
+            return got.endswith(b"OK\r\n")
+
+        until(answered, 10, lambda: f"{port}: ATI answered, got {got!r}")
+    finally:
+        os.close(fd)
+    assert got == (b"ATI\r\r\nIntel\r\n\r\nXMM7560 (simulated)\r\n\r\n"
+                   b"Revision: iosm-sim 0.1.0\r\n\r\nOK\r\n")
+
+
+@pytest.mark.parametrize("port", ["wwan0at0", "wwan0at1"])
+def test_writes_to_the_at_ports_complete(port: str) -> None:
+    """A burst of lines: their UL TDs must all complete whatever the answers, or closing the
+    port waits 500 ms and gives up on them ("Pend data Timeout", a debug message: switched on
+    here)."""
     Path(DYNDBG).write_text("file iosm_ipc_imem_ops.c +p")
     fd = os.open(f"/dev/{port}", os.O_RDWR | os.O_NONBLOCK)
     try:
