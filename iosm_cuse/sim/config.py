@@ -99,6 +99,9 @@ class ModemConfig:
     visible_providers: list[Provider] = field(
         default_factory=lambda: [Provider("00101", "iosm-sim"), Provider("00102", "iosm-other")])
     register_automatic: bool = True
+    # packet service attaches by itself once registered, as real modems do (a host's explicit
+    # detach holds until it attaches again or the modem registers anew); False: only on request
+    auto_attach: bool = True
     apns: list[str] | None = None               # None: any APN accepted
     # PDN types the network offers; a request for another falls back (v4v6 -> v4 -> v6)
     network_ip_types: list[str] = field(default_factory=lambda: ["ipv4", "ipv6", "ipv4v6"])

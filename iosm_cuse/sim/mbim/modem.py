@@ -150,7 +150,7 @@ class ModemState:
         self.sim_blocked = False
         self.register_mode = RegisterMode.AUTOMATIC if c.register_automatic else RegisterMode.MANUAL
         self.manual_provider: str | None = None
-        self.attached = False
+        self.attached = c.auto_attach and self.registered_provider is not None
         self.rssi = c.rssi
         self.error_rate = c.error_rate
         self.signal_interval = 0
@@ -421,6 +421,8 @@ class ModemState:
         out: list[Indication] = []
         if self.registered_provider is None:
             self.attached = False
+        elif before[0] is None and self.config.auto_attach:
+            self.attached = True             # registered just now: attach as a real modem does
         if not self.attached:
             for sid in sorted(self.sessions):
                 out += self.deactivate(sid)
