@@ -147,9 +147,16 @@ link.add_command(link_show, "lst")
               "(overrides the MUX mode's; e.g. 200000 for UL flow credit). With --virtpci.")
 @click.option("--pci-id", default="8086:7560", show_default=True,
               type=click.Choice(["8086:7560", "8086:7360"]), help="PCI id. With --virtpci.")
+@click.option("--stats", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write the model's counters and reject counters (JSON) on exit. With "
+                   "--virtpci.")
+@click.option("--fault", type=click.Choice(["mux-offset", "mux-length", "td-size", "crash"]),
+              help="Spoil the third MUX data transfer down (or crash then): the host driver's "
+                   "defences (iosm_cuse/sim/faults.py). With --virtpci.")
 @click.option("-v", "--verbose", is_flag=True)
 def modem(shm: Path | None, size: int, config: Path | None, mux: str | None, gateway: str,
-          virtpci: Path | None, caps: str | None, pci_id: str, verbose: bool) -> None:
+          virtpci: Path | None, caps: str | None, pci_id: str, stats: Path | None,
+          fault: str | None, verbose: bool) -> None:
     """Run the modem model alone, for a driver in another process or a VM (ivshmem), or as a
     PCI function of a UML kernel (--virtpci)."""
     from iosm_cuse.options import UpOptions
@@ -159,8 +166,8 @@ def modem(shm: Path | None, size: int, config: Path | None, mux: str | None, gat
                         format="iosm-cuse modem: %(message)s")
     options = UpOptions(config=config, mux=mux, gateway=gateway).model_options()
     if virtpci is None:
-        if caps is not None or pci_id != "8086:7560":
-            raise click.UsageError("--caps and --pci-id go with --virtpci")
+        if caps is not None or pci_id != "8086:7560" or stats or fault:
+            raise click.UsageError("--caps, --pci-id, --stats and --fault go with --virtpci")
         sys.exit(run_modem(options, shm, size))
     if shm is not None:
         raise click.UsageError("--shm and --virtpci exclude each other")
@@ -171,7 +178,7 @@ def modem(shm: Path | None, size: int, config: Path | None, mux: str | None, gat
     if capabilities is not None and not 0 <= capabilities <= 0xFFFFFFFF:
         raise click.BadParameter("beyond 32 bits", param_hint="--caps")
     vendor, device = (int(x, 16) for x in pci_id.split(":"))
-    sys.exit(run_modem_virtpci(options, virtpci, capabilities, (vendor, device)))
+    sys.exit(run_modem_virtpci(options, virtpci, capabilities, (vendor, device), stats, fault))
 
 
 _LINK_NAME = re.compile(r"^(wwan[0-9]{1,3})(?:-[0-9]+)?$")
