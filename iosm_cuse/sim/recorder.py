@@ -77,13 +77,14 @@ def load(path: str | os.PathLike[str]) -> list[Event]:
 
 
 def normalise(events: Iterable[Event]) -> dict[str, Any]:
-    """What does not depend on timing: the IPC states in order; the pipes opened and closed
-    (as sets per message type, with their TD counts); the MUX commands in each direction in
-    order, with repeats of the same command collapsed; which channels carried UL and DL
-    transfers, and how many. Doorbells are counted, never compared by number (the host may
+    """What does not depend on timing: the IPC states in order; the ring messages (per type,
+    the pipes and their TD counts; and every message in order); the MUX commands in each
+    direction in order, with repeats of the same command collapsed; which channels carried UL
+    and DL transfers, and how many. Doorbells are counted, never compared by number (the host may
     coalesce them)."""
     ipc: list[str] = []
     msgs: dict[str, set[tuple[int, int]]] = collections.defaultdict(set)
+    order: list[str] = []
     statuses: set[str] = set()
     mux: dict[str, list[str]] = {"mux_ul": [], "mux_dl": []}
     tds: dict[str, collections.Counter[int]] = {"ul_td": collections.Counter(),
@@ -97,6 +98,7 @@ def normalise(events: Iterable[Event]) -> dict[str, Any]:
                 ipc.append(state)
         elif kind == "msg":
             msgs[str(ev.get("type"))].add((int(ev.get("pipe", -1)), int(ev.get("tds", 0))))
+            order.append(f"{ev.get('type')}:{ev.get('pipe', -1)}")
             statuses.add(str(ev.get("status")))
         elif kind in mux:
             name = f"{ev.get('cmd')}:{ev.get('if_id')}"
@@ -110,6 +112,7 @@ def normalise(events: Iterable[Event]) -> dict[str, Any]:
     return {
         "ipc": ipc,
         "msgs": {k: sorted(v) for k, v in sorted(msgs.items())},
+        "msg_order": order,
         "msg_status": sorted(statuses),
         "mux_ul": mux["mux_ul"], "mux_dl": mux["mux_dl"],
         "ul_td": dict(sorted(tds["ul_td"].items())),

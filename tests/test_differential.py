@@ -1,0 +1,91 @@
+"""Issue 12 point 7: the kernel's iosm driver and ours, as the modem model sees them.
+
+The same scenario (tests/mbimcli_scenario.run_differential: the mbimcli steps, a CONNECT
+without ATTACH, five pings to the echo gateway, DISCONNECT) runs twice, each time with the
+model's protocol recorder on (IOSM_MODEL_RECORD, iosm_cuse/sim/recorder.py):
+
+- through the kernel's driver: `python3 -m tests.uml --record FILE --cmd '<that one tier-4 test>'`
+  boots UML (about 15 s once the kernel is built), or IOSM_KERNEL_RECORD=FILE names a recording
+  a UML run left before;
+- through our userspace driver: `iosm-cuse up --device sim --transport pty` in a namespace.
+
+Both recordings are normalised (`recorder.normalise`: orders and counts, not timing) and must be
+equal except for the differences listed in KNOWN, each with its reason (docs/uml-virtpci.md
+§10). A new difference, or a listed one that went away, fails the test.
+
+Marker `differential`: not part of the host tier (it boots UML); `./dev test` runs it after
+tier 4 (`pytest -m differential tests/test_differential.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import mbimcli_scenario
+import pytest
+from daemon_up import StartUp
+
+from iosm_cuse.sim import recorder
+from iosm_cuse.sim.config import ModemConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [
+    pytest.mark.differential,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for TUN and netns"),
+    pytest.mark.skipif(shutil.which("mbimcli") is None, reason="mbimcli needed"),
+]
+UML_TIMEOUT = 900
+
+# (key of the normalised recording) -> (kernel's value, ours, why they differ)
+KNOWN: dict[str, tuple[Any, Any, str]] = {}
+
+
+def kernel_recording(tmp_path: Path) -> list[recorder.Event]:
+    given = os.environ.get("IOSM_KERNEL_RECORD")
+    if given:
+        return recorder.load(given)
+    path = tmp_path / "kernel.jsonl"
+    # then unbind, as our daemon's stop ends with IPC UNINIT (UML's power-off removes nothing)
+    inner = (f"{shlex.quote(sys.executable)} -m pytest -q -p no:cacheprovider -m uml "
+             "tests/uml/test_kernel_driver.py -k test_differential_scenario && "
+             "for d in /sys/bus/pci/drivers/iosm/0000:*; do "
+             "echo ${d##*/} > /sys/bus/pci/drivers/iosm/unbind; done")
+    res = subprocess.run([sys.executable, "-m", "tests.uml", "--mux", "lite", "--record",
+                          str(path), "--cmd", inner], cwd=ROOT, capture_output=True, text=True,
+                         timeout=UML_TIMEOUT, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return recorder.load(path)
+
+
+def userspace_recording(start_up: StartUp, tmp_path: Path,
+                        monkeypatch: pytest.MonkeyPatch) -> list[recorder.Event]:
+    path = tmp_path / "userspace.jsonl"
+    monkeypatch.setenv(recorder.ENV, str(path))
+    up = start_up("--mux", "lite")
+    mbimcli_scenario.run_differential(ModemConfig(), up.mbimcli, up.run)
+    code, err = up.terminate()
+    assert code == 0, err
+    return recorder.load(path)
+
+
+@pytest.mark.timeout(UML_TIMEOUT + 120)
+def test_the_kernel_driver_and_ours_agree_on_the_protocol(
+        start_up: StartUp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = recorder.normalise(kernel_recording(tmp_path))
+    ours = recorder.normalise(userspace_recording(start_up, tmp_path, monkeypatch))
+    print("kernel:", kernel)
+    print("ours:  ", ours)
+    assert kernel["ipc"] and ours["ipc"], "a recording is empty"
+    differences = {k: (kernel[k], ours[k]) for k in kernel if k != "doorbells"
+                   and kernel[k] != ours[k]}
+    unexplained = {k: v for k, v in differences.items()
+                   if k not in KNOWN or KNOWN[k][:2] != v}
+    gone = sorted(set(KNOWN) - set(differences))
+    assert not unexplained and not gone, (unexplained, gone)
+    assert kernel["doorbells"] > 0 and ours["doorbells"] > 0
