@@ -4,11 +4,16 @@ whose model rejected host input fails, whatever the guest said; with a fault it 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.uml.run import check_model
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # tests/uml is run as `python3 -m tests.uml` from the root
+    sys.path.insert(0, str(ROOT))
+
+from tests.uml.run import check_model  # noqa: E402
 
 
 def stats(tmp_path: Path, **rejects: dict[str, int]) -> Path:
