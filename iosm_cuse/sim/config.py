@@ -1,10 +1,12 @@
 """ModemConfig: what the simulated modem says about itself and which addresses it hands out.
 
-Defaults describe a ready modem (SIM present, no PIN required, radio on, registered at home) so
-that mbimcli and mbim-network flows work out of the box. Load overrides from TOML or JSON::
+Defaults describe a ready modem (SIM present, no PIN required, radio on, registered at home,
+packet service attached by itself once registered, as real modems do) so that mbimcli and
+mbim-network flows work out of the box. Load overrides from TOML or JSON::
 
     model = "XMM7560 (simulated)"
     pin_required = true            # start PIN-locked
+    auto_attach = false            # attach only on the host's PACKET_SERVICE ATTACH
     apns = ["internet"]            # default: any APN is accepted
     [[visible_providers]]
     id = "00102"
