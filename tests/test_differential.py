@@ -19,6 +19,7 @@ tier 4 (`pytest -m differential tests/test_differential.py`).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -41,6 +42,8 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("mbimcli") is None, reason="mbimcli needed"),
 ]
 UML_TIMEOUT = 900
+# Both recordings and their normalised forms stay here after a run, to read a difference.
+RECORD_DIR = Path("/var/tmp/iosm-differential")
 
 # (key of the normalised recording) -> (kernel's value, ours, why they differ)
 KNOWN: dict[str, tuple[Any, Any, str]] = {}
@@ -50,7 +53,7 @@ def kernel_recording(tmp_path: Path) -> list[recorder.Event]:
     given = os.environ.get("IOSM_KERNEL_RECORD")
     if given:
         return recorder.load(given)
-    path = tmp_path / "kernel.jsonl"
+    path = RECORD_DIR / "kernel.jsonl"
     # then unbind, as our daemon's stop ends with IPC UNINIT (UML's power-off removes nothing)
     inner = (f"{shlex.quote(sys.executable)} -m pytest -q -p no:cacheprovider -m uml "
              "tests/uml/test_kernel_driver.py -k test_differential_scenario && "
@@ -65,7 +68,8 @@ def kernel_recording(tmp_path: Path) -> list[recorder.Event]:
 
 def userspace_recording(start_up: StartUp, tmp_path: Path,
                         monkeypatch: pytest.MonkeyPatch) -> list[recorder.Event]:
-    path = tmp_path / "userspace.jsonl"
+    path = RECORD_DIR / "userspace.jsonl"
+    path.unlink(missing_ok=True)
     monkeypatch.setenv(recorder.ENV, str(path))
     up = start_up("--mux", "lite")
     mbimcli_scenario.run_differential(ModemConfig(), up.mbimcli, up.run)
@@ -77,10 +81,11 @@ def userspace_recording(start_up: StartUp, tmp_path: Path,
 @pytest.mark.timeout(UML_TIMEOUT + 120)
 def test_the_kernel_driver_and_ours_agree_on_the_protocol(
         start_up: StartUp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    RECORD_DIR.mkdir(parents=True, exist_ok=True)
     kernel = recorder.normalise(kernel_recording(tmp_path))
     ours = recorder.normalise(userspace_recording(start_up, tmp_path, monkeypatch))
-    print("kernel:", kernel)
-    print("ours:  ", ours)
+    (RECORD_DIR / "normalised.json").write_text(json.dumps({"kernel": kernel, "ours": ours},
+                                                           indent=1))
     assert kernel["ipc"] and ours["ipc"], "a recording is empty"
     differences = {k: (kernel[k], ours[k]) for k in kernel if k != "doorbells"
                    and kernel[k] != ours[k]}
