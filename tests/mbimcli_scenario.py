@@ -70,6 +70,11 @@ def run(cfg: ModemConfig,
 DIFFERENTIAL_PINGS = 5
 
 
+def differential_mbimcli_runs(cfg: ModemConfig) -> int:
+    """How many mbimcli processes `run_differential` starts: the steps, CONNECT, DISCONNECT."""
+    return len(steps(cfg)) + 2
+
+
 def run_differential(cfg: ModemConfig,
                      mbimcli: Callable[..., subprocess.CompletedProcess[str]],
                      sh: Callable[..., subprocess.CompletedProcess[str]],
