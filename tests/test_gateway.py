@@ -18,6 +18,7 @@ from iosm_cuse.sim.gateway import (
     Reassembler,
     echo_reply,
     fragment_v4,
+    fragment_v6,
     parse_addresses,
 )
 
@@ -313,3 +314,60 @@ def test_fuzz_reassembly_never_raises_anything_else(pkts: list[bytes], flip: int
         if whole is not None:
             assert csum(whole[:20]) == 0
     assert len(r) <= 3
+
+
+def split6(pkt: bytes, size: int, ident: int = 0x1234) -> list[bytes]:
+    """An IPv6 packet cut into fragments of `size` payload bytes, each with a Fragment header
+    (built here, not by fragment_v6)."""
+    payload, nh = pkt[40:], pkt[6]
+    out = []
+    for off in range(0, len(payload), size):
+        piece = payload[off:off + size]
+        more = int(off + size < len(payload))
+        hdr = bytearray(pkt[:40])
+        struct.pack_into("!H", hdr, 4, 8 + len(piece))
+        hdr[6] = 44
+        out.append(bytes(hdr) + struct.pack("!BBHI", nh, 0, off | more, ident) + piece)
+    return out
+
+
+def join6(frags: list[bytes]) -> bytes:
+    parts = sorted(frags, key=lambda f: struct.unpack_from("!H", f, 42)[0] & ~7)
+    payload = b"".join(f[48:40 + struct.unpack_from("!H", f, 4)[0]] for f in parts)
+    hdr = bytearray(parts[0][:40])
+    hdr[6] = parts[0][40]
+    struct.pack_into("!H", hdr, 4, len(payload))
+    return bytes(hdr) + payload
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_fragmented_icmpv6_echo_request_is_answered_in_fragments(reverse: bool) -> None:
+    """ping -6 -s 3000 over a 1500-byte link: fragments with Fragment headers up, the reply
+    down in fragments of at most the MTU, each with a Fragment header of one identification."""
+    gw, down = make_gateway(2)
+    req = ip6_echo("fd99:2::2", "fd99:2::1", 5, 6, bytes(range(250)) * 12)
+    frags = split6(req, 1448)
+    for f in reversed(frags) if reverse else frags:
+        gw.uplink(2, f)
+    replies = [p for _, p in down.sent]
+    mtu = ModemConfig().session_ip(2).mtu
+    assert len(replies) == 3 and all(len(p) <= mtu and p[6] == 44 for p in replies)
+    assert len({p[44:48] for p in replies}) == 1                 # one identification
+    rep = join6(replies)
+    assert rep[8:24] == req[24:40] and rep[40] == 129 and rep[44:] == req[44:]
+    assert csum(pseudo6(rep[8:24], rep[24:40], len(rep) - 40) + rep[40:]) == 0
+    assert gw.counters["echo_replies"] == 1 and gw.counters["ul_fragments"] == 3
+
+
+def test_ipv6_fragments_that_overlap_drop_their_datagram() -> None:
+    req = ip6_echo("fd99:2::2", "fd99:2::1", 5, 6, bytes(2000))
+    a, b = split6(req, 1448)
+    bad = bytearray(b)
+    struct.pack_into("!H", bad, 42, 1440)                      # starts inside the first
+    r = Reassembler()
+    assert r.push(a, 0.0) is None
+    with pytest.raises(FragmentError):
+        r.push(bytes(bad), 0.1)
+    assert len(r) == 0
+    assert join6(fragment_v6(req, 1280, 9)) == req and fragment_v6(req[:1000], 1280, 9) == [
+        req[:1000]]

@@ -82,6 +82,19 @@ def test_ping_over_wwan0_through_the_echo_gateway() -> None:
         _disconnect(0, "wwan0")
 
 
+def test_ipv6_ping_in_fragments_over_wwan0() -> None:
+    """IPv6 over wwan0: the session's IPv6 address (no DAD), 10 pings of 3000 bytes to the echo
+    gateway's IPv6 address - up in fragments with Fragment headers, down the same way."""
+    ip = ModemConfig().session_ip(0)
+    _connect(0, "wwan0")
+    try:
+        res = _run("ip", "-6", "addr", "add", str(ip.ipv6), "dev", "wwan0", "nodad")
+        assert res.returncode == 0, res.stderr
+        _ping(str(ip.ipv6_gateway), "-6", "-s", "3000", count=10)
+    finally:
+        _disconnect(0, "wwan0")
+
+
 def test_a_second_session_on_the_kernels_own_wwan_link() -> None:
     """`ip link add wwan0-1 parentdev wwan0 type wwan linkid 1` (the kernel's wwan
     rtnetlink ops, not our CLI; `link wwan0` is refused with EINVAL: the parent is the wwan
