@@ -41,7 +41,8 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("mbimcli") is None, reason="mbimcli needed"),
 ]
 UML_TIMEOUT = 900
-# Both recordings and their normalised forms stay here after a run, to read a difference.
+# Copies of both recordings and their normalised forms stay here after a run, to read a
+# difference (the runs themselves record into the test's own tmp_path).
 RECORD_DIR = Path("/var/tmp/iosm-differential")
 
 MBIM_PIPES = ("12", "13")
@@ -72,7 +73,7 @@ def kernel_recording(tmp_path: Path) -> list[recorder.Event]:
     given = os.environ.get("IOSM_KERNEL_RECORD")
     if given:
         return recorder.load(given)
-    path = RECORD_DIR / "kernel.jsonl"
+    path = tmp_path / "kernel.jsonl"
     # then unbind, as our daemon's stop ends with IPC UNINIT (UML's power-off removes nothing)
     inner = (f"{shlex.quote(sys.executable)} -m pytest -q -p no:cacheprovider -m uml "
              "tests/uml/test_kernel_driver.py -k test_differential_scenario && "
@@ -87,8 +88,7 @@ def kernel_recording(tmp_path: Path) -> list[recorder.Event]:
 
 def userspace_recording(start_up: StartUp, tmp_path: Path,
                         monkeypatch: pytest.MonkeyPatch) -> list[recorder.Event]:
-    path = RECORD_DIR / "userspace.jsonl"
-    path.unlink(missing_ok=True)
+    path = tmp_path / "userspace.jsonl"
     monkeypatch.setenv(recorder.ENV, str(path))
     up = start_up("--mux", "lite")
     mbimcli_scenario.run_differential(ModemConfig(), up.mbimcli, up.run)
@@ -100,9 +100,12 @@ def userspace_recording(start_up: StartUp, tmp_path: Path,
 @pytest.mark.timeout(UML_TIMEOUT + 120)
 def test_the_kernel_driver_and_ours_agree_on_the_protocol(
         start_up: StartUp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    RECORD_DIR.mkdir(parents=True, exist_ok=True)
     kernel = recorder.normalise(kernel_recording(tmp_path))
     ours = recorder.normalise(userspace_recording(start_up, tmp_path, monkeypatch))
+    RECORD_DIR.mkdir(parents=True, exist_ok=True)
+    for name in ("kernel.jsonl", "userspace.jsonl"):
+        if (tmp_path / name).exists():
+            shutil.copyfile(tmp_path / name, RECORD_DIR / name)
     (RECORD_DIR / "normalised.json").write_text(json.dumps({"kernel": kernel, "ours": ours},
                                                            indent=1))
     assert kernel["ipc"] and ours["ipc"], "a recording is empty"
