@@ -171,11 +171,17 @@ link.add_command(link_show, "lst")
               "(overrides the MUX mode's; e.g. 200000 for UL flow credit). With --virtpci.")
 @click.option("--pci-id", default="8086:7560", show_default=True,
               type=click.Choice(["8086:7560", "8086:7360"]), help="PCI id. With --virtpci.")
+@click.option("--stats", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write the model's counters and reject counters (JSON) on exit. With "
+                   "--virtpci.")
+@click.option("--fault", type=click.Choice(["mux-offset", "mux-length", "td-size", "crash"]),
+              help="Spoil the third MUX data transfer down (or crash then): the host driver's "
+                   "defences (iosm_cuse/sim/faults.py). With --virtpci.")
 @click.option("-v", "--verbose", is_flag=True)
 @click.pass_context
 def modem(ctx: click.Context, shm: Path | None, size: int, config: Path | None,
           mux: str | None, gateway: str, virtpci: Path | None, caps: str | None, pci_id: str,
-          verbose: bool) -> None:
+          stats: Path | None, fault: str | None, verbose: bool) -> None:
     """Run the modem model alone, for a driver in another process or a VM (ivshmem), or as a
     PCI function of a UML kernel (--virtpci); or, with a command, control the model of a
     running `iosm-cuse up` (docs/control.md)."""
@@ -193,8 +199,8 @@ def modem(ctx: click.Context, shm: Path | None, size: int, config: Path | None,
                         format="iosm-cuse modem: %(message)s")
     options = UpOptions(config=config, mux=mux, gateway=gateway).model_options()
     if virtpci is None:
-        if caps is not None or pci_id != "8086:7560":
-            raise click.UsageError("--caps and --pci-id go with --virtpci")
+        if caps is not None or pci_id != "8086:7560" or stats or fault:
+            raise click.UsageError("--caps, --pci-id, --stats and --fault go with --virtpci")
         sys.exit(run_modem(options, shm, size))
     if shm is not None:
         raise click.UsageError("--shm and --virtpci exclude each other")
@@ -205,7 +211,7 @@ def modem(ctx: click.Context, shm: Path | None, size: int, config: Path | None,
     if capabilities is not None and not 0 <= capabilities <= 0xFFFFFFFF:
         raise click.BadParameter("beyond 32 bits", param_hint="--caps")
     vendor, device = (int(x, 16) for x in pci_id.split(":"))
-    sys.exit(run_modem_virtpci(options, virtpci, capabilities, (vendor, device)))
+    sys.exit(run_modem_virtpci(options, virtpci, capabilities, (vendor, device), stats, fault))
 
 
 # ---- live control of a running model (sim/control.py declares the actions) -------------------

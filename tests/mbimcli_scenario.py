@@ -65,3 +65,37 @@ def run(cfg: ModemConfig,
         assert res.returncode == 0, (step.args, res.stdout, res.stderr)
         missing = [e for e in step.expect if e not in res.stdout]
         assert not missing, (step.args, missing, res.stdout)
+
+
+DIFFERENTIAL_PINGS = 5
+
+
+def differential_mbimcli_runs(cfg: ModemConfig) -> int:
+    """How many mbimcli processes `run_differential` starts: the steps, CONNECT, DISCONNECT."""
+    return len(steps(cfg)) + 2
+
+
+def run_differential(cfg: ModemConfig,
+                     mbimcli: Callable[..., subprocess.CompletedProcess[str]],
+                     sh: Callable[..., subprocess.CompletedProcess[str]],
+                     link: str = "wwan0") -> None:
+    """The scenario both drivers run for the protocol differential (tests/test_differential.py):
+    the mbimcli steps above, then a CONNECT without ATTACH (the modem attached by itself), the
+    session's address on `link`, DIFFERENTIAL_PINGS pings to the echo gateway, DISCONNECT.
+    `sh(*argv)` runs a command where `link` lives."""
+    run(cfg, mbimcli)
+    ip = cfg.session_ip(0)
+    res = mbimcli("--connect=apn=internet")
+    assert res.returncode == 0 and "'activated'" in res.stdout, res.stdout + res.stderr
+    try:
+        for argv in (("ip", "addr", "add", str(ip.ipv4), "dev", link),
+                     ("ip", "link", "set", link, "up")):
+            res = sh(*argv)
+            assert res.returncode == 0, (argv, res.stderr)
+        ping = sh("ping", "-c", str(DIFFERENTIAL_PINGS), "-i", "0.2", "-W", "2",
+                  str(ip.ipv4_gateway))
+        assert f"{DIFFERENTIAL_PINGS} received" in ping.stdout, ping.stdout + ping.stderr
+    finally:
+        sh("ip", "link", "set", link, "down")
+        sh("ip", "addr", "flush", "dev", link)
+        mbimcli("--disconnect")

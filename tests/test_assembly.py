@@ -147,7 +147,8 @@ def test_the_model_process_keeps_the_assembly_and_reports_its_gateway(bus: ShmBu
     async def main() -> None:
         functions = attach_functions(DeviceModel(bus), MODEL, {"gateway": "echo"})
         assert isinstance(functions, Assembly) and isinstance(functions, ModelFunctions)
-        assert functions.stats() == {"gateway": functions.gateway.counters}
+        assert functions.stats() == {"gateway": functions.gateway.counters,
+                                     "function_rejects": {"mux": {}, "mbim": {}}}
         await functions.close()
         data = attach_functions(DeviceModel(bus), DATA_PATH_ONLY, {"connect": [1]})
         assert isinstance(data, Assembly) and data.mbim is None

@@ -131,7 +131,8 @@ def test_at_and_mbim_agree_on_one_modem_state() -> None:
     assert answers(at, "AT+CFUN=0") == ["OK"]
     radio = host.query(B.RADIO_STATE)
     assert radio["SwRadioState"] is RadioState.OFF
-    assert host.indicated() == [B.REGISTER_STATE, B.RADIO_STATE]
+    # deregistered, so detached (it had attached by itself, auto_attach), then the radio
+    assert host.indicated() == [B.REGISTER_STATE, B.PACKET_SERVICE, B.RADIO_STATE]
     assert answers(at, "AT+CFUN?;+CREG?;+CSQ;+COPS?") == [
         "+CFUN: 4", "+CREG: 0,0", "+CSQ: 99,99", "+COPS: 0", "OK"]
 

@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iosm_cuse.sim.config import ModemConfig
-from iosm_cuse.sim.gateway import Gateway, echo_reply, parse_addresses
+from iosm_cuse.sim.gateway import (
+    FragmentError,
+    Gateway,
+    Reassembler,
+    echo_reply,
+    fragment_v4,
+    fragment_v6,
+    parse_addresses,
+)
 
 
 def csum(data: bytes) -> int:
@@ -101,7 +109,7 @@ def test_any_address_in_the_sessions_v6_prefix_is_its_own() -> None:
 
 
 @pytest.mark.parametrize("pkt, reason", [
-    (ip4("10.99.1.2", "10.99.1.1", icmp4_echo(1, 1, b"x"), frag=0x2000), "drop_not_echo"),
+    (ip4("10.99.1.2", "10.99.1.1", icmp4_echo(1, 1, b"x"), frag=0x2000), "drop_fragment"),
     (ip4("10.99.1.2", "10.99.1.1", icmp4_echo(1, 1, b"x", kind=0)), "drop_not_echo"),
     (ip4("10.99.1.2", "10.99.1.1", b"\x08\x00\xff\xffabcd"), "drop_not_echo"),   # bad csum
     (ip4("10.99.1.2", "10.99.1.1", b"udp-payload", proto=17), "drop_not_echo"),
@@ -195,6 +203,171 @@ def test_fuzz_no_exception_escapes(pkt: bytes) -> None:
             assert csum(pseudo6(rep[8:24], rep[24:40], len(rep) - 40) + rep[40:]) == 0
     gw.uplink(1, pkt)
     gw.route(pkt)
-    assert sum(gw.counters[k] for k in gw.counters if k.startswith("drop")) + \
-        gw.counters["echo_replies"] == 1
+    answered = sum(gw.counters[k] for k in gw.counters if k.startswith("drop")) + \
+        gw.counters["echo_replies"]
+    # one outcome each, or a fragment kept for the rest of its datagram
+    assert answered == 1 or (answered == 0 and gw.counters["ul_fragments"] == 1)
     assert [p for _, p in down.sent] == ([rep] if gw.counters["echo_replies"] else [])
+
+
+# ---- IPv4 fragments in echo mode ----------------------------------------------------------
+
+
+def split(pkt: bytes, size: int, order: list[int] | None = None) -> list[bytes]:
+    """`pkt` cut into fragments of `size` payload bytes (built here, not by fragment_v4)."""
+    hdr, payload = bytearray(pkt[:20]), pkt[20:]
+    out = []
+    for off in range(0, len(payload), size):
+        piece = payload[off:off + size]
+        more = 0x2000 if off + size < len(payload) else 0
+        h = bytearray(hdr)
+        struct.pack_into("!H", h, 2, 20 + len(piece))
+        struct.pack_into("!H", h, 6, (off // 8) | more)
+        h[10:12] = b"\0\0"
+        h[10:12] = struct.pack("!H", csum(bytes(h)))
+        out.append(bytes(h) + piece)
+    return [out[i] for i in order] if order is not None else out
+
+
+def join(frags: list[bytes]) -> bytes:
+    """The datagram the fragments make, reassembled naively (for checking replies)."""
+    parts = sorted(frags, key=lambda f: struct.unpack_from("!H", f, 6)[0] & 0x1FFF)
+    payload = b"".join(f[20:struct.unpack_from("!H", f, 2)[0]] for f in parts)
+    return parts[0][:20] + payload
+
+
+@pytest.mark.parametrize("order", [None, [2, 0, 1], [1, 2, 0]])
+def test_a_fragmented_echo_request_is_answered_in_fragments(order: list[int] | None) -> None:
+    """ping -s 3000 over a 1500-byte link: three fragments up, a reply down in fragments of
+    at most the session MTU, each a valid IPv4 packet, together the echo reply."""
+    gw, down = make_gateway(1)
+    data = bytes(range(256)) * 12                          # 3072 bytes of ICMP data
+    req = ip4("10.99.1.2", "10.99.1.1", icmp4_echo(0x42, 9, data))
+    frags = split(req, 1480, order)
+    assert len(frags) == 3
+    for f in frags:
+        gw.uplink(1, f)
+    replies = [p for _, p in down.sent]
+    mtu = ModemConfig().session_ip(1).mtu
+    assert len(replies) == 3 and all(len(p) <= mtu and csum(p[:20]) == 0 for p in replies)
+    rep = join(replies)
+    assert rep[12:16] == req[16:20] and rep[16:20] == req[12:16]
+    assert rep[20] == 0 and rep[24:] == req[24:] and csum(rep[20:]) == 0
+    assert gw.counters["echo_replies"] == 1 and gw.counters["ul_fragments"] == 3
+    assert gw.counters["dl_packets"] == 3
+
+
+def test_fragments_that_do_not_fit_together_drop_their_datagram() -> None:
+    req = ip4("10.99.1.2", "10.99.1.1", icmp4_echo(1, 1, bytes(2000)))
+    a, b = split(req, 1480)
+    r = Reassembler()
+    assert r.push(a, 0.0) is None
+    overlapping = bytearray(b)
+    struct.pack_into("!H", overlapping, 6, 1472 // 8)    # starts inside the first one
+    overlapping[10:12] = b"\0\0"
+    overlapping[10:12] = struct.pack("!H", csum(bytes(overlapping)))
+    with pytest.raises(FragmentError):
+        r.push(bytes(overlapping), 0.1)
+    assert len(r) == 0 and r.push(b, 0.2) is None        # the datagram is gone: b waits alone
+    odd = bytearray(a)
+    struct.pack_into("!H", odd, 2, 20 + 1479)           # a non-final fragment of 1479 bytes
+    odd[10:12] = b"\0\0"
+    odd[10:12] = struct.pack("!H", csum(bytes(odd)))
+    with pytest.raises(FragmentError):
+        Reassembler().push(bytes(odd), 0.0)
+
+
+def test_partial_datagrams_are_bounded_in_number_and_age() -> None:
+    r = Reassembler(max_datagrams=2, timeout=5.0)
+    firsts = [split(ip4("10.99.1.2", f"10.99.1.{i + 1}", icmp4_echo(i, i, bytes(2000))), 1480)
+              for i in range(3)]                        # three datagrams: three destinations
+    for t, (a, _) in enumerate(firsts):
+        r.push(a, float(t))
+    assert len(r) == 2                                      # the oldest went
+    assert r.push(firsts[0][1], 3.0) is None                # its rest alone completes nothing
+    assert r.push(firsts[2][1], 3.5) is not None            # a kept one completes
+    assert r.push(firsts[0][1], 30.0) is None and len(r) == 1   # the others expired
+
+
+def test_fragment_v4_respects_df_and_small_packets() -> None:
+    small = ip4("10.99.1.1", "10.99.1.2", icmp4_echo(1, 1, b"x"))
+    assert fragment_v4(small, 1500) == [small]
+    df = ip4("10.99.1.1", "10.99.1.2", icmp4_echo(1, 1, bytes(3000)), frag=0x4000)
+    assert fragment_v4(df, 1500) == [df]
+    big = ip4("10.99.1.1", "10.99.1.2", icmp4_echo(1, 1, bytes(3000)))
+    parts = fragment_v4(big, 1500)
+    assert [len(p) for p in parts] == [1500, 1500, 20 + 3008 - 2 * 1480]
+    assert join(parts)[20:] == big[20:]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=20, max_size=200), max_size=6),
+       st.integers(0, 8))
+def test_fuzz_reassembly_never_raises_anything_else(pkts: list[bytes], flip: int) -> None:
+    r = Reassembler(max_datagrams=3)
+    base = split(ip4("10.99.1.2", "10.99.1.1", icmp4_echo(1, 1, bytes(100))), 40)
+    for n, pkt in enumerate([*base[:flip], *pkts]):
+        try:
+            whole = r.push(pkt, float(n))
+        except FragmentError:
+            continue
+        if whole is not None:
+            assert csum(whole[:20]) == 0
+    assert len(r) <= 3
+
+
+def split6(pkt: bytes, size: int, ident: int = 0x1234) -> list[bytes]:
+    """An IPv6 packet cut into fragments of `size` payload bytes, each with a Fragment header
+    (built here, not by fragment_v6)."""
+    payload, nh = pkt[40:], pkt[6]
+    out = []
+    for off in range(0, len(payload), size):
+        piece = payload[off:off + size]
+        more = int(off + size < len(payload))
+        hdr = bytearray(pkt[:40])
+        struct.pack_into("!H", hdr, 4, 8 + len(piece))
+        hdr[6] = 44
+        out.append(bytes(hdr) + struct.pack("!BBHI", nh, 0, off | more, ident) + piece)
+    return out
+
+
+def join6(frags: list[bytes]) -> bytes:
+    parts = sorted(frags, key=lambda f: struct.unpack_from("!H", f, 42)[0] & ~7)
+    payload = b"".join(f[48:40 + struct.unpack_from("!H", f, 4)[0]] for f in parts)
+    hdr = bytearray(parts[0][:40])
+    hdr[6] = parts[0][40]
+    struct.pack_into("!H", hdr, 4, len(payload))
+    return bytes(hdr) + payload
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_fragmented_icmpv6_echo_request_is_answered_in_fragments(reverse: bool) -> None:
+    """ping -6 -s 3000 over a 1500-byte link: fragments with Fragment headers up, the reply
+    down in fragments of at most the MTU, each with a Fragment header of one identification."""
+    gw, down = make_gateway(2)
+    req = ip6_echo("fd99:2::2", "fd99:2::1", 5, 6, bytes(range(250)) * 12)
+    frags = split6(req, 1448)
+    for f in reversed(frags) if reverse else frags:
+        gw.uplink(2, f)
+    replies = [p for _, p in down.sent]
+    mtu = ModemConfig().session_ip(2).mtu
+    assert len(replies) == 3 and all(len(p) <= mtu and p[6] == 44 for p in replies)
+    assert len({p[44:48] for p in replies}) == 1                 # one identification
+    rep = join6(replies)
+    assert rep[8:24] == req[24:40] and rep[40] == 129 and rep[44:] == req[44:]
+    assert csum(pseudo6(rep[8:24], rep[24:40], len(rep) - 40) + rep[40:]) == 0
+    assert gw.counters["echo_replies"] == 1 and gw.counters["ul_fragments"] == 3
+
+
+def test_ipv6_fragments_that_overlap_drop_their_datagram() -> None:
+    req = ip6_echo("fd99:2::2", "fd99:2::1", 5, 6, bytes(2000))
+    a, b = split6(req, 1448)
+    bad = bytearray(b)
+    struct.pack_into("!H", bad, 42, 1440)                      # starts inside the first
+    r = Reassembler()
+    assert r.push(a, 0.0) is None
+    with pytest.raises(FragmentError):
+        r.push(bytes(bad), 0.1)
+    assert len(r) == 0
+    assert join6(fragment_v6(req, 1280, 9)) == req and fragment_v6(req[:1000], 1280, 9) == [
+        req[:1000]]

@@ -183,7 +183,8 @@ def test_malformed_info_buffer_is_invalid_parameters(host: Host) -> None:
     assert host.command(B.RADIO_STATE, S, {"RadioState": 7}) == (Status.INVALID_PARAMETERS, None)
 
 
-def test_connect_flow_and_ip_configuration(host: Host) -> None:
+def test_connect_flow_and_ip_configuration() -> None:
+    host = Host(MbimFunction(ModemConfig(auto_attach=False)))   # attach only on request
     assert host.connect(sid=3)[0] == Status.PACKET_SERVICE_DETACHED
     status, ps = host.attach()
     assert status == Status.NONE and ps and ps["PacketServiceState"] == 2
@@ -262,7 +263,7 @@ def test_radio_off_tears_everything_down_with_indications(host: Host) -> None:
 
 
 def test_subscribe_list_governs_indications(host: Host) -> None:
-    host.attach()
+    host.attach(action=1)             # attached by itself (auto_attach): detach first
     assert [cid for cid, _ in host.indications()] == [B.PACKET_SERVICE]   # default: all
     events = [{"DeviceServiceId": BC, "Cids": [B.CONNECT]}]
     status, echo = host.command(B.DEVICE_SERVICE_SUBSCRIBE_LIST, S, {"Events": events})
@@ -305,7 +306,9 @@ def test_pin_countdown_puk_and_blocked_sim() -> None:
     status, info = h.pin("11223344", new_pin="1357", ptype=11)
     assert status == Status.NONE and info and info["PinState"] == 0
     got = h.indications()
-    assert [cid for cid, _ in got] == [B.SUBSCRIBER_READY_STATUS, B.REGISTER_STATE]
+    # registered once unlocked, and attached by itself (auto_attach)
+    assert [cid for cid, _ in got] == [B.SUBSCRIBER_READY_STATUS, B.REGISTER_STATE,
+                                       B.PACKET_SERVICE]
     assert got[0][1]["ReadyState"] == ReadyState.INITIALIZED
     assert got[1][1]["RegisterState"] == RegisterState.HOME
     _, ready = h.command(B.SUBSCRIBER_READY_STATUS, Q)
@@ -453,7 +456,7 @@ def test_length_mismatch_and_garbage(host: Host) -> None:
 
 
 def test_channel_function_adapter() -> None:
-    fn = MbimFunction()
+    fn = MbimFunction(ModemConfig(auto_attach=False))   # the attach below changes the state
     adapter = MbimChannelFunction(fn)
     sent: list[bytes] = []
     adapter.opened(sent.append)

@@ -170,11 +170,24 @@ def test_packet_statistics_counts(make_modem) -> None:  # type: ignore[no-untype
 
 
 def test_connect_refused_when_detached(make_modem) -> None:  # type: ignore[no-untyped-def]
-    modem = make_modem()
+    modem = make_modem(ModemConfig(auto_attach=False))      # attached only on request
     proc = subprocess.run(["mbimcli", "-d", str(modem.link), "--connect=apn=internet"],
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode != 0
     assert "detached" in (proc.stdout + proc.stderr).lower()
+
+
+def test_connect_without_attach_by_default(make_modem) -> None:  # type: ignore[no-untyped-def]
+    """The modem attached by itself once registered (auto_attach): CONNECT alone works; after
+    an explicit detach it is refused again."""
+    modem = make_modem()
+    out = mbimcli(modem, "--connect=apn=internet")
+    assert field(out, "Activation state") == "activated"
+    mbimcli(modem, "--disconnect")
+    assert field(mbimcli(modem, "--detach-packet-service"), "Packet service state") == "detached"
+    proc = subprocess.run(["mbimcli", "-d", str(modem.link), "--connect=apn=internet"],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode != 0 and "detached" in (proc.stdout + proc.stderr).lower()
 
 
 def test_enter_pin(make_modem) -> None:  # type: ignore[no-untyped-def]

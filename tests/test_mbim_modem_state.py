@@ -6,6 +6,7 @@ function frames it; the live control of later issues drives the state the same w
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from iosm_cuse.mbim.cids import IpType, PinOperation, PinType, RegisterAction, R
 from iosm_cuse.mbim.constants import CommandType, Status
 from iosm_cuse.mbim.message import Command, IndicateStatus, Open, decode_message, encode_message
 from iosm_cuse.mbim.uuids import Service
-from iosm_cuse.sim.config import ModemConfig
+from iosm_cuse.sim.config import ConfigError, ModemConfig
 from iosm_cuse.sim.mbim import Indication, MbimFunction, ModemState, SessionState
 from iosm_cuse.sim.mbim.handlers import Answer, ServiceHandlers
 
@@ -103,7 +104,10 @@ def test_refusals_change_nothing() -> None:
     assert (wrong.status, wrong.indications) == (Status.FAILURE, ())
     right = modem.pin_operation(PinType.PIN1, PinOperation.ENTER, modem.config.pin, "")
     assert right.status is Status.NONE
-    assert cids_of(right.indications) == [B.SUBSCRIBER_READY_STATUS, B.REGISTER_STATE]
+    # unlocked: registered, and attached by itself (auto_attach, the default)
+    assert cids_of(right.indications) == [B.SUBSCRIBER_READY_STATUS, B.REGISTER_STATE,
+                                          B.PACKET_SERVICE]
+    assert modem.attached
 
 
 def test_an_unknown_apn_is_refused_with_its_network_cause() -> None:
@@ -132,3 +136,43 @@ def test_device_services_lists_every_registered_basic_connect_cid() -> None:
     listed = MbimFunction().supported_cids()
     assert sorted(listed[BC]) == sorted(cid for cid, _ in basic_connect.HANDLERS)
     assert Service.PROXY_CONTROL not in listed
+
+
+def test_attached_by_itself_once_registered() -> None:
+    """auto_attach (the default): attached from the start, CONNECT needs no ATTACH first."""
+    modem = ModemState()
+    assert modem.attached and modem.connect_refusal() is None
+    assert modem.activate(0, "internet", IpType.IPV4).status is Status.NONE
+
+
+def test_auto_attach_off_waits_for_the_host() -> None:
+    modem = ModemState(ModemConfig(auto_attach=False))
+    assert not modem.attached
+    assert modem.activate(0, "internet", IpType.IPV4).status is Status.PACKET_SERVICE_DETACHED
+    assert cids_of(modem.set_radio(False) + modem.set_radio(True)) == [
+        B.REGISTER_STATE, B.RADIO_STATE, B.REGISTER_STATE, B.RADIO_STATE]
+    assert not modem.attached           # registering again attaches nothing either
+
+
+def test_an_explicit_detach_holds_until_the_modem_registers_anew() -> None:
+    modem = ModemState()
+    assert cids_of(modem.detach()) == [B.PACKET_SERVICE] and not modem.attached
+    # a manual registration while registered is no new registration: still detached
+    assert cids_of(modem.register(RegisterAction.MANUAL, "00102").indications) == [
+        B.REGISTER_STATE]
+    assert not modem.attached
+    assert modem.activate(0, "internet", IpType.IPV4).status is Status.PACKET_SERVICE_DETACHED
+    # radio off and on: deregistered, then registered anew, and attached by itself again
+    out = modem.set_radio(False) + modem.set_radio(True)
+    assert cids_of(out) == [B.REGISTER_STATE, B.RADIO_STATE, B.REGISTER_STATE,
+                            B.PACKET_SERVICE, B.RADIO_STATE]
+    assert modem.attached
+
+
+def test_auto_attach_is_read_from_a_config_file(tmp_path: Path) -> None:
+    f = tmp_path / "modem.toml"
+    f.write_text("auto_attach = false\n")
+    assert not ModemState(ModemConfig.load(f)).attached
+    f.write_text('auto_attach = "no"\n')
+    with pytest.raises(ConfigError):
+        ModemConfig.load(f)

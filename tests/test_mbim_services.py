@@ -405,6 +405,11 @@ def test_provisioned_contexts_add_replace_delete(host: Host) -> None:
 def test_lte_attach_configuration_and_info(host: Host) -> None:
     X = MsBasicConnectExtensions
     svc = Service.MS_BASIC_CONNECT_EXTENSIONS
+    # registered, the modem attached by itself (auto_attach); detached, LTE attach says so
+    _, info = host.command(svc, X.LTE_ATTACH_INFO, Q)
+    assert info is not None and info["LteAttachState"] is LteAttachState.ATTACHED
+    host.command(Service.BASIC_CONNECT, B.PACKET_SERVICE, S,
+                 {"PacketServiceAction": cids.PacketServiceAction.DETACH})
     _, info = host.command(svc, X.LTE_ATTACH_INFO, Q)
     assert info is not None and info["LteAttachState"] is LteAttachState.DETACHED
     host.attach()

@@ -107,8 +107,10 @@ def names(inds: list[tuple[str, dict[str, Any]]]) -> list[str]:
 
 
 def test_register_moves_register_state_and_names_the_cause(port: Port) -> None:
+    # the modem attached by itself when it registered (auto_attach): losing the network
+    # detaches it, registering again attaches it again
     res = port.modem("register", "searching")
-    assert res["indications"] == ["REGISTER_STATE"]
+    assert res["indications"] == ["REGISTER_STATE", "PACKET_SERVICE"]
     reg = only(port.indications(), "REGISTER_STATE")
     assert reg["RegisterState"] == RegisterState.SEARCHING and reg["ProviderId"] == ""
 
@@ -185,7 +187,7 @@ def test_detach_reports_packet_service_and_every_session(port: Port) -> None:
 def test_sim_absent_pin_puk_and_ready(port: Port) -> None:
     port.modem("sim", "absent")
     inds = port.indications()
-    assert names(inds) == ["SUBSCRIBER_READY_STATUS", "REGISTER_STATE"]
+    assert names(inds) == ["SUBSCRIBER_READY_STATUS", "REGISTER_STATE", "PACKET_SERVICE"]
     assert only(inds, "SUBSCRIBER_READY_STATUS")["ReadyState"] == ReadyState.SIM_NOT_INSERTED
     assert only(inds, "REGISTER_STATE")["RegisterState"] == RegisterState.DEREGISTERED
     assert port.query(B.PIN)[0] == Status.SIM_NOT_INSERTED
@@ -205,7 +207,7 @@ def test_sim_absent_pin_puk_and_ready(port: Port) -> None:
 
     port.modem("sim", "ready")
     inds = port.indications()
-    assert names(inds) == ["SUBSCRIBER_READY_STATUS", "REGISTER_STATE"]
+    assert names(inds) == ["SUBSCRIBER_READY_STATUS", "REGISTER_STATE", "PACKET_SERVICE"]
     assert only(inds, "SUBSCRIBER_READY_STATUS")["ReadyState"] == ReadyState.INITIALIZED
     assert only(inds, "REGISTER_STATE")["RegisterState"] == RegisterState.HOME
 
@@ -222,7 +224,7 @@ def test_hardware_radio_switch(port: Port) -> None:
     assert port.client.attach() == Status.RADIO_POWER_OFF
     port.modem("radio", "on")
     inds = port.indications()
-    assert names(inds) == ["REGISTER_STATE", "RADIO_STATE"]
+    assert names(inds) == ["REGISTER_STATE", "PACKET_SERVICE", "RADIO_STATE"]
     assert only(inds, "RADIO_STATE")["HwRadioState"] == RadioState.ON
 
 
@@ -268,11 +270,11 @@ def test_fcc_locked_radio_stays_off_until_unlocked(start_up: StartUp, tmp_path: 
         status, radio = port.set(B.RADIO_STATE, {"RadioState": RadioState.ON})
         assert radio is not None and radio["SwRadioState"] == RadioState.ON
         inds = port.indications()
-        assert names(inds) == ["REGISTER_STATE", "RADIO_STATE"]
+        assert names(inds) == ["REGISTER_STATE", "PACKET_SERVICE", "RADIO_STATE"]
 
         port.modem("fcc", "lock")
         inds = port.indications()
-        assert names(inds) == ["REGISTER_STATE", "RADIO_STATE"]
+        assert names(inds) == ["REGISTER_STATE", "PACKET_SERVICE", "RADIO_STATE"]
         assert only(inds, "RADIO_STATE")["SwRadioState"] == RadioState.OFF
     finally:
         port.close()
@@ -459,10 +461,11 @@ def test_a_scenario_played_twice_gives_the_same_indications(up: Up, port: Port,
         runs.append(port.indications())
     assert runs[0] == runs[1]
     assert names(runs[0]) == [
-        "SIGNAL_STATE", "REGISTER_STATE", "REGISTER_STATE", "SUBSCRIBER_READY_STATUS",
-        "REGISTER_STATE", "SUBSCRIBER_READY_STATUS", "REGISTER_STATE", "REGISTER_STATE",
+        "SIGNAL_STATE", "REGISTER_STATE", "PACKET_SERVICE", "REGISTER_STATE", "PACKET_SERVICE",
+        "SUBSCRIBER_READY_STATUS", "REGISTER_STATE", "PACKET_SERVICE",
+        "SUBSCRIBER_READY_STATUS", "REGISTER_STATE", "PACKET_SERVICE", "REGISTER_STATE",
         "SIGNAL_STATE"]
-    assert runs[0][2][1]["ProviderId"] == "20801"
+    assert runs[0][3][1]["ProviderId"] == "20801"
 
 
 def test_play_reports_a_bad_file_by_step_and_line(up: Up, tmp_path: Path) -> None:

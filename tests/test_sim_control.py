@@ -96,17 +96,21 @@ def test_every_action_is_a_control_operation() -> None:
 
 def test_register_changes_and_their_indications() -> None:
     m = Model()
+    # The modem attached by itself when it registered (auto_attach): refused by the network,
+    # it loses packet service too; registered again, it attaches again.
     res = apply(m, "register", {"state": "denied"})
-    assert res == {"action": "register", "indications": ["REGISTER_STATE"]}
-    ((name, reg),) = m.indications()
+    assert res == {"action": "register", "indications": ["REGISTER_STATE", "PACKET_SERVICE"]}
+    (name, reg), (_, ps) = m.indications()
     assert (name, reg["RegisterState"], reg["NwError"]) == (
         "REGISTER_STATE", RegisterState.DENIED, 11)
+    assert ps["PacketServiceState"] == cids.PacketServiceState.DETACHED
     # ModemManager applies the state only to the domains these name
     assert reg["AvailableDataClasses"] == m.config.data_class_mask
     apply(m, "register", {"state": "roaming"})
-    ((_, reg),) = m.indications()
+    (_, reg), (_, ps) = m.indications()
     assert (reg["RegisterState"], reg["ProviderId"], reg["ProviderName"]) == (
         RegisterState.ROAMING, "00102", "iosm-other")
+    assert ps["PacketServiceState"] == cids.PacketServiceState.ATTACHED
     apply(m, "register", {"state": "home", "operator": "310260", "name": "Home Two"})
     ((_, reg),) = m.indications()
     assert (reg["RegisterState"], reg["ProviderId"], reg["ProviderName"]) == (
@@ -142,7 +146,8 @@ def test_sim_states() -> None:
                      {"PacketServiceAction": 0})[0] == Status.PIN_REQUIRED
     assert m.mbim is not None and state_of(m.mbim.modem)["sim"] == "puk"
     apply(m, "sim", {"state": "ready"})
-    assert [n for n, _ in m.indications()] == ["SUBSCRIBER_READY_STATUS", "REGISTER_STATE"]
+    assert [n for n, _ in m.indications()] == ["SUBSCRIBER_READY_STATUS", "REGISTER_STATE",
+                                                "PACKET_SERVICE"]
     assert apply(m, "sim", {"state": "ready"})["indications"] == []
 
 
@@ -156,7 +161,8 @@ def test_fcc_lock_answers_radio_on_with_off() -> None:
     assert radio is not None and radio["SwRadioState"] == RadioState.ON
     m.indications()
     apply(m, "fcc", {"state": "lock"})
-    assert [n for n, _ in m.indications()] == ["REGISTER_STATE", "RADIO_STATE"]
+    assert [n for n, _ in m.indications()] == ["REGISTER_STATE", "PACKET_SERVICE",
+                                                "RADIO_STATE"]
 
 
 def test_deactivate_with_a_cause_and_errors() -> None:

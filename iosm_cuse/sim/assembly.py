@@ -114,7 +114,10 @@ class Assembly:
 
     def stats(self) -> dict[str, Any]:
         """What the model process's `stats` command adds."""
-        return {"gateway": self.gateway.counters}
+        return {"gateway": self.gateway.counters,
+                "function_rejects": {"mux": dict(self.mux.rejects.counters),
+                                     "mbim": dict(self.mbim.rejects.counters)
+                                     if self.mbim is not None else {}}}
 
     async def close(self) -> None:
         # A start still configuring may be about to create the namespace: let it finish first,
@@ -147,6 +150,7 @@ def build(model: DeviceModel, options: ModelOptions) -> Assembly:
     gateway = Gateway(config, options.gateway,
                       tun_name=options.tun_name or gateway_tun_name(options.instance))
     mux = MuxDevice(gateway.uplink, options.mux, credit_window=credit_window(model))
+    mux.record = model.record          # the model's protocol recorder, if any (sim/recorder.py)
     gateway.downlink = mux.downlink
     mbim = _attach_mbim(model, config, gateway) if options.mbim else None
     if mbim is not None:

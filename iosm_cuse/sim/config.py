@@ -1,10 +1,12 @@
 """ModemConfig: what the simulated modem says about itself and which addresses it hands out.
 
-Defaults describe a ready modem (SIM present, no PIN required, radio on, registered at home) so
-that mbimcli and mbim-network flows work out of the box. Load overrides from TOML or JSON::
+Defaults describe a ready modem (SIM present, no PIN required, radio on, registered at home,
+packet service attached by itself once registered, as real modems do) so that mbimcli and
+mbim-network flows work out of the box. Load overrides from TOML or JSON::
 
     model = "XMM7560 (simulated)"
     pin_required = true            # start PIN-locked
+    auto_attach = false            # attach only on the host's PACKET_SERVICE ATTACH
     apns = ["internet"]            # default: any APN is accepted
     rsrp = -87                     # LTE signal for ATDS SIGNAL (dBm; rsrq, snr in dB)
     [ussd_replies]                 # the network's answer per USSD code
@@ -117,6 +119,9 @@ class ModemConfig:
     visible_providers: list[Provider] = field(
         default_factory=lambda: [Provider("00101", "iosm-sim"), Provider("00102", "iosm-other")])
     register_automatic: bool = True
+    # packet service attaches by itself once registered, as real modems do (a host's explicit
+    # detach holds until it attaches again or the modem registers anew); False: only on request
+    auto_attach: bool = True
     apns: list[str] | None = None               # None: any APN accepted
     # PDN types the network offers; a request for another falls back (v4v6 -> v4 -> v6)
     network_ip_types: list[str] = field(default_factory=lambda: ["ipv4", "ipv6", "ipv4v6"])

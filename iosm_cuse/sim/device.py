@@ -147,6 +147,8 @@ class DeviceModel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
         self._retry: asyncio.TimerHandle | None = None
+        # the protocol recorder (sim/recorder.py): None, the default, records nothing
+        self.record: Callable[..., None] | None = None
         self.power_on()
 
     # ---- configuration
@@ -247,6 +249,8 @@ class DeviceModel:
 
     def _set_ipc(self, st: IpcState) -> None:
         self.ipc_state = st
+        if self.record is not None:
+            self.record("ipc", state=st.name)
         self.bus.write32(BAR2, SCRATCHPAD["ipc_status"].offset, st)
 
     def _enter_running(self) -> None:
@@ -289,12 +293,26 @@ class DeviceModel:
         while i != head:
             entry = self._view(sh.msg_ring + i * MSG_SIZE, MSG_SIZE)
             status = self._message(entry)
+            if self.record is not None:
+                self._record_message(entry, status)
             entry[MSG_STATUS_OFFSET:MSG_SIZE] = int(status).to_bytes(4, "little")
             i = (i + 1) % sh.entries
         if i != self._msg_tail:
             self._msg_tail = i
             self._wr32(sh.msg_tail, i)
             self._irq = True
+
+    def _record_message(self, entry: memoryview, status: MsgStatus) -> None:
+        assert self.record is not None
+        code = entry[MSG_TYPE_OFFSET]
+        try:
+            kind = MsgType(code)
+        except ValueError:
+            self.record("msg", type=f"{code:#x}", status=status.name)
+            return
+        f = MESSAGES[kind].unpack(entry)
+        self.record("msg", type=kind.name, pipe=f.get("pipe", -1), tds=f.get("td_count", 0),
+                    status=status.name)
 
     def _message(self, entry: memoryview) -> MsgStatus:
         code = entry[MSG_TYPE_OFFSET]
@@ -429,6 +447,9 @@ class DeviceModel:
             else:
                 self.ul_transfers += 1
                 out.append(bytes(mem[off:off + size]))
+                if self.record is not None:
+                    self.record("ul_td", channel=channel_of_pipe(pipe.number),
+                                pipe=pipe.number, size=size)
             i = (i + 1) % count
         pipe.tail = i
         self._wr32(sh.tail_array + 4 * pipe.number, i)
@@ -482,7 +503,11 @@ class DeviceModel:
             if i != head:
                 ring = self._view(pipe.ring_addr, pipe.count * TD_SIZE)
                 while i != head and ch.backlog:
-                    if self._fill_td(ring, i, ch.backlog.popleft()):
+                    data = ch.backlog.popleft()
+                    if self._fill_td(ring, i, data):
+                        if self.record is not None:
+                            self.record("dl_td", channel=ch.id, pipe=pipe.number,
+                                        size=len(data))
                         i = (i + 1) % pipe.count
                 pipe.tail = i
                 self._wr32(sh.tail_array + 4 * pipe.number, i)
@@ -538,4 +563,6 @@ class DeviceModel:
 
     def _on_doorbell(self) -> None:
         self.bus.ack_event()
+        if self.record is not None:
+            self.record("doorbell")
         self.service()

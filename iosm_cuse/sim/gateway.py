@@ -15,7 +15,12 @@ fd99:N::1/64 of every session; "netns:NAME" moves it into that network namespace
 missing, and then removed again by `close`). Downlink packets read from that TUN go to the
 connected session that owns their destination address.
 
-The packet functions (`parse_addresses`, `echo_reply`) are pure and take untrusted bytes.
+The packet functions (`parse_addresses`, `echo_reply`, `fragment_v4`, `fragment_v6`) and the
+`Reassembler` are pure and take untrusted bytes. In echo mode IP fragments are reassembled
+before the request is answered (`ping -s 3000` through a 1500-byte link), and a reply larger
+than the session MTU goes down in fragments (IPv4 as a router would; IPv6 with a Fragment
+header, as the replying host would). An IPv6 Fragment header is followed only when it is the
+first extension header (as ping's are).
 
 Shaping (`set_shape`, `clear_shape`, `shapes`): per session, the packets towards the host
 (downlink: echo replies and what the gateway TUN routes to the session) are delayed, dropped
@@ -34,6 +39,7 @@ import logging
 import os
 import random
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +55,7 @@ log = logging.getLogger(__name__)
 
 IPPROTO_ICMP = 1
 IPPROTO_ICMPV6 = 58
+IPPROTO_FRAGMENT = 44     # IPv6 Fragment extension header
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
 ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY = 128, 129
 REPLY_HOP_LIMIT = 64
@@ -136,6 +143,191 @@ def _pseudo6(src: bytes, dst: bytes, length: int) -> bytes:
     return src + dst + struct.pack("!I3xB", length, IPPROTO_ICMPV6)
 
 
+# ---- IP fragments (echo mode) -----------------------------------------------------------------
+
+IP_MF, IP_DF, IP_OFFSET = 0x2000, 0x4000, 0x1FFF
+FRAG_TIMEOUT = 30.0        # s a partly received datagram is kept (RFC 791's upper bound: 15 s+)
+FRAG_MAX_DATAGRAMS = 16    # partly received datagrams kept at once; the oldest goes first
+IP_MAX = 65535
+
+
+class FragmentError(ValueError):
+    """A fragment that cannot be part of a datagram: its datagram is dropped."""
+
+
+def is_fragment_v4(pkt: bytes) -> bool:
+    return len(pkt) >= 20 and pkt[0] >> 4 == 4 and \
+        struct.unpack_from("!H", pkt, 6)[0] & (IP_MF | IP_OFFSET) != 0
+
+
+def is_fragment(pkt: bytes) -> bool:
+    """An IPv4 fragment, or an IPv6 packet whose first extension header is a Fragment header."""
+    return is_fragment_v4(pkt) or (len(pkt) >= 40 and pkt[0] >> 4 == 6 and
+                                   pkt[6] == IPPROTO_FRAGMENT)
+
+
+@dataclass
+class _Partial:
+    first_seen: float
+    header: bytes | None = None                     # the offset-0 fragment's header
+    end: int | None = None                          # payload length, known from the last one
+    pieces: dict[int, bytes] = field(default_factory=dict)
+
+
+class Reassembler:
+    """IP reassembly for the echo gateway: IPv4 fragments keyed by (source, destination, id,
+    protocol), IPv6 ones by (source, destination, identification). Overlapping fragments, a
+    second differing end, a payload beyond 65535 bytes or a non-final fragment not a multiple
+    of 8 bytes drop the datagram (FragmentError, as RFC 5722 asks for IPv6); at most
+    `max_datagrams` partial ones are kept, each for `timeout` seconds."""
+
+    def __init__(self, max_datagrams: int = FRAG_MAX_DATAGRAMS,
+                 timeout: float = FRAG_TIMEOUT) -> None:
+        self.max_datagrams = max_datagrams
+        self.timeout = timeout
+        self._partial: dict[bytes, _Partial] = {}
+
+    def __len__(self) -> int:
+        return len(self._partial)
+
+    def push(self, pkt: bytes, now: float) -> bytes | None:
+        """The whole datagram once `pkt` (an IPv4 fragment, or an IPv6 packet whose first
+        extension header is a Fragment header) completes it, None while parts are missing."""
+        self._expire(now)
+        if pkt and pkt[0] >> 4 == 6:
+            return self._push6(pkt, now)
+        ihl = (pkt[0] & 0x0F) * 4 if pkt else 0
+        if len(pkt) < 20 or pkt[0] >> 4 != 4 or ihl < 20:
+            raise FragmentError("not an IPv4 header")
+        total, frag = struct.unpack_from("!H", pkt, 2)[0], struct.unpack_from("!H", pkt, 6)[0]
+        if total <= ihl or total > len(pkt) or checksum(pkt[:ihl]) != 0:
+            raise FragmentError("bad length or header checksum")
+        offset, more = (frag & IP_OFFSET) * 8, bool(frag & IP_MF)
+        whole = self._piece(pkt[12:20] + pkt[4:6] + pkt[9:10], offset, pkt[ihl:total], more,
+                            pkt[:ihl], IP_MAX - ihl, now)
+        if whole is None:
+            return None
+        header, payload = whole
+        hdr = bytearray(header)
+        struct.pack_into("!H", hdr, 2, len(hdr) + len(payload))
+        struct.pack_into("!H", hdr, 6, 0)
+        hdr[10:12] = b"\0\0"
+        hdr[10:12] = struct.pack("!H", checksum(hdr))
+        return bytes(hdr) + payload
+
+    def _push6(self, pkt: bytes, now: float) -> bytes | None:
+        if len(pkt) < 48 or pkt[6] != IPPROTO_FRAGMENT:
+            raise FragmentError("not an IPv6 packet with a Fragment header first")
+        plen = struct.unpack_from("!H", pkt, 4)[0]
+        if plen < 8 or 40 + plen > len(pkt):
+            raise FragmentError("bad payload length")
+        next_header, _, off_flags, ident = struct.unpack_from("!BBHI", pkt, 40)
+        offset, more = off_flags & ~7, bool(off_flags & 1)
+        # the fixed header of the reassembled packet: the Fragment header's next header
+        header = pkt[:6] + bytes([next_header]) + pkt[7:40]
+        whole = self._piece(pkt[8:40] + struct.pack("!I", ident), offset, pkt[48:40 + plen],
+                            more, header, IP_MAX, now)
+        if whole is None:
+            return None
+        header, payload = whole
+        hdr = bytearray(header)
+        struct.pack_into("!H", hdr, 4, len(payload))
+        return bytes(hdr) + payload
+
+    def _piece(self, key: bytes, offset: int, data: bytes, more: bool, header: bytes,
+               limit: int, now: float) -> tuple[bytes, bytes] | None:
+        """Add one fragment; (first fragment's header, payload) once the datagram is whole."""
+        if (more and len(data) % 8) or offset + len(data) > limit:
+            self._partial.pop(key, None)
+            raise FragmentError("fragment length")
+        part = self._partial.get(key)
+        if part is None:
+            if len(self._partial) >= self.max_datagrams:
+                oldest = min(self._partial, key=lambda k: self._partial[k].first_seen)
+                del self._partial[oldest]
+            part = self._partial[key] = _Partial(now)
+        try:
+            self._add(part, offset, data, more, header)
+        except FragmentError:
+            del self._partial[key]
+            raise
+        if part.end is None or part.header is None or \
+                sum(len(d) for d in part.pieces.values()) != part.end:
+            return None
+        del self._partial[key]
+        return part.header, b"".join(part.pieces[o] for o in sorted(part.pieces))
+
+    @staticmethod
+    def _add(part: _Partial, offset: int, data: bytes, more: bool, header: bytes) -> None:
+        if part.pieces.get(offset) == data:
+            return                                      # a duplicate
+        stop = offset + len(data)
+        for o, d in part.pieces.items():
+            if offset < o + len(d) and o < stop:
+                raise FragmentError("overlapping fragments")
+        if not more:
+            if part.end is not None and part.end != stop:
+                raise FragmentError("two different ends")
+            part.end = stop
+        if part.end is not None and any(o + len(d) > part.end for o, d in
+                                        [*part.pieces.items(), (offset, data)]):
+            raise FragmentError("a fragment beyond the end")
+        part.pieces[offset] = data
+        if offset == 0:
+            part.header = header
+
+    def _expire(self, now: float) -> None:
+        old = [k for k, p in self._partial.items() if now - p.first_seen > self.timeout]
+        for k in old:
+            del self._partial[k]
+
+
+def fragment_v6(pkt: bytes, mtu: int, ident: int) -> list[bytes]:
+    """`pkt` in fragments of at most `mtu` bytes with Fragment headers of identification
+    `ident`, as its source sends it on (IPv6 routers never fragment); unchanged when it fits
+    or is not IPv6."""
+    if len(pkt) <= mtu or len(pkt) < 40 or pkt[0] >> 4 != 6:
+        return [pkt]
+    payload, next_header = pkt[40:], pkt[6]
+    chunk = (mtu - 48) // 8 * 8
+    if chunk <= 0:
+        return [pkt]
+    out = []
+    for off in range(0, len(payload), chunk):
+        piece = payload[off:off + chunk]
+        more = off + chunk < len(payload)
+        hdr = bytearray(pkt[:40])
+        struct.pack_into("!H", hdr, 4, 8 + len(piece))
+        hdr[6] = IPPROTO_FRAGMENT
+        out.append(bytes(hdr) + struct.pack("!BBHI", next_header, 0, off | int(more),
+                                            ident & 0xFFFFFFFF) + piece)
+    return out
+
+
+def fragment_v4(pkt: bytes, mtu: int) -> list[bytes]:
+    """`pkt` in fragments of at most `mtu` bytes, as a router sends it on; unchanged when it
+    fits, is not IPv4 or has DF set."""
+    if len(pkt) <= mtu or len(pkt) < 20 or pkt[0] >> 4 != 4:
+        return [pkt]
+    ihl = (pkt[0] & 0x0F) * 4
+    frag = struct.unpack_from("!H", pkt, 6)[0]
+    chunk = (mtu - ihl) // 8 * 8
+    if frag & IP_DF or chunk <= 0:
+        return [pkt]
+    payload, base = pkt[ihl:], (frag & IP_OFFSET) * 8
+    out = []
+    for off in range(0, len(payload), chunk):
+        piece = payload[off:off + chunk]
+        more = off + chunk < len(payload) or bool(frag & IP_MF)
+        hdr = bytearray(pkt[:ihl])
+        struct.pack_into("!H", hdr, 2, ihl + len(piece))
+        struct.pack_into("!H", hdr, 6, ((base + off) // 8) | (IP_MF if more else 0))
+        hdr[10:12] = b"\0\0"
+        hdr[10:12] = struct.pack("!H", checksum(hdr))
+        out.append(bytes(hdr) + piece)
+    return out
+
+
 # ---- the sessions' addresses ------------------------------------------------------------------
 
 
@@ -162,14 +354,14 @@ class SessionAddresses:
 
 
 DROPS = ("drop_not_connected", "drop_source", "drop_link_local", "drop_malformed",
-         "drop_not_echo", "drop_no_session", "drop_downlink", "drop_tun_write",
-         "drop_shaped_loss", "drop_shaped_queue")
+         "drop_not_echo", "drop_fragment", "drop_no_session", "drop_downlink",
+         "drop_tun_write", "drop_shaped_loss", "drop_shaped_queue")
 SHAPE_SEED = 0x105C  # + the session id: each session's loss sequence, the same every run
 # A held packet due within this is sent with the one the timer fired for: one wake-up per
 # batch at high rates, never sooner than the clock's own resolution would allow anyway.
 SHAPE_SLACK = 0.0002
 TRAFFIC = ("ul_packets", "ul_bytes", "dl_packets", "dl_bytes", "ul_gso_frames",
-           "dl_gso_frames", "echo_replies")
+           "dl_gso_frames", "echo_replies", "ul_fragments")
 COUNTERS = (*TRAFFIC, *DROPS)  # what `counters` shows, in this order
 
 
@@ -191,6 +383,9 @@ class Gateway:
         # TCP super-packets written to (coalesced) and read from (segmented) the gateway TUN
         self.ul_gso_frames = self.dl_gso_frames = 0
         self.echo_replies = 0
+        self.ul_fragments = 0                   # IP fragments received in echo mode
+        self._frags = Reassembler()
+        self._frag_id = 0                       # IPv6 Fragment header identification
         self.drops = Rejects(log, PACKET_LOG_EVERY, "gateway", kinds=DROPS)
         self._fd = -1
         self._buf = bytearray(VNET_HDR_LEN + 65536)
@@ -303,16 +498,35 @@ class Gateway:
                    "the session's", if_id, per=if_id)
 
     def _echo(self, if_id: int, pkt: bytes) -> None:
+        if is_fragment(pkt):
+            self.ul_fragments += 1
+            try:
+                whole = self._frags.push(pkt, time.monotonic())
+            except FragmentError as exc:
+                self.drops("drop_fragment", "(echo mode) dropped an IPv4 datagram's fragments: "
+                           "%s", exc)
+                return
+            if whole is None:
+                return                                  # more fragments to come
+            pkt = whole
         reply = echo_reply(pkt)
         if reply is None:
             self.drops("drop_not_echo", "(echo mode) dropped a packet that is not an echo "
                        "request")
             return
         self.echo_replies += 1
-        if self._shapers and if_id in self._shapers:
-            self._shape_down(if_id, reply)
-            return
-        self._send_down(if_id, reply)
+        mtu = self.config.session_ip(if_id).mtu
+        if reply[0] >> 4 == 6:
+            self._frag_id += 1
+            parts = fragment_v6(reply, mtu, self._frag_id)
+        else:
+            parts = fragment_v4(reply, mtu)
+        shaped = bool(self._shapers) and if_id in self._shapers
+        for part in parts:
+            if shaped:
+                self._shape_down(if_id, part)
+            else:
+                self._send_down(if_id, part)
 
     def _send_down(self, if_id: int, pkt: bytes) -> None:
         if self.downlink is not None and self.downlink(if_id, pkt):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -109,6 +110,8 @@ class MuxDevice:
         self._flush_pending = False
         self._retry: asyncio.TimerHandle | None = None
         self._first_grants: dict[int, asyncio.TimerHandle] = {}
+        # the protocol recorder (sim/recorder.py): None, the default, records nothing
+        self.record: Callable[..., None] | None = None
 
     # ---- ChannelFunction (Contract 3)
 
@@ -221,6 +224,8 @@ class MuxDevice:
 
     def _command(self, cmd: Command, mode: MuxMode) -> None:
         c, code, if_id = COMMANDS[mode], cmd.code, cmd.if_id
+        if self.record is not None:
+            self.record("mux_ul", cmd=command_name(mode, code), if_id=if_id)
         if if_id >= MAX_SESSIONS:
             raise MuxDecodeError("if_id", f"command {code} for if_id {if_id}")
         if code == c.open_session:
@@ -284,6 +289,8 @@ class MuxDevice:
         if not self._send(data):
             self.counters["control_refused"] += 1
             return False
+        if self.record is not None:
+            self.record("mux_dl", cmd=command_name(self.mode, cmd.code), if_id=cmd.if_id)
         return True
 
     def _next_tid(self) -> int:
@@ -330,6 +337,8 @@ class MuxDevice:
             self.counters["control_refused"] += 1
             return False
         self.counters["credit_grants"] += 1
+        if self.record is not None:
+            self.record("mux_dl", cmd="FCTH", if_id=if_id)
         return True
 
     def _give_back(self, if_id: int, n: int) -> None:
@@ -435,3 +444,13 @@ class MuxDevice:
 
 
 __all__ = ["CountingSink", "MuxDevice"]
+
+
+def command_name(mode: MuxMode, code: int) -> str:
+    """OPEN_SESSION, FLOW_CTL_ENABLE...: the name of a command code in `mode` (for the
+    recorder), or the code itself."""
+    c = COMMANDS[mode]
+    for f in dataclasses.fields(c):
+        if getattr(c, f.name) == code:
+            return f.name.upper()
+    return str(code)

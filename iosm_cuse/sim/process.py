@@ -294,11 +294,13 @@ async def child_main(sock_fd: int) -> int:
     parent closed the socket or died) or SIGTERM/SIGINT; then close what the factory opened."""
     from iosm_cuse.bus.shm import recv_bus_fds
     from iosm_cuse.sim.device import DeviceConfig, DeviceModel
+    from iosm_cuse.sim.recorder import recorder_from_env
 
     _die_with_parent()
     sock = socket.socket(fileno=sock_fd)
     bus, extra = recv_bus_fds(sock)
     model = DeviceModel(bus, DeviceConfig(**extra.get("config", {})))
+    model.record = recorder_from_env()   # IOSM_MODEL_RECORD=FILE: the protocol recording
     functions = attach_functions(model, extra.get("functions"), extra.get("options", {}))
     # Only now: until here a signal's default action is right (nothing to clean up yet, and a
     # slow start is not prolonged by waiting for it to finish).
@@ -482,13 +484,18 @@ def run_modem(options: ModelOptions, shm: Path | None, size: int = DEFAULT_SHM_S
 
 async def serve_virtpci(path: Path, functions: str | None, config: DeviceConfig,
                         options: dict[str, Any] | None = None,
-                        pci_id: tuple[int, int] = (0x8086, 0x7560)) -> int:
+                        pci_id: tuple[int, int] = (0x8086, 0x7560),
+                        stats: Path | None = None, fault: str | None = None) -> int:
     """Serve the model as a virt-pci function on the vhost-user socket `path`, for a UML kernel
-    (docs/uml-virtpci.md): the kernel's own iosm driver is then the host."""
+    (docs/uml-virtpci.md): the kernel's own iosm driver is then the host. On the way out the
+    model's counters and every reject counter are written to `stats` (JSON) when given;
+    `fault` makes the device misbehave (sim/faults.py)."""
     from iosm_cuse.bus.pci import PciId
     from iosm_cuse.bus.virtpci.device import VirtPciBus
     from iosm_cuse.bus.virtpci.server import VirtPciServer
     from iosm_cuse.sim.device import DeviceModel
+    from iosm_cuse.sim.faults import make_faulty
+    from iosm_cuse.sim.recorder import recorder_from_env
 
     stop = _stop_on_signals(asyncio.get_running_loop())  # before the socket exists
     # UML busy-waits ~40 ms for each config/MMIO read, answered on the server's thread: hand the
@@ -497,7 +504,9 @@ async def serve_virtpci(path: Path, functions: str | None, config: DeviceConfig,
     sys.setswitchinterval(0.0005)
     bus = VirtPciBus(PciId(*pci_id))
     model = DeviceModel(bus, config)  # its scratchpad is there before the first MMIO read
+    model.record = recorder_from_env()   # IOSM_MODEL_RECORD=FILE: the protocol recording
     attached = attach_functions(model, functions, options or {})
+    injector = make_faulty(model, attached, fault) if fault else None
     server = VirtPciServer(bus, path)
     server.start()
     try:
@@ -513,14 +522,31 @@ async def serve_virtpci(path: Path, functions: str | None, config: DeviceConfig,
             log.info("virt-pci model stopped: ipc %s, ul %d, dl %d, rejects %s, bus rejects %s",
                      model.ipc_state.name, model.ul_transfers, model.dl_transfers,
                      model.rejects.as_dict(), bus.rejects.as_dict())
+            if stats is not None:
+                _write_stats(stats, {
+                    "ipc_state": model.ipc_state.name, "ul_transfers": model.ul_transfers,
+                    "dl_transfers": model.dl_transfers, "ul_unclaimed": model.ul_unclaimed,
+                    "rejects": {"device": dict(model.rejects.counters),
+                                "bus": dict(bus.rejects.counters),
+                                **attached.stats().get("function_rejects", {})},
+                    "gateway": attached.stats().get("gateway"),
+                    "fault": injector.report() if injector is not None else None})
     finally:
         server.stop()
         bus.close()
     return 0
 
 
+def _write_stats(path: Path, stats: dict[str, Any]) -> None:
+    try:
+        path.write_text(json.dumps(stats, indent=1, default=str) + "\n")
+    except OSError as exc:
+        log.warning("stats file %s: %s", path, exc.strerror)
+
+
 def run_modem_virtpci(options: ModelOptions, path: Path, capabilities: int | None = None,
-                      pci_id: tuple[int, int] = (0x8086, 0x7560)) -> int:
+                      pci_id: tuple[int, int] = (0x8086, 0x7560), stats: Path | None = None,
+                      fault: str | None = None) -> int:
     """`iosm-cuse modem --virtpci SOCKET`: the assembled model as a PCI function of a UML
     kernel (`linux ... virtio_uml.device=SOCKET:<id>`). `capabilities` overrides the MUX mode's
     CP capabilities (e.g. bit 21, UL flow credit)."""
@@ -533,6 +559,7 @@ def run_modem_virtpci(options: ModelOptions, path: Path, capabilities: int | Non
     print(f"iosm-cuse modem: serving {path} as PCI {pci_id[0]:04x}:{pci_id[1]:04x} "
           f"(capabilities {config.capabilities:#x})", flush=True)
     try:
-        return asyncio.run(serve_virtpci(path, MODEL, config, options.as_json(), pci_id))
+        return asyncio.run(serve_virtpci(path, MODEL, config, options.as_json(), pci_id, stats,
+                                         fault))
     except KeyboardInterrupt:
         return 0

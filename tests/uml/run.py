@@ -7,12 +7,19 @@ read-only, plus a writable results directory), waits inside for the kernel's MBI
 not boot, or a port that never appears, fails the run with the reason and the console tail.
 With --pci-id 8086:7360 the 6.1 driver creates AT ports only: use --cmd (the tier-4 tests
 expect the XMM7560's MBIM port).
+
+The model writes its counters on exit (`iosm-cuse modem --stats`); a run whose model rejected
+any host input fails (exit 3) with the counters, whatever the guest said. --record FILE keeps the
+model's protocol recording (IOSM_MODEL_RECORD, iosm_cuse/sim/recorder.py) in FILE. --fault KIND
+makes the device misbehave (iosm_cuse/sim/faults.py): the run then reports what the kernel did
+(its log's WARN/BUG/oops lines, whether the ports survived) instead of asserting.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -71,7 +78,7 @@ def kernel_path() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def model_command(sock: Path, args: argparse.Namespace) -> list[str]:
+def model_command(sock: Path, args: argparse.Namespace, stats: Path) -> list[str]:
     venv = ROOT / ".venv" / "bin" / "iosm-cuse"
     cmd = [str(venv)] if venv.exists() else [sys.executable, "-c",
                                              "from iosm_cuse.cli import main; main()"]
@@ -80,7 +87,9 @@ def model_command(sock: Path, args: argparse.Namespace) -> list[str]:
         cmd += ["--mux", args.mux]
     if args.caps:
         cmd += ["--caps", args.caps]
-    return cmd
+    if args.fault:
+        cmd += ["--fault", args.fault]
+    return [*cmd, "--stats", str(stats)]
 
 
 def default_command() -> str:
@@ -97,6 +106,38 @@ def boot_failure(console: str) -> str:
     return "the kernel stopped before the test command finished"
 
 
+def stop_model(model: subprocess.Popen[bytes]) -> None:
+    if model.poll() is None:
+        model.terminate()
+        try:
+            model.wait(10)
+        except subprocess.TimeoutExpired:
+            model.kill()
+            model.wait()
+
+
+def check_model(stats: Path, fault: str | None, status: int) -> int:
+    """The model's reject counters after the run: any non-zero fails a run without a fault
+    (exit 3). With a fault the counters are printed: what the kernel sent after it is part of
+    the finding."""
+    try:
+        data = json.loads(stats.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"uml: no model stats ({exc})", file=sys.stderr)
+        return status or 3
+    rejects = {f"{part}.{name}": n for part, counters in data.get("rejects", {}).items()
+               for name, n in counters.items() if n}
+    print(f"uml: model: ipc {data.get('ipc_state')}, ul {data.get('ul_transfers')}, "
+          f"dl {data.get('dl_transfers')}, rejects {rejects or 'none'}", file=sys.stderr)
+    if fault:
+        print(f"uml: fault: {data.get('fault')}", file=sys.stderr)
+        return status
+    if rejects:
+        print("uml: FAILED: the model rejected host input", file=sys.stderr)
+        return status or 3
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m tests.uml", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cmd", help="shell command to run inside instead of pytest -m uml")
     ap.add_argument("--dyndbg", action="store_true", help="iosm.dyndbg=+p (driver debug log)")
     ap.add_argument("--keep", action="store_true", help="keep the run directory")
+    ap.add_argument("--record", type=Path, metavar="FILE",
+                    help="write the model's protocol recording (JSON lines) to FILE")
+    ap.add_argument("--fault", choices=["mux-offset", "mux-length", "td-size", "crash"],
+                    help="a device fault for the kernel driver to meet (sim/faults.py)")
     ap.add_argument("--timeout", type=float, default=BOOT_TIMEOUT_S,
                     help="seconds before the guest is killed (default %(default)s)")
     args = ap.parse_args(argv)
@@ -123,7 +168,15 @@ def main(argv: list[str] | None = None) -> int:
                                 port=READY_PORT[args.pci_id]))
     init.chmod(0o755)
     model_log = open(work / "model.log", "wb")  # noqa: SIM115 (closed in finally)
-    model = subprocess.Popen(model_command(sock, args), stdout=model_log, stderr=model_log)
+    stats = work / "stats.json"
+    env = dict(os.environ)
+    env.pop("IOSM_MODEL_RECORD", None)
+    if args.record:
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        args.record.unlink(missing_ok=True)
+        env["IOSM_MODEL_RECORD"] = str(args.record.resolve())
+    model = subprocess.Popen(model_command(sock, args, stats), stdout=model_log,
+                             stderr=model_log, env=env)
     t0 = time.monotonic()
     try:
         while not sock.exists():
@@ -170,16 +223,12 @@ def main(argv: list[str] | None = None) -> int:
                if any(m in ln for m in ("WARNING:", "BUG:", "Oops", "virt-pci delay"))]
         for ln in bad:
             print(f"uml: kernel log: {ln}", file=sys.stderr)
+        stop_model(model)
+        status = check_model(stats, args.fault, status)
         print(f"uml: exit {status} after {elapsed:.1f} s (run directory {work})", file=sys.stderr)
         return status
     finally:
-        if model.poll() is None:
-            model.terminate()
-            try:
-                model.wait(10)
-            except subprocess.TimeoutExpired:
-                model.kill()
-                model.wait()
+        stop_model(model)
         model_log.close()
         if not args.keep and "status" in os.listdir(results):
             shutil.rmtree(work, ignore_errors=True)

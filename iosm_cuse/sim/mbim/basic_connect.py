@@ -157,7 +157,8 @@ def packet_service(fn: FunctionContext, ct: int, req: Values) -> Answer:
     if req["PacketServiceAction"] == PacketServiceAction.ATTACH:
         change = modem.attach()
         return Answer(change.status, modem.packet_values(), change.indications)
-    return Answer(Status.NONE, modem.packet_values(), modem.detach())
+    detached = modem.detach()          # first: the answer reports the state after it
+    return Answer(Status.NONE, modem.packet_values(), detached)
 
 
 @HANDLERS.handles(B.SIGNAL_STATE)

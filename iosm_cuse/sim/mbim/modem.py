@@ -190,7 +190,7 @@ class ModemState:
         self.sim_blocked = False
         self.register_mode = RegisterMode.AUTOMATIC if c.register_automatic else RegisterMode.MANUAL
         self.manual_provider: str | None = None
-        self.attached = False
+        self.attached = c.auto_attach and self.registered_provider is not None
         self.rssi = c.rssi
         self.error_rate = c.error_rate
         self.rsrp, self.rsrq, self.snr = c.rsrp, c.rsrq, c.snr
@@ -738,10 +738,13 @@ class ModemState:
     def _network_change(self, change: Callable[[], None]) -> list[Indication]:
         """Apply a change; what it did to registration, attach and sessions, as indications."""
         before = (self.register_values(), self.attached)
+        was_registered = self.registered_provider is not None
         change()
         out: list[Indication] = []
         if self.registered_provider is None:
             self.attached = False
+        elif not was_registered and self.config.auto_attach:
+            self.attached = True             # registered just now: attach as a real modem does
         if not self.attached:
             for sid in sorted(self.sessions):
                 out += self.deactivate(sid)
