@@ -248,8 +248,9 @@ def test_auto_falls_back_to_the_pty_and_says_so_once(tmp_path: Path,
 
 
 def test_chardev_main_delivers_indications(tmp_path: Path) -> None:
-    """`python -m iosm_cuse.port_alone` (kernel tests, bench): an MBIM attach is answered and
-    followed by the PACKET_SERVICE indication, which the function queues apart from answers."""
+    """`python -m iosm_cuse.port_alone` (kernel tests, bench): an MBIM detach (the modem
+    attached by itself when it registered) is answered and followed by the PACKET_SERVICE
+    indication, which the function queues apart from answers."""
     link = tmp_path / "wwan0mbim0"
     proc = subprocess.Popen([sys.executable, "-m", "iosm_cuse.port_alone", "--transport", "pty",
                              "--link", str(link)], stdout=subprocess.PIPE,
@@ -272,7 +273,8 @@ def test_chardev_main_delivers_indications(tmp_path: Path) -> None:
             os.write(fd, encode_message(Open(1, 4096)))
             expect(1)
             info = infobuf.encode(cids.lookup(Service.BASIC_CONNECT, BasicConnect.PACKET_SERVICE)
-                                  .request(CommandType.SET), {"PacketServiceAction": 0})
+                                  .request(CommandType.SET),
+                                  {"PacketServiceAction": cids.PacketServiceAction.DETACH})
             os.write(fd, encode_message(Command(2, Service.BASIC_CONNECT.value,
                                                 BasicConnect.PACKET_SERVICE, CommandType.SET,
                                                 info)))

@@ -120,9 +120,10 @@ LINK_COUNTERS = ["tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "tx_dropped
                  "tx_dropped_not_ip", "tx_dropped_mux", "rx_dropped_not_ip", "rx_dropped_write",
                  "flow_stops"]
 GATEWAY_COUNTERS = ["ul_packets", "ul_bytes", "dl_packets", "dl_bytes", "ul_gso_frames",
-                    "dl_gso_frames", "echo_replies", "drop_not_connected", "drop_source",
-                    "drop_link_local", "drop_malformed", "drop_not_echo", "drop_no_session",
-                    "drop_downlink", "drop_tun_write"]
+                    "dl_gso_frames", "echo_replies", "ul_fragments", "drop_not_connected",
+                    "drop_source", "drop_link_local", "drop_malformed", "drop_not_echo",
+                    "drop_fragment", "drop_no_session", "drop_downlink", "drop_tun_write",
+                    "drop_shaped_loss", "drop_shaped_queue"]
 
 
 def test_a_links_counters_keep_their_names_and_order(caplog: pytest.LogCaptureFixture) -> None:
