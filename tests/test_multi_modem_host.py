@@ -84,6 +84,19 @@ def test_two_modems_each_on_their_own_port_link_and_model(start_up: StartUp) -> 
     assert "wwan1-2" in a.links() and "wwan0-2" not in a.links()
     b_rx = link_counters(b, "wwan1")["rx_packets"]
 
+    # Live control of one modem changes that one only.
+    res = a.cli("modem", "register", "denied", "--instance", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    res = a.cli("modem", "signal", "--rssi", "4", "--instance", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    states = [json.loads(a.cli("modem", "state", "--instance", str(k), "--json").stdout)
+              ["state"] for k in (0, 1)]
+    assert (states[0]["network"], states[1]["network"]) == ("home", "denied"), states
+    assert (states[0]["signal"]["rssi"], states[1]["signal"]["rssi"]) != (4, 4), states
+    assert states[1]["signal"]["rssi"] == 4
+    assert a.cli("modem", "register", "home", "--instance", "1").returncode == 0
+    assert b.connect(0) == gw_b  # the network's refusal took its session down
+
     # Crash the first modem's model: it restarts, the second never notices.
     model_a, model_b = st_a["modem"]["pid"], st_b["modem"]["pid"]
     os.kill(model_a, signal.SIGKILL)
