@@ -43,27 +43,31 @@ KERNEL_SKIP = "kernel tier: runs in the guest via tests/vm"
 UML_SKIP = "uml tier: runs in User-Mode Linux via tests/uml"
 
 
+def _keep_only(config: pytest.Config, items: list[pytest.Item], marker: str) -> None:
+    """Deselect every item without `marker` (inside a guest, only its own tier runs)."""
+    others = [item for item in items if item.get_closest_marker(marker) is None]
+    if others:
+        config.hook.pytest_deselected(items=others)
+        items[:] = [item for item in items if item.get_closest_marker(marker) is not None]
+
+
+def _skip_marked(items: list[pytest.Item], marker: str, reason: str) -> None:
+    """Skip, with `reason`, every item with `marker` (a tier that runs elsewhere)."""
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if item.get_closest_marker(marker) is not None:
+            item.add_marker(skip)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if IN_UML:
-        others = [item for item in items if item.get_closest_marker("uml") is None]
-        if others:
-            config.hook.pytest_deselected(items=others)
-            items[:] = [item for item in items if item.get_closest_marker("uml") is not None]
+        _keep_only(config, items, "uml")
         return
-    uml_skip = pytest.mark.skip(reason=UML_SKIP)
-    for item in items:
-        if item.get_closest_marker("uml") is not None:
-            item.add_marker(uml_skip)
+    _skip_marked(items, "uml", UML_SKIP)
     if IN_GUEST:
-        others = [item for item in items if item.get_closest_marker("kernel") is None]
-        if others:
-            config.hook.pytest_deselected(items=others)
-            items[:] = [item for item in items if item.get_closest_marker("kernel") is not None]
+        _keep_only(config, items, "kernel")
         return
-    skip = pytest.mark.skip(reason=KERNEL_SKIP)
-    for item in items:
-        if item.get_closest_marker("kernel") is not None:
-            item.add_marker(skip)
+    _skip_marked(items, "kernel", KERNEL_SKIP)
 
 
 # --- a network namespace and the daemon in it (host) -----------------------------------------

@@ -13,6 +13,7 @@ import errno
 import inspect
 import os
 import select
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -88,6 +89,18 @@ async def _holds(predicate: Callable[[], object]) -> bool:
     if inspect.isawaitable(result):
         result = await result
     return bool(result)
+
+
+def stop_process(proc: subprocess.Popen[str] | subprocess.Popen[bytes],
+                 timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within `timeout`; nothing is left running."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:

@@ -6,13 +6,13 @@ device's resource2 IS the shared file, as BAR2 is the backing file under QEMU; b
 from __future__ import annotations
 
 import asyncio
-import signal
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import stop_process
 from uio_fakesys import FakeSysfs
 
 from iosm_cuse.bus.uio import open_uio_bus
@@ -59,12 +59,7 @@ def test_engine_boots_and_opens_a_channel_against_the_bare_model(shared: FakeSys
     try:
         assert asyncio.run(main()) == ("RUNNING", "STOPPED")
     finally:
-        model.terminate()
-        try:
-            model.wait(10)
-        except subprocess.TimeoutExpired:
-            model.kill()
-            model.wait()
+        stop_process(model, 10)
 
 
 def test_engine_boots_and_mbim_open_round_trips_through_the_file(shared: FakeSysfs) -> None:
@@ -103,9 +98,4 @@ def test_engine_boots_and_mbim_open_round_trips_through_the_file(shared: FakeSys
         msg_type, length, tid, status = struct.unpack_from("<IIII", reply)
         assert (msg_type, length, tid, status) == (MBIM_OPEN_DONE, 16, 1, 0)
     finally:
-        model.send_signal(signal.SIGTERM)
-        try:
-            model.wait(10)
-        except subprocess.TimeoutExpired:
-            model.kill()
-            model.wait()
+        stop_process(model, 10)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import guest_up
-from helpers import until
+from helpers import stop_process, until
 
 UDEV = Path(__file__).resolve().parents[2] / "udev"
 PORT = "/dev/wwan0mbim0"
@@ -34,16 +34,6 @@ def run(*argv: str, timeout: float = SLOW, check: bool = False
     if check:
         assert res.returncode == 0, f"{' '.join(argv)}: {res.stdout}{res.stderr}"
     return res
-
-
-def stop_process(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def sbin(name: str) -> str:
